@@ -1,0 +1,456 @@
+"""Contexts file: ``~/.config/cbctl/config.toml`` (``CBCTL_CONFIG`` overrides the path).
+
+The file format is a contract (see the README):
+
+.. code-block:: toml
+
+    current-context = "sandbox"
+    [contexts.sandbox]
+    cluster = "sandbox"                  # key prefix in the store: /cbctl/<cluster>/
+    lanes = ["lane-00", "lane-01"]       # or: lane-count = 16 -> lane-00 .. lane-15
+    [contexts.sandbox.coordination]
+    backend = "etcd"                     # or "consul"
+    endpoints = ["http://127.0.0.1:2379"]
+    [contexts.sandbox.nats]
+    servers = ["nats://127.0.0.1:4222"]
+    [contexts.sandbox.redis]
+    url = "redis://127.0.0.1:6379/0"
+    [contexts.sandbox.prometheus]
+    url = "http://127.0.0.1:9090"
+
+Secrets are only ever named by reference — ``*-env`` (an environment variable's name) or
+``*-file`` (a path) — and resolved at the moment of use into a :class:`Secret`, whose ``repr``
+and ``str`` never show the value.  A literal ``password = "..."`` is rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbctl.core.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("~/.config/cbctl/config.toml")
+
+# Keys that would carry a secret literally: refused, the reference forms are accepted instead.
+_LITERAL_SECRET_KEYS = {"password", "token", "secret", "key-password"}
+
+
+class Secret:
+    """A resolved secret. Never printed: ``str``/``repr`` are redacted; use :meth:`reveal`."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted> from {self.source})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret lives: an environment variable name or a file path (first line)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.env or self.file)
+
+    def describe(self) -> str:
+        return f"env:{self.env}" if self.env else f"file:{self.file}" if self.file else "none"
+
+    def resolve(self) -> Secret | None:
+        """Read the secret now. Raises ``ConfigError`` naming the reference, never the value."""
+        if self.env:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"environment variable {self.env} (secret reference) is not set")
+            return Secret(value, f"env:{self.env}")
+        if self.file:
+            path = Path(self.file).expanduser()
+            try:
+                value = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+            except OSError as exc:
+                raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+            return Secret(value, f"file:{path}")
+        return None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Client TLS settings (paths only)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.key_file)
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    backend: str = "etcd"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    username: str | None = None
+    password: SecretRef = field(default_factory=SecretRef)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    timeout: float = 5.0
+    lease_ttl: float = 10.0
+    keepalive_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str = "CB_EVENTS"
+    storage: str = "file"  # file | memory
+    replicas: int = 1
+    duplicate_window: float = 120.0  # seconds; JetStream's default is 2 min
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    user: str | None = None
+    password: SecretRef = field(default_factory=SecretRef)
+    token: SecretRef = field(default_factory=SecretRef)
+    creds_file: str | None = None
+    nkey_file: str | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    connect_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretRef = field(default_factory=SecretRef)
+
+
+@dataclass(frozen=True)
+class PrometheusConfig:
+    url: str = "http://127.0.0.1:9090"
+
+
+@dataclass(frozen=True)
+class Context:
+    """One named context: where a cluster's backends are and how to reach them."""
+
+    name: str
+    cluster: str
+    lanes: tuple[str, ...]
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    ntp_servers: tuple[str, ...] = ()
+    expected_nodes: tuple[str, ...] = ()
+    # Free-form sections owned by later modules (gates overrides, preflight ages, ...).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of this cluster in the coordination store, with trailing slash."""
+        return f"/cbctl/{self.cluster}/"
+
+
+@dataclass
+class ConfigFile:
+    """The whole contexts file as loaded: raw TOML (for writing back) plus its path."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def current_context(self) -> str | None:
+        return self.raw.get("current-context")
+
+    def context_names(self) -> list[str]:
+        return sorted(self.raw.get("contexts", {}))
+
+    def context(self, name: str | None = None) -> Context:
+        """The named context, else ``CBCTL_CONTEXT``, else ``current-context``."""
+        name = name or os.environ.get("CBCTL_CONTEXT") or self.current_context
+        if not name:
+            raise ConfigError(f"{self.path}: no context selected (set current-context, CBCTL_CONTEXT or --context)")
+        contexts = self.raw.get("contexts", {})
+        if name not in contexts:
+            known = ", ".join(sorted(contexts)) or "none"
+            raise ConfigError(f"{self.path}: context {name!r} is not defined (known: {known})")
+        return parse_context(name, contexts[name], where=f"{self.path}: contexts.{name}")
+
+    def save(self) -> None:
+        """Write atomically (temp file + rename), mode 0600: the file may name secret files."""
+        import tomli_w
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            tomli_w.dump(self.raw, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``explicit``, else ``$CBCTL_CONFIG``, else ``~/.config/cbctl/config.toml``."""
+    raw = explicit or os.environ.get("CBCTL_CONFIG") or DEFAULT_CONFIG_PATH
+    return Path(raw).expanduser()
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, missing_ok: bool = False) -> ConfigFile:
+    """Load and syntax-check the contexts file. ``missing_ok`` gives an empty file."""
+    p = config_path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return ConfigFile(p, {"contexts": {}})
+        raise ConfigError(f"{p}: config file not found (create it or run 'cbctl config set-context')") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    if not isinstance(raw.get("contexts", {}), dict):
+        raise ConfigError(f"{p}: 'contexts' must be a table")
+    return ConfigFile(p, raw)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def _expect(value: Any, typ: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    _expect(value, list, where)
+    for i, item in enumerate(value):
+        _expect(item, str, f"{where}[{i}]")
+    return tuple(value)
+
+
+def _secret_ref(table: Mapping[str, Any], name: str, where: str) -> SecretRef:
+    if name in table:
+        raise ConfigError(
+            f"{where}.{name}: secrets are not accepted literally; use {name}-env (variable name) or {name}-file (path)"
+        )
+    env = table.get(f"{name}-env")
+    file = table.get(f"{name}-file")
+    if env is not None:
+        _expect(env, str, f"{where}.{name}-env")
+    if file is not None:
+        _expect(file, str, f"{where}.{name}-file")
+    if env and file:
+        raise ConfigError(f"{where}: give {name}-env or {name}-file, not both")
+    return SecretRef(env=env, file=file)
+
+
+def _tls(table: Mapping[str, Any], where: str) -> TLSConfig:
+    t = table.get("tls", {})
+    _expect(t, dict, f"{where}.tls")
+    vals = {}
+    for key in ("ca-file", "cert-file", "key-file"):
+        if key in t:
+            vals[key.replace("-", "_")] = _expect(t[key], str, f"{where}.tls.{key}")
+    return TLSConfig(**vals)
+
+
+def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    v = table.get(key, default)
+    _expect(v, (int, float), f"{where}.{key}")
+    if isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{where}.{key}: must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key in _LITERAL_SECRET_KEYS:
+            continue  # reported by _secret_ref with a better message
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def lane_names(count: int) -> tuple[str, ...]:
+    """``lane-count = N`` expands to lane-00 .. lane-(N-1), zero-padded to at least 2 digits."""
+    width = max(2, len(str(count - 1)))
+    return tuple(f"lane-{i:0{width}d}" for i in range(count))
+
+
+def parse_context(name: str, table: Any, *, where: str) -> Context:
+    """Validate one ``[contexts.NAME]`` table into a :class:`Context`."""
+    _expect(table, dict, where)
+    _check_unknown(
+        table,
+        {"cluster", "lanes", "lane-count", "coordination", "nats", "redis", "prometheus", "ntp-servers",
+         "expected-nodes", "gates", "preflight", "agent", "sandbox"},
+        where,
+    )
+    cluster = _expect(table.get("cluster", name), str, f"{where}.cluster")
+    if not cluster or "/" in cluster:
+        raise ConfigError(f"{where}.cluster: must be a non-empty name without '/', got {cluster!r}")
+
+    if "lanes" in table and "lane-count" in table:
+        raise ConfigError(f"{where}: give lanes or lane-count, not both")
+    if "lanes" in table:
+        lanes = _str_list(table["lanes"], f"{where}.lanes")
+    elif "lane-count" in table:
+        count = _expect(table["lane-count"], int, f"{where}.lane-count")
+        if not 1 <= count <= 4096:
+            raise ConfigError(f"{where}.lane-count: must be 1..4096, got {count}")
+        lanes = lane_names(count)
+    else:
+        lanes = lane_names(16)
+    if len(set(lanes)) != len(lanes):
+        raise ConfigError(f"{where}.lanes: duplicate lane ids")
+    for lane in lanes:
+        if not lane or any(c in lane for c in "/ \t.*>"):
+            raise ConfigError(f"{where}.lanes: invalid lane id {lane!r}")
+
+    c = table.get("coordination", {})
+    cw = f"{where}.coordination"
+    _expect(c, dict, cw)
+    _check_unknown(c, {"backend", "endpoints", "username", "password-env", "password-file", "tls", "timeout",
+                       "lease-ttl", "keepalive-interval"}, cw)
+    backend = c.get("backend", "etcd")
+    if backend not in ("etcd", "consul"):
+        raise ConfigError(f"{cw}.backend: must be 'etcd' or 'consul', got {backend!r}")
+    endpoints = _str_list(c.get("endpoints", ["http://127.0.0.1:2379"]), f"{cw}.endpoints")
+    if not endpoints:
+        raise ConfigError(f"{cw}.endpoints: at least one endpoint is required")
+    for ep in endpoints:
+        if not ep.startswith(("http://", "https://")):
+            raise ConfigError(f"{cw}.endpoints: {ep!r} must start with http:// or https://")
+    coordination = CoordinationConfig(
+        backend=backend,
+        endpoints=endpoints,
+        username=c.get("username") and _expect(c["username"], str, f"{cw}.username"),
+        password=_secret_ref(c, "password", cw),
+        tls=_tls(c, cw),
+        timeout=_number(c, "timeout", 5.0, cw),
+        lease_ttl=_number(c, "lease-ttl", 10.0, cw),
+        keepalive_interval=_number(c, "keepalive-interval", 2.0, cw),
+    )
+
+    n = table.get("nats", {})
+    nw = f"{where}.nats"
+    _expect(n, dict, nw)
+    _check_unknown(n, {"servers", "user", "password-env", "password-file", "token-env", "token-file", "creds-file",
+                       "nkey-file", "tls", "stream", "connect-timeout"}, nw)
+    s = n.get("stream", {})
+    _expect(s, dict, f"{nw}.stream")
+    _check_unknown(s, {"name", "storage", "replicas", "duplicate-window"}, f"{nw}.stream")
+    storage = s.get("storage", "file")
+    if storage not in ("file", "memory"):
+        raise ConfigError(f"{nw}.stream.storage: must be 'file' or 'memory', got {storage!r}")
+    replicas = _expect(s.get("replicas", 1), int, f"{nw}.stream.replicas")
+    if not 1 <= replicas <= 5:
+        raise ConfigError(f"{nw}.stream.replicas: must be 1..5, got {replicas}")
+    nats = NatsConfig(
+        servers=_str_list(n.get("servers", ["nats://127.0.0.1:4222"]), f"{nw}.servers"),
+        user=n.get("user") and _expect(n["user"], str, f"{nw}.user"),
+        password=_secret_ref(n, "password", nw),
+        token=_secret_ref(n, "token", nw),
+        creds_file=n.get("creds-file") and _expect(n["creds-file"], str, f"{nw}.creds-file"),
+        nkey_file=n.get("nkey-file") and _expect(n["nkey-file"], str, f"{nw}.nkey-file"),
+        tls=_tls(n, nw),
+        stream=StreamConfig(
+            name=_expect(s.get("name", "CB_EVENTS"), str, f"{nw}.stream.name"),
+            storage=storage,
+            replicas=replicas,
+            duplicate_window=_number(s, "duplicate-window", 120.0, f"{nw}.stream"),
+        ),
+        connect_timeout=_number(n, "connect-timeout", 2.0, nw),
+    )
+
+    r = table.get("redis", {})
+    rw = f"{where}.redis"
+    _expect(r, dict, rw)
+    _check_unknown(r, {"url", "password-env", "password-file"}, rw)
+    url = _expect(r.get("url", "redis://127.0.0.1:6379/0"), str, f"{rw}.url")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{rw}.url: {url!r} must start with redis://, rediss:// or unix://")
+    if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+        raise ConfigError(f"{rw}.url: credentials in the URL are not accepted; use password-env or password-file")
+    redis_cfg = RedisConfig(url=url, password=_secret_ref(r, "password", rw))
+
+    p = table.get("prometheus", {})
+    pw = f"{where}.prometheus"
+    _expect(p, dict, pw)
+    _check_unknown(p, {"url"}, pw)
+    prom = PrometheusConfig(url=_expect(p.get("url", "http://127.0.0.1:9090"), str, f"{pw}.url"))
+
+    extra = {k: table[k] for k in ("gates", "preflight", "agent", "sandbox") if k in table}
+    for k, v in extra.items():
+        _expect(v, dict, f"{where}.{k}")
+
+    return Context(
+        name=name,
+        cluster=cluster,
+        lanes=lanes,
+        coordination=coordination,
+        nats=nats,
+        redis=redis_cfg,
+        prometheus=prom,
+        ntp_servers=_str_list(table.get("ntp-servers", []), f"{where}.ntp-servers"),
+        expected_nodes=_str_list(table.get("expected-nodes", []), f"{where}.expected-nodes"),
+        extra=extra,
+    )
+
+
+def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config table safe to print.
+
+    The file holds only references, but a reference that is a file path into a secrets
+    directory is still shown (it is not the secret); any key that looks like a literal secret
+    is replaced, so a hand-edited file cannot leak through ``config view``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            out[key] = redacted(value)
+        elif key in _LITERAL_SECRET_KEYS or key.endswith(("-password", "-token", "-secret")):
+            out[key] = "<redacted>"
+        else:
+            out[key] = value
+    return out
+
+
+def check_private_file(path: str) -> str | None:
+    """None if ``path`` is readable only by its owner, else a reason (used for creds files)."""
+    try:
+        mode = Path(path).expanduser().stat().st_mode
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path}: mode {stat.S_IMODE(mode):04o} is readable by group/others (want 0600)"
+    return None
+
+
+
+__all__ = [
+    "ConfigFile", "Context", "CoordinationConfig", "NatsConfig", "RedisConfig", "PrometheusConfig", "Secret",
+    "SecretRef", "StreamConfig", "TLSConfig", "check_private_file", "config_path", "lane_names", "load_config",
+    "parse_context", "redacted",
+]

@@ -1,0 +1,69 @@
+"""The agent's Prometheus metrics. Names are a contract (DESIGN.md, Metrics).
+
+Each :class:`AgentMetrics` owns its own ``CollectorRegistry`` so that several agents can live in
+one process (tests, benchmarks) without colliding in the global registry.  Only
+``prometheus_client`` is imported here: it is light and needed by every agent.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class AgentMetrics:
+    """Every metric one node agent exports on ``/metrics``."""
+
+    def __init__(self, node_id: str, registry: CollectorRegistry | None = None) -> None:
+        self.node_id = node_id
+        r = self.registry = registry or CollectorRegistry()
+        # Coordination
+        self.ownership_changes = Counter(
+            "cluster_ownership_changes_total", "Lane ownership acquisitions and releases by this node", ["lane"], registry=r
+        )
+        self.lease_lost = Counter("cluster_lease_lost_total", "Leases this node lost (expiry, TTL 0, partition)", registry=r)
+        self.applied_revision = Gauge(
+            "cluster_rollout_applied_revision", "Rollout document revision this node has applied", registry=r
+        )
+        self.owned_lanes = Gauge("cluster_owned_lanes", "Lanes this node currently owns", registry=r)
+        # Ownership enforcement
+        self.lane_decisions = Counter(
+            "redis_lane_ownership_decision_total", "Fencing guard decisions", ["decision"], registry=r
+        )
+        self.stale_fencing = Counter(
+            "redis_lane_stale_fencing_total", "Lane writes rejected because of a stale fencing token", registry=r
+        )
+        # Event bus
+        self.publish = Counter("event_bus_publish_total", "Canonical event publishes by outcome", ["status"], registry=r)
+        self.publish_retries = Counter("event_bus_publish_retries_total", "Publish retries", registry=r)
+        self.degraded = Gauge("event_bus_degraded", "1 while events go to the local outbox", registry=r)
+        self.outages = Counter("event_bus_outages_total", "Event bus outages (entries into degraded mode)", registry=r)
+        self.outbox_depth = Gauge("event_bus_outbox_depth", "Events waiting in the local outbox", registry=r)
+        self.bridge_duplicates = Counter(
+            "event_bus_bridge_duplicates_suppressed_total", "Duplicates suppressed by the bridge", registry=r
+        )
+        self.bridge_ordering_violations = Counter(
+            "event_bus_bridge_ordering_violations_total", "Gaps timed out or out-of-order deliveries", registry=r
+        )
+        self.consumer_dedup_mismatch = Counter(
+            "event_bus_consumer_dedup_mismatch_total",
+            "Duplicates the broker should have suppressed that reached the consumer",
+            registry=r,
+        )
+        self.bridge_delivered = Counter(
+            "event_bus_bridge_delivered_total", "Events delivered to subscribers", ["origin"], registry=r
+        )
+        self.bad_events = Counter("event_bus_bad_events_total", "Undecodable events skipped", ["reason"], registry=r)
+        # Signals
+        self.signals_routed = Counter("signals_routed_total", "Signals routed to lane owners", ["result"], registry=r)
+        # Tasks
+        self.tasks = Counter("cbctl_tasks_total", "Lane tasks processed", ["result"], registry=r)
+        self.info = Gauge("cbctl_agent_info", "Constant 1, labelled with the node id", ["node_id"], registry=r)
+        self.info.labels(node_id=node_id).set(1)
+        for decision in ("allow", "deny", "would_deny"):
+            self.lane_decisions.labels(decision=decision)
+        for status in ("ok", "duplicate", "error", "buffered"):
+            self.publish.labels(status=status)
+
+    def render(self) -> bytes:
+        """The text exposition of this registry."""
+        return generate_latest(self.registry)
