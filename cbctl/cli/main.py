@@ -1,5 +1,61 @@
-"""cbctl entry point (placeholder; the command tree is being built)."""
+"""The cbctl command tree. Thin: parses, calls cbctl.core, renders.
+
+Start-up matters (tab completion runs the program on every key press): only typer and light
+core modules are imported here; each command imports what it needs (aetcd, nats, redis,
+rich) inside its body. Help is rendered without rich (``rich_markup_mode=None``), which
+keeps ``cbctl --help`` at about the cost of ``import typer``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cbctl import __version__
+from cbctl.cli import config_cmd, flags, rollback, stage
+from cbctl.cli.common import AppState, OutputFormat
+
+app = typer.Typer(
+    name="cbctl",
+    help="Staged rollout of cluster coordination, lane ownership fencing and the canonical event bus.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cbctl {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    context: Annotated[str | None, typer.Option("--context", envvar="CBCTL_CONTEXT", help="Context to use (env CBCTL_CONTEXT).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", envvar="CBCTL_CONFIG", help="Contexts file (env CBCTL_CONFIG; default ~/.config/cbctl/config.toml).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json; JSON goes to stdout alone.")] = OutputFormat.table,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Global options apply to every command."""
+    ctx.obj = AppState(config_path=str(config) if config else None, context_name=context, output=output)
+
+
+app.add_typer(stage.app, name="stage")
+app.add_typer(flags.app, name="flags")
+app.command("rollback")(rollback.rollback)
+app.add_typer(config_cmd.app, name="config")
 
 
 def run() -> None:
-    raise SystemExit("cbctl: command tree not built yet")
+    """Console-script entry point."""
+    app(prog_name="cbctl")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,121 @@
+"""`cbctl flags get|set|diff`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from cbctl.cli.common import (
+    DryRunOpt,
+    OutputFormat,
+    OutputOpt,
+    ReasonOpt,
+    TimeoutOpt,
+    WaitOpt,
+    YesOpt,
+    command_line,
+    emit_json,
+    fmt_value,
+    output_format,
+    print_table,
+    run,
+    show_diff,
+    state,
+    with_coordinator,
+)
+
+app = typer.Typer(help="Read and set individual rollout flags (validated, audited, compare-and-swap).", no_args_is_help=True)
+
+
+@app.command("get")
+def get(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="One flag name; all flags when omitted.")] = None,
+    output: OutputOpt = None,
+) -> None:
+    """Show the effective value of one flag or of all flags."""
+    from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.errors import BadInput
+    from cbctl.core.rollout import FLAGS
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        if name is not None and name not in FLAGS:
+            raise BadInput(f"unknown flag {name!r} (known: {', '.join(sorted(FLAGS))})")
+
+        async def inner(c: Any, coord: Any) -> None:
+            doc, revision = await ControlPlane(c, coord).read()
+            flags = {name: doc.flags[name]} if name else dict(doc.flags)
+            if fmt is OutputFormat.json:
+                emit_json({"revision": revision, "flags": flags})
+            elif name:
+                print(fmt_value(flags[name]))
+            else:
+                print_table(f"flags (revision {revision})", ["flag", "value", "allowed"],
+                            [(k, fmt_value(v), FLAGS[k].allowed_text) for k, v in sorted(flags.items())])
+
+        await with_coordinator(st, inner)
+
+    run(body)
+
+
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    assignments: Annotated[list[str], typer.Argument(help="NAME=VALUE pairs, e.g. ownership.guard=observe.")],
+    reason: ReasonOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = 30.0,
+    output: OutputOpt = None,
+) -> None:
+    """Set flags explicitly (overrides the stage plan until the next stage transition)."""
+    from cbctl.cli.mutate import apply_plan
+    from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.rollout import parse_flag_assignment
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> int:
+        parsed = [parse_flag_assignment(a) for a in assignments]
+
+        async def inner(c: Any, coord: Any) -> int:
+            cp = ControlPlane(c, coord)
+            plan = await cp.plan_flags(parsed, command=command_line(ctx))
+            return await apply_plan(cp, plan, output=fmt, reason=reason, yes=yes, dry_run=dry_run, wait=wait,
+                                    timeout=timeout, question="Set these flags?")
+
+        return await with_coordinator(st, inner)
+
+    raise typer.Exit(run(body))
+
+
+@app.command("diff")
+def diff(
+    ctx: typer.Context,
+    stage: Annotated[int, typer.Option("--stage", help="Stage to compare the current flags with.")],
+    output: OutputOpt = None,
+) -> None:
+    """What moving to stage N would change (nothing is written)."""
+    from cbctl.core.controlplane import ControlPlane
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        async def inner(c: Any, coord: Any) -> None:
+            plan = await ControlPlane(c, coord).plan_stage_diff(stage)
+            if fmt is OutputFormat.json:
+                emit_json({"from_stage": plan.old.stage, "to_stage": stage, "revision": plan.base_revision,
+                           "diff": plan.diff_public()})
+            else:
+                show_diff(plan.changes)
+
+        await with_coordinator(st, inner)
+
+    run(body)

@@ -1,0 +1,181 @@
+"""`cbctl stage status|advance|history`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cbctl.cli.common import (
+    DryRunOpt,
+    OutputFormat,
+    OutputOpt,
+    ReasonOpt,
+    TimeoutOpt,
+    WaitOpt,
+    YesOpt,
+    command_line,
+    emit_json,
+    err,
+    fmt_value,
+    output_format,
+    print_table,
+    run,
+    state,
+    with_coordinator,
+)
+
+app = typer.Typer(help="Show and move the rollout stage (0 preflight, 1 observe-only, 2 partial, 3 full).", no_args_is_help=True)
+
+
+def status_json(doc: Any, revision: int) -> dict[str, Any]:
+    """The `stage status -o json` shape (a contract for scripts)."""
+    return {
+        "stage": doc.stage,
+        "revision": revision,
+        "flags": dict(doc.flags),
+        "rollbacks": {k: dict(v) for k, v in doc.rollbacks.items()},
+        "canary": {"lanes": list(doc.canary_lanes), "subscribers": list(doc.canary_subscribers)},
+    }
+
+
+@app.command("status")
+def status(ctx: typer.Context, output: OutputOpt = None) -> None:
+    """Stage, document revision, every flag, active rollback overrides, canary sets."""
+    from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.rollout import STAGES
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        async def inner(c: Any, coord: Any) -> None:
+            doc, revision = await ControlPlane(c, coord).read()
+            data = status_json(doc, revision)
+            if fmt is OutputFormat.json:
+                emit_json(data)
+                return
+            print(f"context: {c.name}   cluster: {c.cluster}")
+            print(f"stage:   {doc.stage} ({STAGES[doc.stage].name})   revision: {revision}")
+            rows = [(name, fmt_value(value)) for name, value in sorted(doc.flags.items())]
+            print_table("flags", ["flag", "value"], rows)
+            if doc.rollbacks:
+                print_table(
+                    "rollback overrides",
+                    ["capability", "flags"],
+                    [(cap, ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(ov.items()))) for cap, ov in sorted(doc.rollbacks.items())],
+                )
+            else:
+                print("rollback overrides: none")
+            print(f"canary lanes: {fmt_value(list(doc.canary_lanes))}")
+            print(f"canary subscribers: {fmt_value(list(doc.canary_subscribers))}")
+
+        await with_coordinator(st, inner)
+
+    run(body)
+
+
+@app.command("advance")
+def advance(
+    ctx: typer.Context,
+    to: Annotated[int | None, typer.Option("--to", help="Target stage; must be current+1 (current = no-op).")] = None,
+    canary: Annotated[
+        Path | None, typer.Option("--canary", help="Lanes file for stage 2: one lane id per line, # comments.")
+    ] = None,
+    canary_subscribers: Annotated[
+        Path | None, typer.Option("--canary-subscribers", help="Subscribers file for stage 2: one name per line.")
+    ] = None,
+    reason: ReasonOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Advance despite failing gates (needs --reason; audited).")] = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = 30.0,
+    output: OutputOpt = None,
+) -> None:
+    """Move exactly one stage forward, showing the flag diff and asking first.
+
+    Writes with compare-and-swap on the revision it showed: if the document changed meanwhile,
+    exit 3 and nothing is written.
+    """
+    from cbctl.cli.mutate import apply_plan
+    from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.errors import BadInput
+    from cbctl.core.lanesfile import parse_lanes_file
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> int:
+        if force and not reason:
+            raise BadInput("--force needs --reason TEXT (it is recorded in the audit log)")
+        c = st.context()
+        lanes = parse_lanes_file(canary, c.lanes) if canary else None
+        subs = parse_lanes_file(canary_subscribers, None) if canary_subscribers else None
+
+        async def inner(c: Any, coord: Any) -> int:
+            cp = ControlPlane(c, coord)
+            plan = await cp.plan_advance(to, canary_lanes=lanes, canary_subscribers=subs, command=command_line(ctx))
+            gates_hook = _gates_hook()
+            gate_results: list[dict[str, Any]] = []
+            if gates_hook is not None and not dry_run:
+                gate_results = await gates_hook(c, coord, plan, force=force)
+            return await apply_plan(
+                cp,
+                plan,
+                output=fmt,
+                reason=reason,
+                yes=yes,
+                dry_run=dry_run,
+                wait=wait,
+                timeout=timeout,
+                question=f"Advance to stage {plan.new.stage}?",
+                forced=force,
+                gates=gate_results,
+            )
+
+        return await with_coordinator(st, inner)
+
+    code = run(body)
+    raise typer.Exit(code)
+
+
+def _gates_hook() -> Any:
+    """The metric gates evaluated before an advance (cbctl.core.gates), when present."""
+    try:
+        from cbctl.core.gates import advance_gate_check
+    except ImportError:
+        return None
+    return advance_gate_check
+
+
+@app.command("history")
+def history(ctx: typer.Context, output: OutputOpt = None) -> None:
+    """Every audited mutation: time, actor, command, reason, from/to revision, flag diff."""
+    from cbctl.core.controlplane import ControlPlane
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        async def inner(c: Any, coord: Any) -> None:
+            entries = [e.public() for e in await ControlPlane(c, coord).history()]
+            if fmt is OutputFormat.json:
+                emit_json({"entries": entries})
+                return
+            if not entries:
+                err("no audited mutations yet")
+                return
+            rows = [
+                (
+                    e["time"], e["actor"], e["command"], e["reason"] or "-", f"{e['from_revision']}->{e['to_revision']}",
+                    "; ".join(f"{d['flag']}: {fmt_value(d['old'])}->{fmt_value(d['new'])}" for d in e["diff"]) or "-",
+                )
+                for e in entries
+            ]
+            print_table("history", ["time", "actor", "command", "reason", "revision", "diff"], rows)
+
+        await with_coordinator(st, inner)
+
+    run(body)
