@@ -7,7 +7,6 @@ progress display is actually rendered.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -133,6 +132,8 @@ def confirm(question: str, yes: bool) -> None:
 
 def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async command body; map cbctl errors to their exit codes with one message."""
+    import asyncio  # not at module level: ~20 ms that --help and completion never need
+
     try:
         return asyncio.run(fn())
     except CbctlError as exc:
@@ -173,3 +174,9 @@ def command_line(ctx: typer.Context) -> str:
     if argv0 == "cbctl" or argv0.startswith("cbctl."):
         return "cbctl " + " ".join(sys.argv[1:])
     return ctx.command_path
+
+
+def new_app(help: str, **kwargs: Any) -> typer.Typer:
+    """A command group with cbctl's defaults: plain help (no rich import), no pretty tracebacks."""
+    kwargs.setdefault("no_args_is_help", True)
+    return typer.Typer(help=help, rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False, **kwargs)

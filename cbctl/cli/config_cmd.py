@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run_sync, state
+from cbctl.cli.common import new_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run_sync, state
 
-app = typer.Typer(help="Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).", no_args_is_help=True)
+app = new_app("Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).")
 
 
 @app.command("view")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from cbctl.cli.common import (
+    new_app,
     DryRunOpt,
     OutputFormat,
     OutputOpt,
@@ -25,7 +26,7 @@ from cbctl.cli.common import (
     with_coordinator,
 )
 
-app = typer.Typer(help="Read and set individual rollout flags (validated, audited, compare-and-swap).", no_args_is_help=True)
+app = new_app("Read and set individual rollout flags (validated, audited, compare-and-swap).")
 
 
 @app.command("get")

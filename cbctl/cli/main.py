@@ -1,9 +1,9 @@
 """The cbctl command tree. Thin: parses, calls cbctl.core, renders.
 
-Start-up matters (tab completion runs the program on every key press): only typer and light
-core modules are imported here; each command imports what it needs (aetcd, nats, redis,
-rich) inside its body. Help is rendered without rich (``rich_markup_mode=None``), which
-keeps ``cbctl --help`` at about the cost of ``import typer``.
+Start-up matters (tab completion runs the program on every key press): only typer is imported
+here; each command's module is imported when that command runs (see ``cbctl.cli.lazy``), and
+each command imports what it needs (aetcd, nats, redis, rich) inside its body. Help is rendered
+without rich (``rich_markup_mode=None``).  To add a command, add a row to ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,25 @@ from typing import Annotated
 import typer
 
 from cbctl import __version__
-from cbctl.cli import config_cmd, flags, rollback, stage
 from cbctl.cli.common import AppState, OutputFormat
+from cbctl.cli.lazy import LazyCommand, LazyGroup
+
+# name -> where it lives and its one-line help (shown by `cbctl --help` without importing it).
+COMMANDS: dict[str, LazyCommand] = {
+    "stage": LazyCommand("cbctl.cli.stage", "app", "Show and move the rollout stage (status, advance, history)."),
+    "flags": LazyCommand("cbctl.cli.flags", "app", "Read and set individual rollout flags (get, set, diff)."),
+    "rollback": LazyCommand("cbctl.cli.rollback", "app", "Roll one capability back (coordination, event-bus, consumers)."),
+    "config": LazyCommand("cbctl.cli.config_cmd", "app", "Contexts file: view, get-contexts, use-context, set-context."),
+}
+
+
+class RootGroup(LazyGroup):
+    lazy = COMMANDS
+
 
 app = typer.Typer(
     name="cbctl",
+    cls=RootGroup,
     help="Staged rollout of cluster coordination, lane ownership fencing and the canonical event bus.",
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -44,12 +58,6 @@ def root(
 ) -> None:
     """Global options apply to every command."""
     ctx.obj = AppState(config_path=str(config) if config else None, context_name=context, output=output)
-
-
-app.add_typer(stage.app, name="stage")
-app.add_typer(flags.app, name="flags")
-app.command("rollback")(rollback.rollback)
-app.add_typer(config_cmd.app, name="config")
 
 
 def run() -> None:

@@ -28,6 +28,10 @@ class Capability(str, Enum):
     consumers = "consumers"
 
 
+app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+
+
+@app.command("rollback")
 def rollback(
     ctx: typer.Context,
     capability: Annotated[Capability, typer.Argument(help="coordination: guard off; event-bus: bridge off, source local; consumers: pin consumers to --schema-version.")],

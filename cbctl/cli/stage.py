@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cbctl.cli.common import (
+    new_app,
     DryRunOpt,
     OutputFormat,
     OutputOpt,
@@ -26,7 +27,7 @@ from cbctl.cli.common import (
     with_coordinator,
 )
 
-app = typer.Typer(help="Show and move the rollout stage (0 preflight, 1 observe-only, 2 partial, 3 full).", no_args_is_help=True)
+app = new_app("Show and move the rollout stage (0 preflight, 1 observe-only, 2 partial, 3 full).")
 
 
 def status_json(doc: Any, revision: int) -> dict[str, Any]:
