@@ -77,13 +77,13 @@ def set_(
     """Set flags explicitly (overrides the stage plan until the next stage transition)."""
     from cbctl.cli.mutate import apply_plan
     from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.rollout import parse_flag_assignment
+    from cbctl.core.rollout import parse_flag_assignments
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> int:
-        parsed = [parse_flag_assignment(a) for a in assignments]
+        parsed = parse_flag_assignments(assignments)
 
         async def inner(c: Any, coord: Any) -> int:
             cp = ControlPlane(c, coord)
@@ -110,12 +110,12 @@ def diff(
 
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> None:
-            plan = await ControlPlane(c, coord).plan_stage_diff(stage)
+            doc, revision, changes = await ControlPlane(c, coord).stage_diff(stage)
             if fmt is OutputFormat.json:
-                emit_json({"from_stage": plan.old.stage, "to_stage": stage, "revision": plan.base_revision,
-                           "diff": plan.diff_public()})
+                emit_json({"from_stage": doc.stage, "to_stage": stage, "revision": revision,
+                           "diff": [{"flag": ch.name, "old": ch.old, "new": ch.new} for ch in changes]})
             else:
-                show_diff(plan.changes)
+                show_diff(changes)
 
         await with_coordinator(st, inner)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +113,13 @@ class ControlPlane:
             ),
         )
 
-    async def plan_flags(self, assignments: Sequence[tuple[str, Any]], *, command: str = "flags set") -> Plan:
+    async def plan_flags(self, assignments: Mapping[str, Any], *, command: str = "flags set") -> Plan:
+        """Explicit flag overrides; ``canary.lanes`` values are checked against the lane inventory."""
+        lanes = assignments.get(rollout.CANARY_LANES)
+        if lanes is not None:
+            unknown = [lane for lane in lanes if lane not in self.ctx.lanes]
+            if unknown:
+                raise BadInput(f"canary.lanes: unknown lane(s) {', '.join(map(repr, unknown))} (context {self.ctx.name})")
         return await self._plan("flags", command, lambda doc: rollout.set_flags(doc, assignments))
 
     async def plan_rollback(
@@ -125,9 +131,18 @@ class ControlPlane:
             "rollback", command, lambda doc: rollout.apply_rollback(doc, capability, schema_version=schema_version)
         )
 
-    async def plan_stage_diff(self, stage: int) -> Plan:
-        """What moving to ``stage`` would change (``flags diff --stage N``); any stage allowed."""
-        return await self._plan("stage", "flags diff", lambda doc: rollout.with_stage(doc, stage))
+    async def stage_diff(self, stage: int) -> tuple[RolloutDocument, int, list[rollout.FlagChange]]:
+        """What the flags would be at ``stage`` (``flags diff --stage N``), keeping the current
+        canary sets and rollback overrides; any stage 0-3 may be asked for. Writes nothing."""
+        doc, revision = await self.read()
+        canary = stage >= 2
+        target = rollout.effective_flags(
+            rollout.parse_stage(stage),
+            doc.canary_lanes if canary else (),
+            doc.canary_subscribers if canary else (),
+            rollbacks=doc.rollbacks,
+        )
+        return doc, revision, rollout.diff(doc.flags, target)
 
     # -- writes --------------------------------------------------------------------------
     async def commit(
@@ -161,7 +176,7 @@ class ControlPlane:
         try:
             return await self.coord.commit(
                 keys.rollout(self.cluster),
-                plan.new.to_json(),
+                plan.new.to_json().encode("utf-8"),
                 expected_revision=plan.base_revision,
                 also_put={keys.audit(self.cluster, plan.base_revision): entry.to_bytes()},
             )
