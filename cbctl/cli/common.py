@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextvars import ContextVar
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -168,8 +169,16 @@ async def with_coordinator(st: AppState, body: Callable[[Context, Coordinator], 
         await coord.close()
 
 
+# Set while a runbook step runs in-process, so the step's audit entry names the step's own
+# command rather than `cbctl runbook run ...`.
+COMMAND_OVERRIDE: ContextVar[str | None] = ContextVar("cbctl_command_override", default=None)
+
+
 def command_line(ctx: typer.Context) -> str:
     """The command as typed, for the audit log (argv never holds a secret: we accept none)."""
+    override = COMMAND_OVERRIDE.get()
+    if override is not None:
+        return override
     argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
     if argv0 == "cbctl" or argv0.startswith("cbctl."):
         return "cbctl " + " ".join(sys.argv[1:])
