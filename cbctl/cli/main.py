@@ -9,7 +9,7 @@ without rich (``rich_markup_mode=None``).  To add a command, add a row to ``COMM
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,12 +22,28 @@ COMMANDS: dict[str, LazyCommand] = {
     "stage": LazyCommand("cbctl.cli.stage", "app", "Show and move the rollout stage (status, advance, history)."),
     "flags": LazyCommand("cbctl.cli.flags", "app", "Read and set individual rollout flags (get, set, diff)."),
     "rollback": LazyCommand("cbctl.cli.rollback", "app", "Roll one capability back (coordination, event-bus, consumers)."),
+    "preflight": LazyCommand("cbctl.cli.preflight", "app", "Check backends, nodes, node ids, clocks and lease timing."),
+    "watch": LazyCommand("cbctl.cli.watch", "app", "Live view of the current stage's metrics, thresholds and verdicts."),
+    "exit-criteria": LazyCommand("cbctl.cli.exit_criteria", "app", "Are the rollout's exit criteria met? With evidence."),
     "config": LazyCommand("cbctl.cli.config_cmd", "app", "Contexts file: view, get-contexts, use-context, set-context."),
+    "runbook": LazyCommand("cbctl.cli.runbook", "app", "On-call procedures as data: list, show, run (runbooks/*.yaml)."),
+    "completion": LazyCommand("cbctl.cli.completion", "app", "Print the bash, zsh or fish completion script."),
+    "agent": LazyCommand("cbctl.cli.agent", "app", "Run the node agent (run) or enqueue a demo workload (load)."),
+    "nodes": LazyCommand("cbctl.cli.nodes", "nodes_app", "Live nodes: applied revision, lag, lanes, heartbeat, conflicts."),
+    "lanes": LazyCommand("cbctl.cli.nodes", "lanes_app", "Lane ownership: owner, fencing token, since."),
+    "sandbox": LazyCommand("cbctl.cli.sandbox", "app", "A local cluster on loopback (up, status, down) and real faults (chaos)."),
 }
 
 
 class RootGroup(LazyGroup):
     lazy = COMMANDS
+
+    def _main_shell_completion(self, ctx_args: Any, prog_name: str, complete_var: str | None = None) -> None:
+        # Tab completion (`_CBCTL_COMPLETE=bash_complete`): typer's vendored click has no shell
+        # classes registered with add_completion=False; cbctl.cli.completion answers instead.
+        from cbctl.cli.completion import complete_from_env
+
+        complete_from_env(self, ctx_args, prog_name, complete_var)
 
 
 app = typer.Typer(

@@ -128,7 +128,7 @@ def in_process_runner(st: AppState, *, secrets: Sequence[str] = ()) -> Callable[
         args = list(argv[1:])
         # The step's audit entry names the step's command, not `cbctl runbook run ...`
         # (secret values masked).
-        token = COMMAND_OVERRIDE.set(shlex.join(["cbctl", *(_redact(a, secrets) for a in args)]))
+        token = COMMAND_OVERRIDE.set(" ".join(["cbctl", *(_redact(a, secrets) for a in args)]))
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 rv = cmd.main(args=global_args(st, args) + args, prog_name="cbctl", standalone_mode=False)
