@@ -60,7 +60,7 @@ class LeaseLost(CbctlError):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, lease_id: int | None = None) -> None:
+    def __init__(self, message: str, *, lease_id: int | str | None = None) -> None:
         super().__init__(message)
         self.lease_id = lease_id
 

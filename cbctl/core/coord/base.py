@@ -44,7 +44,7 @@ class KV:
     value: bytes
     mod_revision: int
     create_revision: int
-    lease: int | None = None
+    lease: int | str | None = None
 
     def json(self) -> Any:
         """Decode the value as UTF-8 JSON."""
@@ -84,7 +84,11 @@ class Coordinator(ABC):
         """Close connections. Idempotent."""
 
     async def __aenter__(self) -> Coordinator:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()  # a half-open connect must not leak channels or sessions
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -155,8 +159,9 @@ class Coordinator(ABC):
     def watch(self, key: str, *, prefix: bool = False, start_revision: int | None = None) -> AsyncIterator[WatchEvent]:
         """Changes to ``key`` (or every key under it when ``prefix``) from ``start_revision``.
 
-        Resumes after a member failure from the last delivered revision + 1, so no event is
-        delivered twice or skipped.  Cancel the consuming task to stop.
+        etcd: resumes after a member failure from the last delivered revision, so no event is
+        delivered twice or skipped.  Consul (blocking queries): changes between two polls are
+        merged (a key written twice may show once).  Cancel the consuming task to stop.
         """
 
     # -- shared helpers ----------------------------------------------------------------
@@ -222,7 +227,7 @@ class LeaseKeeper:
                         LeaseLost(f"lease {self.lease.id}: no successful keep-alive for {deadline_span:.1f}s ({exc})")
                     )
                     return
-                log.warning("keep-alive of lease %s failed, retrying: %s", self.lease.id, exc)
+                log.warning("keep-alive of lease %s failed, retrying: %s", self.lease.id, str(exc) or "no answer within the interval")
             await asyncio.sleep(min(self.interval, max(0.05, deadline_span - (loop.time() - last_ok))))
 
     def _declare_lost(self, exc: LeaseLost | BackendUnavailable) -> None:
