@@ -1,0 +1,80 @@
+"""`cbctl preflight`: can this cluster start (or keep) rolling out?"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state
+
+app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+
+
+@app.command("preflight")
+def preflight(
+    ctx: typer.Context,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run only this check (repeatable): etcd, nats, redis, prometheus, credentials, "
+                                    "nodes, node-ids, clock, lease-timing. A partial run is not recorded."),
+    ] = None,
+    skew_warn_ms: Annotated[float, typer.Option("--skew-warn-ms", help="Warn at this clock offset/spread (ms).")] = 50.0,
+    skew_fail_ms: Annotated[float, typer.Option("--skew-fail-ms", help="Fail at this clock offset/spread (ms).")] = 250.0,
+    check_timeout: Annotated[float, typer.Option("--check-timeout", help="Deadline of each check (seconds).")] = 5.0,
+    output: OutputOpt = None,
+) -> None:
+    """Check every backend from here and from every node, node ids, clocks and lease timing.
+
+    Exit 0 when nothing fails (warnings allowed), 1 when a check fails, 4 when the coordination
+    store itself is unreachable. A full run is recorded; `stage advance` requires a recent pass.
+    """
+    from cbctl.core.audit import current_actor
+    from cbctl.core.checks import PreflightOptions, record_preflight, run_preflight
+    from cbctl.core.coord import make_coordinator
+    from cbctl.core.errors import BackendUnavailable
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> int:
+        opts = PreflightOptions(
+            only=frozenset(only) if only else None,
+            skew_warn_ms=skew_warn_ms,
+            skew_fail_ms=skew_fail_ms,
+            check_timeout=check_timeout,
+        )
+        c = st.context()
+        coord = make_coordinator(c)
+        try:
+            report = await run_preflight(c, coord, opts)
+            recorded = False
+            if opts.only is None and report.store_unreachable is None:
+                try:
+                    await record_preflight(c, coord, report, actor=current_actor())
+                    recorded = True
+                except BackendUnavailable as exc:
+                    report.store_unreachable = str(exc)
+        finally:
+            await coord.close()
+        if fmt is OutputFormat.json:
+            emit_json(report.to_dict())
+        else:
+            _table(report)
+        if report.store_unreachable is not None:
+            err(f"cbctl: error: the coordination store is unreachable: {report.store_unreachable}")
+            return 4
+        fails = sum(1 for r in report.checks if r.status == "fail")
+        warns = sum(1 for r in report.checks if r.status == "warn")
+        verdict = "passed" if report.ok else "FAILED"
+        note = "recorded" if recorded else "not recorded (partial run)" if opts.only else "not recorded"
+        err(f"preflight {verdict}: {len(report.checks)} checks, {fails} failed, {warns} warnings "
+            f"in {report.elapsed:.2f}s; {note}")
+        return 0 if report.ok else 1
+
+    raise typer.Exit(run(body))
+
+
+def _table(report: Any) -> None:
+    rows = [(r.name, r.target, r.node or "-", r.status, r.detail) for r in report.checks]
+    print_table(None, ["check", "target", "node", "status", "detail"], rows)

@@ -1,0 +1,544 @@
+"""Metric gates: per-stage rules as data, evaluated against Prometheus with three outcomes.
+
+A :class:`Rule` is a PromQL expression (``$window`` stands for the rule's window), a comparison
+and a threshold.  Evaluating it gives exactly one of
+
+* ``pass``    — the value satisfies the comparison AND Prometheus holds at least
+  ``min_samples`` samples of the rule's metric in the window on every instance exporting it;
+* ``fail``    — enough data, and the value breaks the threshold;
+* ``no-data`` — the expression returned nothing, the value is NaN, there are fewer than
+  ``min_samples`` samples, the query was rejected, or Prometheus did not answer.
+
+``no-data`` never passes: a gate that cannot see is a closed gate.
+
+The gates of stage N are the rules that must hold *before leaving* stage N (``stage advance``
+evaluates the current stage's gates).  Every advance also requires a passing ``cbctl
+preflight`` younger than ``[contexts.X.preflight] max-age`` (default 1 h); that is the only gate
+of stage 0.
+
+Per-context overrides (``[contexts.X.gates]``; all optional)::
+
+    window = "10m"            # default window of every rule (sandbox: "10s")
+    min-samples = 5           # default minimum samples per instance in the window
+    rate-window = "1m"        # window of the "rate" column of `cbctl watch`
+    scrape-interval = "15s"   # used by exit-criteria when Prometheus does not report it
+    [contexts.X.gates.rules.publish-errors]
+    threshold = 3             # also: op, window, min-samples, expr, metric, enabled = false
+    [contexts.X.gates.stages]
+    "1" = ["degraded", "publish-errors"]   # replace a stage's rule list
+
+A rule name in ``rules`` that is not built in defines a new rule (``expr``, ``metric``, ``op``
+and ``threshold`` required).  Errors name the key: ``contexts.sandbox.gates.rules.x.op``.
+
+The same rule table drives ``cbctl watch`` (rules without a threshold are shown, never judged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from cbctl.core import keys
+from cbctl.core.errors import BackendUnavailable, BadInput, CheckFailed, ConfigError
+from cbctl.core.promql import PromClient, format_duration, parse_duration
+
+if TYPE_CHECKING:
+    from cbctl.core.config import Context
+    from cbctl.core.controlplane import Plan
+    from cbctl.core.coord.base import Coordinator
+
+Outcome = Literal["pass", "fail", "no-data"]
+
+OPS = {
+    "<=": lambda v, t: v <= t,
+    "<": lambda v, t: v < t,
+    ">=": lambda v, t: v >= t,
+    ">": lambda v, t: v > t,
+    "==": lambda v, t: v == t,
+    "!=": lambda v, t: v != t,
+}
+
+DEFAULT_WINDOW = 600.0
+DEFAULT_MIN_SAMPLES = 5
+DEFAULT_RATE_WINDOW = 60.0
+DEFAULT_PREFLIGHT_MAX_AGE = 3600.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One gate rule or watched metric.
+
+    ``expr`` is an instant PromQL query aggregating to ONE sample; ``$window`` is replaced by the
+    window.  ``metric`` is the series selector whose sample count proves there is data.
+    ``rate_expr`` (optional, ``$rate`` = the rate window) is only displayed by ``watch``.
+    ``threshold`` None = informational (watch only, never a gate).
+    """
+
+    name: str
+    metric: str
+    expr: str
+    op: str = "<="
+    threshold: float | None = None
+    window: float | None = None
+    min_samples: int | None = None
+    rate_expr: str | None = None
+    description: str = ""
+
+    def query(self, window: float) -> str:
+        return self.expr.replace("$window", format_duration(window))
+
+    def coverage_query(self, window: float) -> str:
+        # Per instance the best-covered series, then the worst instance: every instance that
+        # exports the metric must have min_samples in the window.
+        return f"min(max by (instance) (count_over_time({self.metric}[{format_duration(window)}])))"
+
+    def rate_query(self, rate_window: float) -> str | None:
+        return self.rate_expr.replace("$rate", format_duration(rate_window)) if self.rate_expr else None
+
+    def threshold_text(self) -> str | None:
+        return None if self.threshold is None else f"{self.op} {_num(self.threshold)}"
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isfinite(v) and v == int(v):
+        return str(int(v))
+    return f"{v:.4g}"
+
+
+def _counter(name: str, metric: str, description: str, *, threshold: float | None = 0.0) -> Rule:
+    """A counter: judged on its increase over the window; rate shown by watch."""
+    return Rule(
+        name=name,
+        metric=metric,
+        expr=f"sum(increase({metric}[$window]))",
+        threshold=threshold,
+        rate_expr=f"sum(rate({metric}[$rate]))",
+        description=description,
+    )
+
+
+def _gauge_max(name: str, metric: str, description: str, *, threshold: float | None = 0.0) -> Rule:
+    """A gauge: judged on its maximum over the window, on any node."""
+    return Rule(
+        name=name, metric=metric, expr=f"max(max_over_time({metric}[$window]))", threshold=threshold,
+        description=description,
+    )
+
+
+#: Every built-in rule, by name. Metric names are the contract in DESIGN.md.
+RULES: Mapping[str, Rule] = {
+    r.name: r
+    for r in (
+        _counter("ownership-changes", "cluster_ownership_changes_total",
+                 "lane ownership acquisitions/releases (informational)", threshold=None),
+        _counter("publish-ok", 'event_bus_publish_total{status="ok"}', "events published (informational)",
+                 threshold=None),
+        _counter("publish-buffered", 'event_bus_publish_total{status="buffered"}',
+                 "events written to the outbox instead of the bus (informational)", threshold=None),
+        _counter("publish-errors", 'event_bus_publish_total{status="error"}', "publishes that failed"),
+        _gauge_max("degraded", "event_bus_degraded", "any node in degraded mode (outbox) in the window"),
+        _counter("outages", "event_bus_outages_total", "entries into degraded mode"),
+        _counter("deny-decisions", 'redis_lane_ownership_decision_total{decision="deny"}',
+                 "lane writes denied by the fencing guard", threshold=None),
+        _counter("would-deny-decisions", 'redis_lane_ownership_decision_total{decision="would_deny"}',
+                 "writes the guard would deny (observe mode)", threshold=None),
+        Rule("deny-rate", 'redis_lane_ownership_decision_total{decision="deny"}',
+             'sum(rate(redis_lane_ownership_decision_total{decision="deny"}[$window]))', "<=", 0.1,
+             description="denied lane writes per second (only stale owners should be denied)"),
+        _counter("stale-fencing", "redis_lane_stale_fencing_total", "writes rejected for a stale fencing token",
+                 threshold=None),
+        Rule("publish-retries", "event_bus_publish_retries_total",
+             "sum(rate(event_bus_publish_retries_total[$window]))", "<=", 1.0,
+             rate_expr="sum(rate(event_bus_publish_retries_total[$rate]))",
+             description="publish retries per second"),
+        _counter("dedup-mismatches", "event_bus_consumer_dedup_mismatch_total",
+                 "duplicates that reached a consumer"),
+        _counter("ordering-violations", "event_bus_bridge_ordering_violations_total",
+                 "out-of-order deliveries or timed-out gaps in the bridge"),
+        _gauge_max("outbox-depth", "event_bus_outbox_depth", "events waiting in any node's outbox"),
+        _counter("lease-lost", "cluster_lease_lost_total", "leases lost by any node"),
+        Rule("rollout-lag", "cluster_rollout_applied_revision",
+             "max(cluster_rollout_applied_revision) - min(cluster_rollout_applied_revision)", "<=", 0.0,
+             description="spread of applied rollout revisions between nodes"),
+    )
+}
+
+_INFO = ("ownership-changes", "publish-ok", "publish-buffered", "deny-decisions", "would-deny-decisions",
+         "stale-fencing")
+_BASE = ("degraded", "outages", "publish-errors", "dedup-mismatches", "ordering-violations", "lease-lost",
+         "rollout-lag")
+
+#: Gate rules per stage: what must hold before LEAVING the stage. Stage 0: preflight only.
+STAGE_GATES: Mapping[int, tuple[str, ...]] = {
+    0: (),
+    1: _BASE,
+    2: _BASE + ("deny-rate", "publish-retries", "outbox-depth"),
+    3: _BASE + ("deny-rate", "publish-retries", "outbox-depth"),
+}
+
+#: What ``cbctl watch`` shows per stage: the informational metrics, then the stage's gates.
+STAGE_WATCH: Mapping[int, tuple[str, ...]] = {
+    0: _INFO + _BASE,
+    1: _INFO + _BASE,
+    2: _INFO + STAGE_GATES[2],
+    3: _INFO + STAGE_GATES[3],
+}
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The effective rule table of one context (built-ins with its overrides applied)."""
+
+    rules: Mapping[str, Rule]
+    stages: Mapping[int, tuple[str, ...]]
+    watch: Mapping[int, tuple[str, ...]]
+    window: float
+    min_samples: int
+    rate_window: float
+    preflight_max_age: float
+
+    def stage_rules(self, stage: int) -> list[Rule]:
+        return [self.rules[n] for n in self.stages.get(stage, ()) if n in self.rules]
+
+    def watch_rules(self, stage: int) -> list[Rule]:
+        return [self.rules[n] for n in self.watch.get(stage, ()) if n in self.rules]
+
+    def window_of(self, rule: Rule) -> float:
+        return rule.window or self.window
+
+    def min_samples_of(self, rule: Rule) -> int:
+        return rule.min_samples if rule.min_samples is not None else self.min_samples
+
+
+def _dur(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    if key not in table:
+        return default
+    try:
+        return parse_duration(table[key], what=f"{where}.{key}")
+    except BadInput as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _int(table: Mapping[str, Any], key: str, default: int | None, where: str) -> int | None:
+    if key not in table:
+        return default
+    v = table[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{where}.{key}: must be a positive integer, got {v!r}")
+    return v
+
+
+def gate_config(ctx: Context) -> GateConfig:
+    """Built-in rules with ``ctx.extra["gates"]`` applied; raises ``ConfigError`` naming the key."""
+    where = f"contexts.{ctx.name}.gates"
+    g = dict(ctx.extra.get("gates", {}) or {})
+    p = dict(ctx.extra.get("preflight", {}) or {})
+    allowed = {"window", "min-samples", "rate-window", "rules", "stages", "scrape-interval"}
+    for key in g:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+    rules = dict(RULES)
+    raw_rules = g.get("rules", {})
+    if not isinstance(raw_rules, Mapping):
+        raise ConfigError(f"{where}.rules: expected a table")
+    disabled: set[str] = set()
+    for name, table in raw_rules.items():
+        rw = f"{where}.rules.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{rw}: expected a table")
+        known = {"threshold", "op", "window", "min-samples", "expr", "metric", "enabled", "description"}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{rw}: unknown key {key!r} (allowed: {', '.join(sorted(known))})")
+        base = rules.get(name)
+        if base is None:
+            missing = [k for k in ("expr", "metric", "threshold") if k not in table]
+            if missing:
+                raise ConfigError(f"{rw}: a new rule needs {', '.join(missing)} (built-in: {', '.join(RULES)})")
+            base = Rule(name=name, metric="", expr="")
+        changes: dict[str, Any] = {}
+        for key in ("expr", "metric", "description"):
+            if key in table:
+                if not isinstance(table[key], str) or not table[key]:
+                    raise ConfigError(f"{rw}.{key}: expected a non-empty string, got {table[key]!r}")
+                changes[key] = table[key]
+        if "op" in table:
+            if table["op"] not in OPS:
+                raise ConfigError(f"{rw}.op: must be one of {', '.join(OPS)}, got {table['op']!r}")
+            changes["op"] = table["op"]
+        if "threshold" in table:
+            t = table["threshold"]
+            if not isinstance(t, (int, float)) or isinstance(t, bool):
+                raise ConfigError(f"{rw}.threshold: expected a number, got {t!r}")
+            changes["threshold"] = float(t)
+        if "window" in table:
+            changes["window"] = _dur(table, "window", 0.0, rw)
+        if "min-samples" in table:
+            changes["min_samples"] = _int(table, "min-samples", None, rw)
+        if table.get("enabled", True) is False:
+            disabled.add(name)
+        rules[name] = replace(base, **changes)
+    for name in disabled:
+        rules.pop(name)
+
+    stages = dict(STAGE_GATES)
+    watch = dict(STAGE_WATCH)
+    raw_stages = g.get("stages", {})
+    if not isinstance(raw_stages, Mapping):
+        raise ConfigError(f"{where}.stages: expected a table")
+    for key, names in raw_stages.items():
+        sw = f"{where}.stages.{key}"
+        try:
+            stage = int(key)
+        except ValueError:
+            raise ConfigError(f"{sw}: stage must be 0..3, got {key!r}") from None
+        if stage not in STAGE_GATES:
+            raise ConfigError(f"{sw}: stage must be 0..3, got {key!r}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{sw}: expected a list of rule names")
+        for n in names:
+            if n not in rules:
+                raise ConfigError(f"{sw}: unknown rule {n!r} (known: {', '.join(sorted(rules))})")
+        stages[stage] = tuple(names)
+        watch[stage] = tuple(dict.fromkeys(_INFO + tuple(names)))
+    # Custom rules not placed in any stage are still watched everywhere.
+    extra_rules = tuple(n for n in rules if n not in RULES)
+    if extra_rules:
+        watch = {s: tuple(dict.fromkeys(v + extra_rules)) for s, v in watch.items()}
+    return GateConfig(
+        rules=rules,
+        stages=stages,
+        watch=watch,
+        window=_dur(g, "window", DEFAULT_WINDOW, where),
+        min_samples=_int(g, "min-samples", DEFAULT_MIN_SAMPLES, where) or DEFAULT_MIN_SAMPLES,
+        rate_window=_dur(g, "rate-window", DEFAULT_RATE_WINDOW, where),
+        preflight_max_age=_dur(p, "max-age", DEFAULT_PREFLIGHT_MAX_AGE, f"contexts.{ctx.name}.preflight"),
+    )
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@dataclass
+class GateResult:
+    """The outcome of one rule. ``to_dict`` is the shape recorded in audit entries."""
+
+    name: str
+    outcome: Outcome
+    value: float | None
+    threshold: str | None
+    detail: str
+    query: str = ""
+    window: str | None = None
+    samples: float | None = None
+    min_samples: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["value"] is not None and not math.isfinite(d["value"]):
+            d["value"] = None  # JSON has no NaN
+        return d
+
+    def line(self) -> str:
+        return f"{self.name}: value {_num(self.value)} (threshold {self.threshold or '-'}) -> {self.outcome}: {self.detail}"
+
+
+async def evaluate_rule(prom: PromClient, rule: Rule, cfg: GateConfig, *, at: float | None = None) -> GateResult:
+    """Evaluate one rule (value and coverage concurrently). Never raises for a Prometheus
+    problem: an unreachable Prometheus or a rejected query is ``no-data`` with the reason."""
+    window = cfg.window_of(rule)
+    need = cfg.min_samples_of(rule)
+    q = rule.query(window)
+    res = GateResult(rule.name, "no-data", None, rule.threshold_text(), "", q, format_duration(window), None, need)
+    try:
+        value, samples = await asyncio.gather(
+            prom.query_value(q, at=at), prom.query_value(rule.coverage_query(window), at=at)
+        )
+    except BackendUnavailable as exc:
+        res.detail = f"prometheus unreachable: {exc}"
+        return res
+    except BadInput as exc:
+        res.detail = str(exc)
+        return res
+    res.value, res.samples = value, samples
+    if samples is None or value is None:
+        res.detail = f"no series of {rule.metric} in the last {res.window}"
+    elif samples < need:
+        res.detail = f"{_num(samples)} samples in {res.window} < {need} required"
+    elif math.isnan(value):
+        res.detail = "value is NaN"
+    elif rule.threshold is None:
+        res.outcome = "pass"
+        res.detail = "informational"
+    elif OPS[rule.op](value, rule.threshold):
+        res.outcome = "pass"
+        res.detail = f"{_num(value)} {rule.op} {_num(rule.threshold)} over {res.window}"
+    else:
+        res.outcome = "fail"
+        res.detail = f"{_num(value)} breaks {rule.op} {_num(rule.threshold)} over {res.window}"
+    return res
+
+
+async def evaluate_rules(ctx: Context, rules: Sequence[Rule], cfg: GateConfig | None = None) -> list[GateResult]:
+    """Evaluate ``rules`` concurrently against the context's Prometheus, at one instant."""
+    cfg = cfg or gate_config(ctx)
+    if not rules:
+        return []
+    at = time.time()
+    async with PromClient(ctx.prometheus.url) as prom:
+        return list(await asyncio.gather(*(evaluate_rule(prom, r, cfg, at=at) for r in rules)))
+
+
+async def preflight_gate(ctx: Context, coord: Coordinator, cfg: GateConfig, *, now: float | None = None) -> GateResult:
+    """Pass when the last ``cbctl preflight`` passed and is younger than the configured age."""
+    max_age = cfg.preflight_max_age
+    res = GateResult("preflight", "no-data", None, f"age <= {format_duration(max_age)}", "",
+                     query=keys.preflight_last(ctx.cluster))
+    kv = await coord.get(keys.preflight_last(ctx.cluster))
+    if kv is None:
+        res.detail = "no preflight recorded; run `cbctl preflight`"
+        return res
+    try:
+        record = json.loads(kv.value)
+        when = float(record["time"])
+        ok = bool(record["ok"])
+    except (ValueError, KeyError, TypeError):
+        res.detail = f"{kv.key}: unreadable preflight record"
+        return res
+    age = (now if now is not None else time.time()) - when
+    res.value = round(age, 3)
+    if not ok:
+        res.outcome = "fail"
+        failed = ", ".join(record.get("failed", [])) or "see `cbctl preflight`"
+        res.detail = f"the last preflight ({format_duration(max(age, 1))} ago) failed: {failed}"
+    elif age > max_age:
+        res.outcome = "fail"
+        res.detail = f"the last passing preflight is {format_duration(max(round(age), 1))} old (max {format_duration(max_age)}); re-run it"
+    else:
+        res.outcome = "pass"
+        res.detail = f"passed {format_duration(max(round(age), 1))} ago"
+    return res
+
+
+async def stage_gates(ctx: Context, coord: Coordinator, stage: int, cfg: GateConfig | None = None) -> list[GateResult]:
+    """The preflight gate plus every metric gate of ``stage`` (what must hold to leave it)."""
+    cfg = cfg or gate_config(ctx)
+    pre, metric = await asyncio.gather(preflight_gate(ctx, coord, cfg), evaluate_rules(ctx, cfg.stage_rules(stage), cfg))
+    return [pre, *metric]
+
+
+async def advance_gate_check(ctx: Context, coord: Coordinator, plan: Plan, *, force: bool = False) -> list[dict[str, Any]]:
+    """Called by ``stage advance`` before it writes.
+
+    Evaluates the gates of the stage being left (``plan.old.stage``).  All pass -> returns the
+    results (recorded in the audit entry).  Any ``fail`` or ``no-data``: raises ``CheckFailed``
+    (exit 1, nothing written) whose message lists every rule with value, threshold and outcome
+    — unless ``force``, in which case the results are returned for the audit entry.
+    """
+    stage = plan.old.stage
+    results = await stage_gates(ctx, coord, stage)
+    bad = [r for r in results if r.outcome != "pass"]
+    if bad and not force:
+        lines = "\n".join(f"  {r.line()}" for r in results)
+        raise CheckFailed(
+            f"gates of stage {stage} did not pass ({len(bad)} of {len(results)}: "
+            f"{', '.join(f'{r.name} {r.outcome}' for r in bad)}); nothing written:\n{lines}\n"
+            "fix the cause, or override with --force --reason TEXT (recorded in the audit log)"
+        )
+    return [r.to_dict() for r in results]
+
+
+# -- watch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WatchRow:
+    """One metric of a ``cbctl watch`` snapshot. ``verdict``: pass, fail, no-data or info."""
+
+    name: str
+    query: str
+    value: float | None
+    rate: float | None
+    threshold: str | None
+    verdict: str
+    detail: str
+    trend: list[float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: float | None) -> float | None:
+            return None if v is None or not math.isfinite(v) else round(v, 6)
+
+        return {"name": self.name, "query": self.query, "value": clean(self.value), "rate": clean(self.rate),
+                "threshold": self.threshold, "verdict": self.verdict, "detail": self.detail,
+                "trend": [clean(v) for v in self.trend]}
+
+
+async def watch_snapshot(
+    ctx: Context, stage: int, *, points: int = 20, step: float = 2.0, cfg: GateConfig | None = None,
+    prom: PromClient | None = None,
+) -> list[WatchRow]:
+    """Every watched metric of ``stage``: value (the gate expression), rate, verdict, and the
+    last ``points`` values ``step`` seconds apart (for a sparkline).  All queries concurrent.
+
+    Raises ``BackendUnavailable`` when Prometheus cannot be reached at all (the caller decides
+    whether that ends the watch); a single rejected query gives that row ``no-data``.
+    """
+    cfg = cfg or gate_config(ctx)
+    rules = cfg.watch_rules(stage)
+    at = time.time()
+    own = prom is None
+    client = prom or PromClient(ctx.prometheus.url)
+    try:
+        await client.ready()  # one clear BackendUnavailable instead of N no-data rows
+
+        async def rate_of(rule: Rule) -> float | None:
+            q = rule.rate_query(cfg.rate_window)
+            if q is None:
+                return None
+            try:
+                return await client.query_value(q, at=at)
+            except BadInput:
+                return None
+
+        async def trend_of(rule: Rule) -> list[float | None]:
+            if points <= 1:
+                return []
+            start = at - step * (points - 1)
+            try:
+                series = await client.query_range(rule.query(cfg.window_of(rule)), start=start, end=at, step=step)
+            except BadInput:
+                return []
+            if len(series) != 1:
+                return []
+            by_t = {round(t, 3): v for t, v in series[0].values}
+            return [by_t.get(round(start + i * step, 3)) for i in range(points)]
+
+        async def row(rule: Rule) -> WatchRow:
+            res, rate, trend = await asyncio.gather(
+                evaluate_rule(client, rule, cfg, at=at), rate_of(rule), trend_of(rule)
+            )
+            # Informational rows are never judged: no data there is shown, not counted.
+            verdict = "info" if rule.threshold is None else res.outcome
+            return WatchRow(rule.name, res.query, res.value, rate, res.threshold, verdict, res.detail, trend)
+
+        return list(await asyncio.gather(*(row(r) for r in rules)))
+    finally:
+        if own:
+            await client.aclose()
+
+
+__all__ = [
+    "WatchRow", "watch_snapshot",
+    "GateConfig", "GateResult", "OPS", "RULES", "Rule", "STAGE_GATES", "STAGE_WATCH", "advance_gate_check",
+    "evaluate_rule", "evaluate_rules", "gate_config", "preflight_gate", "stage_gates",
+]

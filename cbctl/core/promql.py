@@ -1,0 +1,256 @@
+"""A small async client of the Prometheus HTTP API, and the one duration parser of cbctl.
+
+Why not ``prometheus-api-client``: its import alone costs ~155 ms (ENVIRONMENT.md), it is
+synchronous (requests), and we need five endpoints. httpx is already a dependency, is async,
+so the gates, ``watch`` and ``exit-criteria`` run their queries concurrently.
+
+Endpoints used (https://prometheus.io/docs/prometheus/latest/querying/api/):
+``/-/ready``, ``/api/v1/query``, ``/api/v1/query_range``, ``/api/v1/targets``,
+``/api/v1/label/__name__/values``, ``/api/v1/status/buildinfo``.
+
+Errors, converted here and nowhere else:
+
+* transport errors, timeouts and 5xx answers -> :class:`BackendUnavailable` (backend
+  ``prometheus``), so the CLI exits 4;
+* an ``errorType: bad_data`` answer (a PromQL syntax error, a bad range) -> :class:`BadInput`
+  naming the query — a gate rule or a ``--window`` the user wrote is wrong (exit 2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cbctl.core.errors import BackendUnavailable, BadInput
+
+__all__ = [
+    "PromClient",
+    "Sample",
+    "Series",
+    "Target",
+    "format_duration",
+    "parse_duration",
+]
+
+# -- durations -------------------------------------------------------------------------------
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+
+
+def parse_duration(text: str | float | int, *, what: str = "duration") -> float:
+    """``"2s"``, ``"500ms"``, ``"1m"``, ``"24h"``, ``"1h30m"``, ``"7d"`` or a bare number of
+    seconds -> seconds (float, > 0).
+
+    Raises ``BadInput`` quoting the value and ``what`` (e.g. ``--interval``) when the text is
+    not a positive duration.  The one parser every command uses, so every option accepts the
+    same spellings as PromQL ranges.
+    """
+    if isinstance(text, bool):
+        raise BadInput(f"{what}: expected a duration like 2s, 500ms, 1m or 24h, got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        raw = text.strip().lower()
+        try:
+            value = float(raw)
+        except ValueError:
+            pos = 0
+            value = 0.0
+            for m in _PART.finditer(raw):
+                if m.start() != pos:
+                    break
+                value += float(m.group(1)) * _UNITS[m.group(2)]
+                pos = m.end()
+            if pos != len(raw) or not raw:
+                raise BadInput(f"{what}: expected a duration like 2s, 500ms, 1m or 24h, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise BadInput(f"{what}: must be a positive duration, got {text!r}")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> a PromQL range (``"10s"``, ``"24h"``, ``"1500ms"``): the largest whole unit."""
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        raise BadInput(f"duration must be positive, got {seconds!r}")
+    for unit, factor in (("w", 604_800_000), ("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % factor == 0:
+            return f"{ms // factor}{unit}"
+    return f"{ms}ms"
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of an instant vector (or a scalar, with empty labels)."""
+
+    labels: Mapping[str, str]
+    value: float
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class Series:
+    """One element of a range-query matrix: ``values`` are (timestamp, value) pairs."""
+
+    labels: Mapping[str, str]
+    values: Sequence[tuple[float, float]] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One active scrape target."""
+
+    scrape_url: str
+    labels: Mapping[str, str]
+    health: str  # "up" | "down" | "unknown"
+    last_error: str
+    last_scrape: str
+    scrape_interval: str = ""  # e.g. "15s"; reported by Prometheus >= 2.37
+
+
+def _float(raw: Any) -> float:
+    # Prometheus encodes sample values as strings ("NaN", "+Inf" included).
+    return float(raw)
+
+
+class PromClient:
+    """Async Prometheus HTTP API client. Use as ``async with PromClient(url) as prom: ...``.
+
+    One ``httpx.AsyncClient`` per instance (connection reuse across concurrent queries).
+    ``timeout`` bounds every request; a query that times out raises ``BackendUnavailable``.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> PromClient:
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
+        return self._client
+
+    async def _get(self, path: str, params: Mapping[str, Any] | None = None, *, what: str = "") -> Any:
+        """GET an API path and return its ``data``; errors converted (module docstring)."""
+        try:
+            resp = await self._http().get(path, params=params)
+        except httpx.TimeoutException:
+            raise BackendUnavailable(
+                f"prometheus {self.url}: no answer to {path} within {self.timeout:g}s", backend="prometheus"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"prometheus {self.url}: {type(exc).__name__}: {exc}", backend="prometheus") from None
+        if resp.status_code >= 500:
+            raise BackendUnavailable(f"prometheus {self.url}: HTTP {resp.status_code} on {path}", backend="prometheus")
+        try:
+            body = resp.json()
+        except ValueError:
+            raise BackendUnavailable(
+                f"prometheus {self.url}: HTTP {resp.status_code} on {path} is not JSON", backend="prometheus"
+            ) from None
+        if body.get("status") != "success":
+            etype = body.get("errorType", "error")
+            message = body.get("error", f"HTTP {resp.status_code}")
+            if etype == "bad_data" or resp.status_code == 400:
+                raise BadInput(f"prometheus rejected {what or path}: {message}")
+            raise BackendUnavailable(f"prometheus {self.url}: {etype}: {message}", backend="prometheus")
+        return body.get("data")
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def ready(self) -> bool:
+        """True when ``/-/ready`` answers 200. Raises ``BackendUnavailable`` when unreachable."""
+        try:
+            resp = await self._http().get("/-/ready")
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"prometheus {self.url}: {type(exc).__name__}: {exc}", backend="prometheus") from None
+        return resp.status_code == 200
+
+    async def buildinfo(self) -> dict[str, Any]:
+        data = await self._get("/api/v1/status/buildinfo")
+        return dict(data or {})
+
+    async def query(self, expr: str, *, at: float | None = None) -> list[Sample]:
+        """Evaluate an instant query. A scalar result becomes one unlabelled sample; an empty
+        vector is ``[]`` (the caller decides what "no data" means)."""
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = await self._get("/api/v1/query", params, what=f"query {expr!r}")
+        rtype = data.get("resultType")
+        result = data.get("result")
+        if rtype == "vector":
+            return [Sample(r.get("metric", {}), _float(r["value"][1]), float(r["value"][0])) for r in result]
+        if rtype == "scalar":
+            return [Sample({}, _float(result[1]), float(result[0]))]
+        raise BadInput(f"query {expr!r}: expected an instant vector or scalar, got {rtype}")
+
+    async def query_value(self, expr: str, *, at: float | None = None) -> float | None:
+        """The single value of a query that aggregates to one sample; None when empty.
+
+        Several samples are refused (``BadInput``): a gate must not silently pick one series.
+        """
+        samples = await self.query(expr, at=at)
+        if not samples:
+            return None
+        if len(samples) > 1:
+            raise BadInput(f"query {expr!r} returned {len(samples)} series; aggregate it to one (e.g. sum(...))")
+        return samples[0].value
+
+    async def query_range(self, expr: str, *, start: float, end: float, step: float) -> list[Series]:
+        """Evaluate a range query; ``step`` in seconds."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{max(step, 0.001):.3f}"}
+        data = await self._get("/api/v1/query_range", params, what=f"range query {expr!r}")
+        if data.get("resultType") != "matrix":
+            raise BadInput(f"range query {expr!r}: expected a matrix, got {data.get('resultType')}")
+        return [
+            Series(r.get("metric", {}), tuple((float(t), _float(v)) for t, v in r.get("values", [])))
+            for r in data.get("result", [])
+        ]
+
+    async def targets(self) -> list[Target]:
+        """Active scrape targets with their health."""
+        data = await self._get("/api/v1/targets", {"state": "active"})
+        return [
+            Target(
+                scrape_url=t.get("scrapeUrl", ""),
+                labels=t.get("labels", {}),
+                health=t.get("health", "unknown"),
+                last_error=t.get("lastError", ""),
+                last_scrape=t.get("lastScrape", ""),
+                scrape_interval=t.get("scrapeInterval", ""),
+            )
+            for t in data.get("activeTargets", [])
+        ]
+
+    async def metric_names(self) -> set[str]:
+        """Every metric name with at least one series in the TSDB."""
+        data = await self._get("/api/v1/label/__name__/values")
+        return set(data or ())
+
+
+def now() -> float:
+    """Wall-clock time used as the evaluation instant (Prometheus timestamps are wall-clock)."""
+    return time.time()
