@@ -1,0 +1,683 @@
+"""The bridge: canonical stream -> in-process subscribers, de-duplicated and in order per workflow.
+
+Consumption
+-----------
+Each node has its own durable pull consumer, ``bridge-<node_id>`` (every node delivers every
+workflow to its own subscribers, so nodes must not share one), filtered to the pinned version's
+subjects ``cb.events.v<N>.>`` (flag ``consumers.schema_version``).  Changing the pinned version
+re-creates the consumer on the new filter, starting ``rewind`` stream messages before where the
+old one had got to; whatever is seen twice that way is removed by the de-duplication below.
+Every message is acked once handled, including undecodable ones, so nothing redelivers forever.
+A consumer created from scratch starts at new messages (``deliver_new``; a node joining late
+does not replay the stream's history).  One that vanished (a server restart can lose a consumer
+created just before it was killed) is re-created from the last stream sequence seen, minus
+``rewind``, and is looked for at once after every reconnect.
+
+Per message, in order:
+
+1. Decode (:func:`cbctl.core.events.decode_event`, subject checked too).  Garbage bytes, an
+   unknown schema version, a malformed event: ``event_bus_bad_events_total{reason}``, skipped.
+2. Broker de-dup check: the same ``Nats-Msg-Id`` stored twice (two stream sequences) within the
+   stream's duplicate window means JetStream failed to suppress a duplicate it should have:
+   ``event_bus_consumer_dedup_mismatch_total``.  (Copies further apart than the window are
+   expected, e.g. an outbox drained after a long outage; step 3 handles them.)
+3. De-dup by ``event_id`` over a window bounded by count and age, both far larger than
+   JetStream's (defaults: 200,000 ids, 1 hour): ``event_bus_bridge_duplicates_suppressed_total``.
+   ``event_id`` is the same in every schema version, so this also removes the second copy of a
+   dual-published event after a version switch.
+4. Reorder per workflow by ``seq``: seq n+1 is released only after n.  A later seq is held back;
+   if the gap is still open after ``gap_timeout`` the bridge counts
+   ``event_bus_bridge_ordering_violations_total`` once and skips ahead to the lowest held seq.
+   A seq at or below the last one released (with a new event_id) arrived too late: counted as a
+   violation and dropped, because subscribers are promised strictly increasing seqs per
+   workflow.  The first event seen of a workflow sets its baseline (the bridge may start in the
+   middle of a workflow's life), so an event older than that one is never delivered.
+5. Release: track the workflow's last released seq, keep it in a short per-workflow history (for
+   ``after_seq`` replays) and fan out by mode (flag ``eventbus.bridge``):
+   ``off`` consumes nothing; ``read-only`` runs steps 1-4 and delivers to nobody; ``canary``
+   delivers only to subscribers whose name is in ``canary.subscribers``; ``streaming`` to all.
+   ``event_bus_bridge_delivered_total{origin}`` counts each event that reached at least one
+   subscriber, ``origin`` ``local`` when this node published it (its ``node_id``), else ``remote``.
+
+Subscribers
+-----------
+:meth:`Bridge.subscribe` returns a :class:`Subscription`, an async iterator of :class:`Event`.
+Per workflow, a subscription sees strictly increasing seqs.  With ``after_seq`` (single-workflow
+subscriptions only) it first replays what the bridge already released with a higher seq (from
+the in-memory history, else read back from the stream), then continues live without a gap or a
+repeat.  A subscriber that falls ``max_queue`` events behind is dropped: iterating raises
+:class:`SubscriberLagged`, carrying the last seq it got, to resubscribe from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import nats.errors
+import nats.js.api as jsapi
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from cbctl.core.config import StreamConfig
+from cbctl.core.errors import BadInput, CbctlError
+from cbctl.core.events import (
+    BAD_EVENT_REASONS,
+    SUPPORTED_SCHEMA_VERSIONS,
+    BadEvent,
+    Event,
+    decode_event,
+    event_subject,
+    version_filter,
+)
+from cbctl.core.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+BridgeMode = Literal["off", "read-only", "canary", "streaming"]
+BRIDGE_MODES: tuple[str, ...] = ("off", "read-only", "canary", "streaming")
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+# Transient trouble talking to JetStream: back off and try again.
+_TRANSIENT = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+class SubscriberLagged(CbctlError):
+    """A subscriber fell too far behind and was dropped; resubscribe with ``after_seq``."""
+
+    exit_code = 1
+
+    def __init__(self, name: str, workflow_id: str | None, last_seq: int | None) -> None:
+        super().__init__(
+            f"subscriber {name!r} fell behind and was dropped (last seq {last_seq} of workflow {workflow_id!r})"
+        )
+        self.name = name
+        self.workflow_id = workflow_id
+        self.last_seq = last_seq
+
+
+_CLOSED = object()
+_LAGGED = object()
+
+
+class Subscription:
+    """Async iterator of events for one subscriber. Create with :meth:`Bridge.subscribe`."""
+
+    def __init__(self, bridge: Bridge, workflow_id: str | None, name: str, after_seq: int | None,
+                 max_queue: int) -> None:
+        self.workflow_id = workflow_id
+        self.name = name
+        self.after_seq = after_seq
+        self._bridge = bridge
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._max_queue = max_queue
+        self._replay: list[Event] | None = None
+        self._replay_upto: int | None = None  # live events at or below this seq were replayed
+        self._last_seq: int | None = after_seq  # last seq handed to the consumer (one workflow)
+        self._closed = False
+        self._lagged = False
+
+    @property
+    def last_seq(self) -> int | None:
+        """The last seq this subscription yielded (single-workflow subscriptions)."""
+        return self._last_seq
+
+    def _offer(self, ev: Event) -> bool:
+        if self._closed or self._lagged:
+            return False
+        if self._queue.qsize() >= self._max_queue:
+            # Blocking the bridge for one slow subscriber would stall every other one.
+            self._lagged = True
+            self._queue.put_nowait(_LAGGED)
+            self._bridge._remove(self)
+            return False
+        self._queue.put_nowait(ev)
+        return True
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._replay is None and self.after_seq is not None and self.workflow_id is not None:
+            self._replay = await self._bridge._replay(self)
+            self._replay.reverse()  # pop() from the end = oldest first
+        while True:
+            if self._replay:
+                ev = self._replay.pop()
+            else:
+                item = await self._queue.get()
+                if item is _CLOSED:
+                    self._queue.put_nowait(_CLOSED)  # keep raising on further calls
+                    raise StopAsyncIteration
+                if item is _LAGGED:
+                    raise SubscriberLagged(self.name, self.workflow_id, self._last_seq)
+                assert isinstance(item, Event)
+                ev = item
+            if self.workflow_id is not None and self._last_seq is not None and ev.seq <= self._last_seq:
+                continue  # already yielded by the replay
+            if self.workflow_id is not None:
+                self._last_seq = ev.seq
+            return ev
+
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event, or ``asyncio.TimeoutError`` after ``timeout`` seconds."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+
+    def pending(self) -> int:
+        """Events queued and not yet taken."""
+        return self._queue.qsize() + len(self._replay or ())
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends after what is already queued."""
+        if not self._closed:
+            self._closed = True
+            self._bridge._remove(self)
+            self._queue.put_nowait(_CLOSED)
+
+
+@dataclass(slots=True)
+class _Workflow:
+    last_seq: int  # last seq released (or skipped over)
+    held: dict[int, Event] = field(default_factory=dict)
+    gap_since: float | None = None
+    history: deque[Event] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class BridgeStats:
+    """Counters for tests and status pages (the Prometheus metrics are the contract)."""
+
+    received: int = 0
+    bad: int = 0
+    duplicates: int = 0
+    dedup_mismatches: int = 0
+    ordering_violations: int = 0
+    late_dropped: int = 0
+    released: int = 0
+    delivered: int = 0
+    held: int = 0
+
+
+def durable_name(node_id: str) -> str:
+    """The durable consumer name of ``node_id``'s bridge (characters JetStream rejects -> ``_``)."""
+    return "bridge-" + re.sub(r"[^A-Za-z0-9_-]", "_", node_id)
+
+
+class Bridge:
+    """Consumes the canonical stream and fans events out to subscribers; see the module doc."""
+
+    def __init__(
+        self,
+        nc: Client,
+        stream_cfg: StreamConfig,
+        metrics: AgentMetrics,
+        node_id: str,
+        *,
+        mode: str = "off",
+        schema_version: int = 1,
+        canary_subscribers: Iterable[str] = (),
+        durable: str | None = None,
+        deliver_new: bool = True,
+        gap_timeout: float = 2.0,
+        dedup_max_ids: int = 200_000,
+        dedup_max_age: float = 3600.0,
+        max_workflows: int = 100_000,
+        max_held: int = 10_000,
+        history: int = 256,
+        fetch_batch: int = 256,
+        fetch_timeout: float = 0.5,
+        max_queue: int = 10_000,
+        rewind: int = 1000,
+        api_timeout: float = 2.0,
+    ) -> None:
+        """``nc`` is a connected client the caller owns (the bridge never closes it).
+        ``deliver_new``: a consumer created from scratch starts at new messages (a node joining
+        late does not replay the stream's whole history); False starts at the beginning."""
+        if dedup_max_age <= stream_cfg.duplicate_window:
+            raise BadInput(
+                f"bridge de-dup age {dedup_max_age}s must exceed the stream's duplicate window "
+                f"{stream_cfg.duplicate_window}s"
+            )
+        self.nc = nc
+        # A JetStream API request in flight when the server dies only ends by this timeout.
+        self.js: JetStreamContext = nc.jetstream(timeout=api_timeout)
+        self.stream_cfg = stream_cfg
+        self.metrics = metrics
+        self.node_id = node_id
+        self.durable = durable or durable_name(node_id)
+        self.deliver_new = deliver_new
+        self.gap_timeout = gap_timeout
+        self.dedup_max_ids = dedup_max_ids
+        self.dedup_max_age = dedup_max_age
+        self.max_workflows = max_workflows
+        self.max_held = max_held
+        self.history = history
+        self.fetch_batch = fetch_batch
+        self.fetch_timeout = fetch_timeout
+        self.max_queue = max_queue
+        self.rewind = rewind
+        self.stats = BridgeStats()
+
+        self._mode = "off"
+        self._version = 1
+        self._canary: frozenset[str] = frozenset()
+        self._wake = asyncio.Event()
+        self.apply_flags(mode, schema_version, canary_subscribers)
+        self._consumer_version: int | None = None  # filter version of the live consumer
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._last_stream_seq = 0
+        self._seen_ids: OrderedDict[str, float] = OrderedDict()  # event_id -> first seen (monotonic)
+        self._seen_msgs: OrderedDict[str, tuple[int, float]] = OrderedDict()  # msg id -> (stream seq, stored at)
+        self._workflows: OrderedDict[str, _Workflow] = OrderedDict()
+        self._gapped: set[str] = set()
+        self._by_workflow: dict[str, set[Subscription]] = {}
+        self._all: set[Subscription] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        for reason in BAD_EVENT_REASONS:
+            metrics.bad_events.labels(reason=reason)
+        for origin in ("local", "remote"):
+            metrics.bridge_delivered.labels(origin=origin)
+
+    # ------------------------------------------------------------------ flags
+
+    def apply_flags(self, mode: str, schema_version: int, canary_subscribers: Iterable[str] = ()) -> None:
+        """Apply ``eventbus.bridge``, ``consumers.schema_version`` and ``canary.subscribers``.
+        Raises ``BadInput`` for unknown values; a version change re-creates the consumer."""
+        if mode not in BRIDGE_MODES:
+            raise BadInput(f"eventbus.bridge: unknown mode {mode!r} (allowed: {', '.join(BRIDGE_MODES)})")
+        if schema_version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(schema_version, bool):
+            raise BadInput(
+                f"consumers.schema_version: unsupported version {schema_version!r} "
+                f"(supported: {list(SUPPORTED_SCHEMA_VERSIONS)})"
+            )
+        self._mode = mode
+        self._version = schema_version
+        self._canary = frozenset(canary_subscribers)
+        self._wake.set()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def schema_version(self) -> int:
+        return self._version
+
+    def last_delivered_seq(self, workflow_id: str) -> int | None:
+        """The last seq released (delivered or, in read-only mode, verified) for a workflow."""
+        wf = self._workflows.get(workflow_id)
+        return wf.last_seq if wf is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start consuming (per the current mode) and the gap timer. Returns at once."""
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._consume(), name="cbctl-bridge"),
+            asyncio.create_task(self._tick_loop(), name="cbctl-bridge-gaps"),
+        ]
+
+    async def close(self) -> None:
+        """Stop consuming; end every subscription; unsubscribe (the connection stays open)."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        await self._unsubscribe()
+        for sub in list(self._all) + [s for subs in self._by_workflow.values() for s in subs]:
+            sub.close()
+
+    # ------------------------------------------------------------------ subscribers
+
+    def subscribe(self, workflow_id: str | None, subscriber_name: str, *, after_seq: int | None = None,
+                  max_queue: int | None = None) -> Subscription:
+        """Subscribe to one workflow (or all with None) under ``subscriber_name`` (the name
+        ``canary.subscribers`` lists; several subscriptions may share one).  ``after_seq``
+        (single workflow only): replay released events with a higher seq first."""
+        if after_seq is not None and workflow_id is None:
+            raise BadInput("after_seq needs a workflow_id: seqs are per workflow")
+        sub = Subscription(self, workflow_id, subscriber_name, after_seq, max_queue or self.max_queue)
+        if workflow_id is None:
+            self._all.add(sub)
+        else:
+            self._by_workflow.setdefault(workflow_id, set()).add(sub)
+            if after_seq is not None:
+                # Everything up to the workflow's current last seq comes from the replay; the
+                # queue gets what is released from now on.  No await between these two steps.
+                wf = self._workflows.get(workflow_id)
+                sub._replay_upto = wf.last_seq if wf is not None else None
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.workflow_id is None:
+            self._all.discard(sub)
+        else:
+            subs = self._by_workflow.get(sub.workflow_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_workflow[sub.workflow_id]
+
+    def _eligible(self, sub: Subscription) -> bool:
+        return self._mode == "streaming" or (self._mode == "canary" and sub.name in self._canary)
+
+    async def _replay(self, sub: Subscription) -> list[Event]:
+        """Released events of the subscription's workflow with after_seq < seq <= the last seq
+        released when it subscribed, oldest first; nothing if the subscriber is not eligible."""
+        workflow_id, after_seq, upto = sub.workflow_id, sub.after_seq, sub._replay_upto
+        if workflow_id is None or after_seq is None or upto is None or upto <= after_seq:
+            return []
+        if not self._eligible(sub):
+            return []
+        wf = self._workflows.get(workflow_id)
+        if wf is not None and wf.history and wf.history[0].seq <= after_seq + 1:
+            return [ev for ev in wf.history if after_seq < ev.seq <= upto]
+        return await self._replay_from_stream(workflow_id, after_seq, upto)
+
+    async def _replay_from_stream(self, workflow_id: str, after_seq: int, upto: int) -> list[Event]:
+        """Read the workflow's subject back from the stream (one request per message)."""
+        subject = event_subject(workflow_id, self._version)
+        found: dict[int, Event] = {}
+        stream_seq = 1
+        while True:
+            try:
+                raw = await self.js.get_msg(self.stream_cfg.name, seq=stream_seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            except _TRANSIENT as exc:
+                log.warning("bridge replay of %s from the stream stopped: %s", workflow_id, exc)
+                break
+            stream_seq = (raw.seq or stream_seq) + 1
+            try:
+                _, ev = decode_event(raw.data or b"", subject=subject)
+            except BadEvent:
+                continue  # counted when the live consumer saw it
+            if after_seq < ev.seq <= upto:
+                found.setdefault(ev.seq, ev)
+            if ev.seq >= upto:
+                break
+        return [found[s] for s in sorted(found)]
+
+    # ------------------------------------------------------------------ consuming
+
+    async def _consume(self) -> None:
+        delay = 0.1
+        last_check = time.monotonic()
+        seen_reconnects = self.nc.stats.get("reconnects", 0)
+        while True:
+            if self._mode == "off":
+                await self._unsubscribe()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                if self._psub is None or self._consumer_version != self._version:
+                    await self._bind()
+                    last_check = time.monotonic()
+                assert self._psub is not None
+                msgs = await self._psub.fetch(self.fetch_batch, timeout=self.fetch_timeout)
+            except TimeoutError:  # nats.errors.TimeoutError too: no messages right now
+                reconnects = self.nc.stats.get("reconnects", 0)
+                # A consumer created just before the server was SIGKILLed may not have been
+                # persisted: check at once after a reconnect, and now and then anyway.
+                if reconnects != seen_reconnects or time.monotonic() - last_check > 10 * self.fetch_timeout:
+                    seen_reconnects = reconnects
+                    last_check = time.monotonic()
+                    await self._check_consumer()
+                continue
+            except _TRANSIENT as exc:
+                log.warning("bridge: consuming %s failed: %s: %s (retrying)", self.stream_cfg.name,
+                            type(exc).__name__, exc)
+                await self._unsubscribe()
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            delay = 0.1
+            for msg in msgs:
+                try:
+                    if self._mode == "off":
+                        # Turned off while this fetch was pending: hand the message back so it
+                        # is delivered when the bridge is turned on again, not silently consumed.
+                        await msg.nak()
+                        continue
+                    self._handle(msg)
+                    await msg.ack()
+                except _TRANSIENT as exc:
+                    # Unacked: it redelivers after ack_wait and the de-dup drops it then.
+                    log.debug("bridge: ack failed: %s", exc)
+
+    async def _check_consumer(self) -> None:
+        """Notice a consumer that vanished (e.g. memory storage lost in a server restart)."""
+        try:
+            await self.js.consumer_info(self.stream_cfg.name, self.durable)
+        except nats.js.errors.NotFoundError:
+            log.warning("bridge: consumer %s is gone; re-creating it", self.durable)
+            await self._unsubscribe()
+        except _TRANSIENT:
+            pass  # the next fetch will tell
+
+    async def _unsubscribe(self) -> None:
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            try:
+                await psub.unsubscribe()
+            except _TRANSIENT:
+                pass
+
+    async def _bind(self) -> None:
+        """Create (or re-create for another version) the durable consumer and bind to it."""
+        await self._unsubscribe()
+        stream = self.stream_cfg.name
+        want = version_filter(self._version)
+        start_seq: int | None = None
+        try:
+            info = await self.js.consumer_info(stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and info.config.filter_subject != want:
+            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+            start_seq = max(1, max(floor, self._last_stream_seq) + 1 - self.rewind)
+            log.info("bridge: switching consumer %s from %s to %s at stream seq %d",
+                     self.durable, info.config.filter_subject, want, start_seq)
+            await self.js.delete_consumer(stream, self.durable)
+            info = None
+        if info is None and start_seq is None and self._last_stream_seq:
+            # Our consumer vanished after we had consumed from it: resume where we were rather
+            # than at "new" (events in between would be skipped) or at the very beginning.
+            start_seq = max(1, self._last_stream_seq + 1 - self.rewind)
+        if info is None:
+            if start_seq is not None:
+                policy, opt = jsapi.DeliverPolicy.BY_START_SEQUENCE, start_seq
+            elif self.deliver_new:
+                policy, opt = jsapi.DeliverPolicy.NEW, None
+            else:
+                policy, opt = jsapi.DeliverPolicy.ALL, None
+            await self.js.add_consumer(
+                stream,
+                jsapi.ConsumerConfig(
+                    durable_name=self.durable,
+                    filter_subject=want,
+                    ack_policy=jsapi.AckPolicy.EXPLICIT,
+                    deliver_policy=policy,
+                    opt_start_seq=opt,
+                    ack_wait=30.0,
+                    max_ack_pending=max(1000, 4 * self.fetch_batch),
+                ),
+            )
+        self._psub = await self.js.pull_subscribe_bind(self.durable, stream)
+        self._consumer_version = self._version
+
+    # ------------------------------------------------------------------ per message
+
+    def _handle(self, msg: Msg) -> None:
+        """Steps 1-5 of the module docstring for one message (synchronous: no interleaving)."""
+        self.stats.received += 1
+        now = time.monotonic()
+        try:
+            meta = msg.metadata
+        except nats.errors.Error:
+            meta = None
+        if meta is not None:
+            self._last_stream_seq = max(self._last_stream_seq, meta.sequence.stream)
+        try:
+            version, ev = decode_event(msg.data, subject=msg.subject)
+        except BadEvent as exc:
+            self.stats.bad += 1
+            self.metrics.bad_events.labels(reason=exc.reason).inc()
+            log.debug("bridge: bad event on %s: %s", msg.subject[:200], exc)
+            return
+        if version != self._version:
+            return  # left over from before a version switch; the new consumer delivers it
+        hdr = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
+        if hdr and meta is not None:
+            self._check_broker_dedup(hdr, meta.sequence.stream, meta.timestamp.timestamp(), now)
+        if ev.event_id in self._seen_ids:
+            self.stats.duplicates += 1
+            self.metrics.bridge_duplicates.inc()
+            return
+        self._seen_ids[ev.event_id] = now
+        self._evict(self._seen_ids, self.dedup_max_ids, self.dedup_max_age, now)
+        self._order(ev, now)
+
+    def _check_broker_dedup(self, mid: str, stream_seq: int, stored_at: float, now: float) -> None:
+        prev = self._seen_msgs.get(mid)
+        if prev is None:
+            self._seen_msgs[mid] = (stream_seq, stored_at)
+            window = self.stream_cfg.duplicate_window
+            # Entries older than the window can no longer show a mismatch.
+            while self._seen_msgs:
+                _, (_, ts) = next(iter(self._seen_msgs.items()))
+                if stored_at - ts <= window and len(self._seen_msgs) <= self.dedup_max_ids:
+                    break
+                self._seen_msgs.popitem(last=False)
+            return
+        prev_seq, prev_ts = prev
+        # Same stream sequence = a redelivery of one stored message, not a second copy.
+        # The 50 ms margin keeps copies right at the window's edge from counting.
+        if stream_seq != prev_seq and abs(stored_at - prev_ts) < self.stream_cfg.duplicate_window - 0.05:
+            self.stats.dedup_mismatches += 1
+            self.metrics.consumer_dedup_mismatch.inc()
+            log.warning("bridge: message id %s stored twice (stream seq %d and %d, %.3fs apart) within the "
+                        "duplicate window", mid, prev_seq, stream_seq, abs(stored_at - prev_ts))
+
+    @staticmethod
+    def _evict(d: OrderedDict[str, float], max_n: int, max_age: float, now: float) -> None:
+        while d:
+            if len(d) > max_n:
+                d.popitem(last=False)
+                continue
+            first = next(iter(d.values()))
+            if now - first > max_age:
+                d.popitem(last=False)
+                continue
+            break
+
+    def _order(self, ev: Event, now: float) -> None:
+        wf = self._workflows.get(ev.workflow_id)
+        if wf is None:
+            wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=ev.seq - 1)
+            self._evict_workflows()
+        else:
+            self._workflows.move_to_end(ev.workflow_id)
+        if ev.seq <= wf.last_seq:
+            # A new event for a seq already released or skipped: too late to deliver in order.
+            self.stats.late_dropped += 1
+            self.stats.ordering_violations += 1
+            self.metrics.bridge_ordering_violations.inc()
+            log.warning("bridge: workflow %s seq %d arrived after seq %d was released; dropped",
+                        ev.workflow_id, ev.seq, wf.last_seq)
+            return
+        if ev.seq == wf.last_seq + 1:
+            self._release(wf, ev)
+            self._release_run(ev.workflow_id, wf, now)
+            return
+        if ev.seq not in wf.held:
+            wf.held[ev.seq] = ev
+            self.stats.held += 1
+        if wf.gap_since is None:
+            wf.gap_since = now
+            self._gapped.add(ev.workflow_id)
+        if len(wf.held) > self.max_held:
+            self._skip_gap(ev.workflow_id, wf, now)
+
+    def _release_run(self, workflow_id: str, wf: _Workflow, now: float) -> None:
+        """Release held events that are now contiguous; restart the gap clock if some remain."""
+        while wf.held and (wf.last_seq + 1) in wf.held:
+            self._release(wf, wf.held.pop(wf.last_seq + 1))
+        if wf.held:
+            wf.gap_since = now  # a new gap starts now
+            self._gapped.add(workflow_id)
+        else:
+            wf.gap_since = None
+            self._gapped.discard(workflow_id)
+
+    def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float) -> None:
+        self.stats.ordering_violations += 1
+        self.metrics.bridge_ordering_violations.inc()
+        nxt = min(wf.held)
+        log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs; skipping ahead",
+                    workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now))
+        wf.last_seq = nxt - 1
+        self._release_run(workflow_id, wf, now)
+
+    def tick(self, now: float | None = None) -> None:
+        """Close gaps older than ``gap_timeout`` (runs periodically by itself after start)."""
+        now = time.monotonic() if now is None else now
+        for workflow_id in list(self._gapped):
+            wf = self._workflows.get(workflow_id)
+            if wf is None or not wf.held:
+                self._gapped.discard(workflow_id)
+                continue
+            if wf.gap_since is not None and now - wf.gap_since >= self.gap_timeout:
+                self._skip_gap(workflow_id, wf, now)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.02, self.gap_timeout / 4))
+            self.tick()
+
+    def _evict_workflows(self) -> None:
+        # Forget the least recently active workflows; never one with held events (the gap timer
+        # resolves those soon).
+        excess = len(self._workflows) - self.max_workflows
+        if excess <= 0:
+            return
+        for workflow_id in list(self._workflows)[: excess * 2]:
+            if excess <= 0:
+                break
+            if not self._workflows[workflow_id].held:
+                del self._workflows[workflow_id]
+                excess -= 1
+
+    def _release(self, wf: _Workflow, ev: Event) -> None:
+        wf.last_seq = ev.seq
+        self.stats.released += 1
+        wf.history.append(ev)
+        if len(wf.history) > self.history:
+            wf.history.popleft()
+        if self._mode not in ("canary", "streaming"):
+            return  # read-only: verified, delivered to nobody
+        delivered = False
+        for sub in (*self._by_workflow.get(ev.workflow_id, ()), *self._all):
+            if self._eligible(sub) and sub._offer(ev):
+                delivered = True
+        if delivered:
+            self.stats.delivered += 1
+            self.metrics.bridge_delivered.labels(origin="local" if ev.node_id == self.node_id else "remote").inc()
+
+
+__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "BridgeStats", "SubscriberLagged", "Subscription", "durable_name"]
