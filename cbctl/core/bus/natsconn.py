@@ -242,8 +242,11 @@ async def connect_nats(
 
 
 async def _close_quietly(nc: Client) -> None:
+    # Bounded: after a failed TLS upgrade asyncio's start_tls owns the old socket and nats-py's
+    # close() would wait forever for a close it is never told about.
     try:
-        await nc.close()
+        async with asyncio.timeout(1.0):
+            await nc.close()
     except (TimeoutError, nats.errors.Error, OSError):
         pass  # closing a half-open client: nothing left to report
 

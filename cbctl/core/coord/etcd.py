@@ -94,6 +94,8 @@ _AUTH_MARKERS = (
 )
 # ... and those that only need a fresh token.
 _REAUTH_MARKERS = ("invalid auth token", "auth: revision in header is old")
+# Details of a failed TLS handshake (gRPC C-core: "Tls handshake failed", "Unwrap failed (TSI_...)").
+_TLS_MARKERS = ("handshake failed", "tsi_", "ssl_error", "certificate_verify_failed")
 # Details proving the request never reached a server, so even a write may be sent elsewhere.
 _NOT_SENT_MARKERS = ("failed to connect to all addresses", "connection refused", "etcdserver: no leader")
 
@@ -149,6 +151,8 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
     ):
         if any(m in low for m in _REAUTH_MARKERS):
             return _TokenExpired(f"etcd {what}: {details}", backend=BACKEND)
+        if "user name is empty" in low:  # etcd's words for "auth is on and you sent no credentials"
+            details += " (authentication required: set coordination.username and password-env or password-file)"
         return AuthFailed(f"etcd {what}: {details}", backend=BACKEND)
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in low:
         return LeaseLost(f"etcd {what}: {details}")
@@ -156,6 +160,9 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
         return BadInput(f"etcd rejected {what}: {details}")
     if isinstance(exc, grpc.aio.UsageError):  # e.g. RPC on a channel closed under us
         return _Unreachable(f"etcd {what}: {exc}", maybe_applied=False)
+    if any(m in low for m in _TLS_MARKERS):  # gRPC's words say little about the likely cause
+        details += (" (TLS handshake failed: check coordination.tls ca-file, cert-file and key-file;"
+                    " the server may require a client certificate)")
     not_sent = code == grpc.StatusCode.UNAVAILABLE and any(m in low for m in _NOT_SENT_MARKERS)
     return _Unreachable(f"etcd {what}: {details or type(exc).__name__}", maybe_applied=not not_sent)
 
