@@ -14,7 +14,7 @@ app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_com
 @app.command("exit-criteria")
 def exit_criteria(
     ctx: typer.Context,
-    window: Annotated[str, typer.Option("--window", help="How far back the evidence must reach, e.g. 24h, 10m.")] = "24h",
+    window: Annotated[str | None, typer.Option("--window", help="How far back the evidence must reach, e.g. 24h, 10m (default: the context's [exit-criteria] window, else 24h).")] = None,
     output: OutputOpt = None,
 ) -> None:
     """No degraded mode (with data for the whole window on every node), no ownership conflicts or
@@ -32,9 +32,12 @@ def exit_criteria(
         from cbctl.cli.common import with_coordinator
         from cbctl.core.criteria import evaluate
 
-        seconds = parse_duration(window, what="--window")
-
         async def inner(c: Any, coord: Any) -> Any:
+            if window is not None:
+                seconds = parse_duration(window, what="--window")
+            else:
+                configured = c.extra.get("exit-criteria", {}).get("window", "24h")
+                seconds = parse_duration(str(configured), what=f"contexts.{c.name}.exit-criteria.window")
             return await evaluate(c, coord, seconds)
 
         report = await with_coordinator(st, inner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -100,17 +101,22 @@ def set_(
 def diff(
     ctx: typer.Context,
     stage: Annotated[int, typer.Option("--stage", help="Stage to compare the current flags with.")],
+    canary: Annotated[
+        Path | None, typer.Option("--canary", help="Lanes file: the canary lanes stage 2 would use.")
+    ] = None,
     output: OutputOpt = None,
 ) -> None:
     """What moving to stage N would change (nothing is written)."""
     from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.lanesfile import parse_lanes_file
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> None:
-            doc, revision, changes = await ControlPlane(c, coord).stage_diff(stage)
+            lanes = parse_lanes_file(canary, c.lanes) if canary else None
+            doc, revision, changes = await ControlPlane(c, coord).stage_diff(stage, canary_lanes=lanes)
             if fmt is OutputFormat.json:
                 emit_json({"from_stage": doc.stage, "to_stage": stage, "revision": revision,
                            "diff": [{"flag": ch.name, "old": ch.old, "new": ch.new} for ch in changes]})

@@ -304,7 +304,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     _check_unknown(
         table,
         {"cluster", "lanes", "lane-count", "coordination", "nats", "redis", "prometheus", "ntp-servers",
-         "expected-nodes", "gates", "preflight", "agent", "sandbox"},
+         "expected-nodes", "gates", "preflight", "agent", "sandbox", "exit-criteria"},
         where,
     )
     cluster = _expect(table.get("cluster", name), str, f"{where}.cluster")
@@ -401,7 +401,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     _check_unknown(p, {"url"}, pw)
     prom = PrometheusConfig(url=_expect(p.get("url", "http://127.0.0.1:9090"), str, f"{pw}.url"))
 
-    extra = {k: table[k] for k in ("gates", "preflight", "agent", "sandbox") if k in table}
+    extra = {k: table[k] for k in ("gates", "preflight", "agent", "sandbox", "exit-criteria") if k in table}
     for k, v in extra.items():
         _expect(v, dict, f"{where}.{k}")
 

@@ -131,17 +131,26 @@ class ControlPlane:
             "rollback", command, lambda doc: rollout.apply_rollback(doc, capability, schema_version=schema_version)
         )
 
-    async def stage_diff(self, stage: int) -> tuple[RolloutDocument, int, list[rollout.FlagChange]]:
+    async def stage_diff(
+        self,
+        stage: int,
+        *,
+        canary_lanes: Sequence[str] | None = None,
+        canary_subscribers: Sequence[str] | None = None,
+    ) -> tuple[RolloutDocument, int, list[rollout.FlagChange]]:
         """What the flags would be at ``stage`` (``flags diff --stage N``), keeping the current
-        canary sets and rollback overrides; any stage 0-3 may be asked for. Writes nothing."""
+        rollback overrides and canary sets unless new ones are given; any stage 0-3 may be asked
+        for. Writes nothing. Stage 2 needs canary lanes (given, or already in the document)."""
         doc, revision = await self.read()
-        canary = stage >= 2
-        target = rollout.effective_flags(
-            rollout.parse_stage(stage),
-            doc.canary_lanes if canary else (),
-            doc.canary_subscribers if canary else (),
-            rollbacks=doc.rollbacks,
-        )
+        number = rollout.parse_stage(stage)
+        lanes: Sequence[str] = ()
+        subs: Sequence[str] = ()
+        if number >= 2:
+            lanes = canary_lanes if canary_lanes is not None else doc.canary_lanes
+            subs = canary_subscribers if canary_subscribers is not None else doc.canary_subscribers
+            if not lanes:
+                raise BadInput(f"stage {number} needs canary lanes: pass --canary FILE")
+        target = rollout.effective_flags(number, lanes, subs, rollbacks=doc.rollbacks)
         return doc, revision, rollout.diff(doc.flags, target)
 
     # -- writes --------------------------------------------------------------------------

@@ -164,9 +164,12 @@ RULES: Mapping[str, Rule] = {
                  "out-of-order deliveries or timed-out gaps in the bridge"),
         _gauge_max("outbox-depth", "event_bus_outbox_depth", "events waiting in any node's outbox"),
         _counter("lease-lost", "cluster_lease_lost_total", "leases lost by any node"),
+        # The smallest spread over the last 15 s: agents apply a new revision within
+        # milliseconds, so a spread seen in one scrape right after a write is not lag; a spread
+        # that never closed for 15 s is.
         Rule("rollout-lag", "cluster_rollout_applied_revision",
-             "max(cluster_rollout_applied_revision) - min(cluster_rollout_applied_revision)", "<=", 0.0,
-             description="spread of applied rollout revisions between nodes"),
+             "min_over_time((max(cluster_rollout_applied_revision) - min(cluster_rollout_applied_revision))[15s:1s])",
+             "<=", 0.0, description="spread of applied rollout revisions between nodes that persisted for 15 s"),
     )
 }
 
