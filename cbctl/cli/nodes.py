@@ -1,0 +1,74 @@
+"""`cbctl nodes` and `cbctl lanes`: who is live, what it applied, who owns which lane."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+
+from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state, with_coordinator
+from cbctl.cli.lazy import single
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return f"{max(0.0, time.time() - ts):.1f}s ago"
+
+
+def nodes(ctx: typer.Context, output: OutputOpt = None) -> None:
+    """Live nodes: host, instance, applied revision, lag behind the rollout, owned lanes,
+    last heartbeat, recorded conflicts (duplicate or unstable node ids)."""
+    from cbctl.core.registration import read_nodes
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        async def inner(c: Any, coord: Any) -> None:
+            views, current = await read_nodes(coord, c.cluster)
+            if fmt is OutputFormat.json:
+                emit_json({"nodes": [v.public() for v in views]})
+                return
+            if not views:
+                err(f"no live nodes in cluster {c.cluster}")
+                return
+            rows = [
+                (v.node_id, v.host or "-", (v.instance_id or "-")[:12], v.applied_revision if v.applied_revision is not None else "-",
+                 v.lag if v.lag is not None else "-", v.lanes, _ago(v.heartbeat), v.conflicts or "-",
+                 "live" if v.live else "gone")
+                for v in views
+            ]
+            print_table(f"nodes (rollout revision {current})",
+                        ["node", "host", "instance", "applied", "lag", "lanes", "heartbeat", "conflicts", "state"], rows)
+
+        await with_coordinator(st, inner)
+
+    run(body)
+
+
+def lanes(ctx: typer.Context, output: OutputOpt = None) -> None:
+    """Lane ownership: owner node, fencing token (monotonic per acquisition) and since when."""
+    from cbctl.core.ownership import read_lanes
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> None:
+        async def inner(c: Any, coord: Any) -> None:
+            views = await read_lanes(coord, c.cluster, c.lanes)
+            if fmt is OutputFormat.json:
+                emit_json({"lanes": [v.public() for v in views]})
+                return
+            rows = [(v.lane, v.owner or "-", v.token if v.token is not None else "-",
+                     time.strftime("%H:%M:%S", time.localtime(v.since)) if v.since else "-") for v in views]
+            print_table("lanes", ["lane", "owner", "token", "since"], rows)
+
+        await with_coordinator(st, inner)
+
+    run(body)
+
+
+nodes_app = single(nodes)
+lanes_app = single(lanes)
