@@ -187,8 +187,12 @@ class NodeAgent:
         host: str | None = None,
         read_block_ms: int = 500,
         reclaim_idle: float | None = None,
+        probes: bool = True,
     ) -> None:
         self.ctx = config
+        # Periodic reachability probes (etcd, NATS with this node's credentials, Redis) and the
+        # clock offset against ctx.ntp_servers, written into the record for `cbctl preflight`.
+        self._probes_enabled = probes
         self.node_id = validate_node_id(node_id)
         self.lease_ttl = float(lease_ttl if lease_ttl is not None else config.coordination.lease_ttl)
         self.keepalive_interval = float(
@@ -392,6 +396,13 @@ class NodeAgent:
             watch_from = max(start_rev, kv.mod_revision if kv else 0) + 1
             self._bg.append(self._spawn(self._rollout_loop(watch_from), "rollout-watch"))
             self._bg.append(self._spawn(self._supervise(), "supervisor"))
+            if self._probes_enabled:
+                from cbctl.core.probes import probe_loop
+
+                self._bg.append(self._spawn(
+                    probe_loop(self.ctx, self.update_record, coord=self._coord, redis_client=self._redis),
+                    "probes", fatal=False,
+                ))
             log.info(
                 "agent %s started: instance %s, host %s, http %s, lease %s (ttl %gs, keep-alive %gs), "
                 "rollout revision %d, cluster.enabled=%s",
