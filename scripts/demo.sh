@@ -39,7 +39,8 @@ step "preflight (backends, nodes, node ids, clocks, lease timing)"
 step "checklist: runbook full-rollout (stage 1 -> drills -> stage 2 -> drills -> stage 3 -> exit criteria)"
 "$CBCTL" runbook run full-rollout --yes \
     --var "reason=make demo" \
-    --var "canary_file=$CBCTL_SANDBOX_DIR/canary-lanes.txt"
+    --var "canary_file=$CBCTL_SANDBOX_DIR/canary-lanes.txt" \
+    --var "soak=${DEMO_SOAK:-25s}"
 
 step "end state"
 "$CBCTL" stage status

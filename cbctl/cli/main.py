@@ -31,6 +31,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "agent": LazyCommand("cbctl.cli.agent", "app", "Run the node agent (run) or enqueue a demo workload (load)."),
     "nodes": LazyCommand("cbctl.cli.nodes", "nodes_app", "Live nodes: applied revision, lag, lanes, heartbeat, conflicts."),
     "lanes": LazyCommand("cbctl.cli.nodes", "lanes_app", "Lane ownership: owner, fencing token, since."),
+    "signal": LazyCommand("cbctl.cli.signal", "app", "Send a signal to a workflow (routed to its lane owner, or queued)."),
     "sandbox": LazyCommand("cbctl.cli.sandbox", "app", "A local cluster on loopback (up, status, down) and real faults (chaos)."),
 }
 

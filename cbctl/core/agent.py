@@ -36,6 +36,11 @@ Hooks for the other subsystems (event bus, bridge, preflight probes):
 * ``agent.add_flags_listener(fn)`` — ``async fn(flags, revision)`` is awaited for every applied
   revision (and the initial one), before ``applied_revision`` is reported.
 * ``agent.add_routes(routes)`` / ``agent.http_app`` — extra aiohttp routes (before ``start``).
+* ``agent.add_lifecycle_hooks(start=, stop=)`` — ``async start()`` is awaited early in
+  :meth:`NodeAgent.start` (before the HTTP server, the store and any lane work; if it raises,
+  the start fails); ``async stop()`` in every teardown (also a failed start), after the lane
+  workers have stopped and before the HTTP server and the lease go.  Used by the event bus
+  (:mod:`cbctl.core.agent_bus`), whose publisher must run before the first task is applied.
 * ``agent.extra_record_fields`` / ``await agent.update_record(probes=..., clock=...)`` — fields
   of the registration record owned by other modules.
 """
@@ -240,6 +245,8 @@ class NodeAgent:
         self._apply_error: str | None = None
         self._applied_hooks: list[AppliedHook] = []
         self._flag_listeners: list[FlagsListener] = []
+        self._start_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
 
         self._owned: dict[str, _LaneRun] = {}
         self._local: dict[str, _LaneRun] = {}
@@ -318,9 +325,26 @@ class NodeAgent:
         """Await ``hook(update)`` after each guarded apply and before the ack (module doc)."""
         self._applied_hooks.append(hook)
 
+    async def notify_applied(self, update: AppliedUpdate) -> None:
+        """Await every :meth:`on_applied` hook with ``update``, in order; a hook's error propagates.
+
+        For guarded writes made outside the lane workers (routed signals,
+        :mod:`cbctl.core.signals`), so the hooks see every seq the guard assigns.
+        """
+        for hook in self._applied_hooks:
+            await hook(update)
+
     def add_flags_listener(self, listener: FlagsListener) -> None:
         """Await ``listener(flags, revision)`` for every applied rollout revision."""
         self._flag_listeners.append(listener)
+
+    def add_lifecycle_hooks(self, *, start: Callable[[], Awaitable[None]] | None = None,
+                            stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Await ``start()`` early in :meth:`start` and ``stop()`` in every teardown (module doc)."""
+        if start is not None:
+            self._start_hooks.append(start)
+        if stop is not None:
+            self._stop_hooks.append(stop)
 
     async def update_record(self, **fields: Any) -> None:
         """Merge ``fields`` into :attr:`extra_record_fields` and rewrite the record now.
@@ -362,6 +386,8 @@ class NodeAgent:
         self._started_at = time.time()
         try:
             self.machine_id = load_machine_id(self.state_dir)
+            for start_hook in self._start_hooks:
+                await start_hook()
             if self._http is not None:
                 bound_host, port = await self._http.start()
                 adv = self._advertise_host or (bound_host if bound_host not in ("0.0.0.0", "::", "") else self.host)
@@ -1035,6 +1061,11 @@ class NodeAgent:
             runs = list(self._local.values()) + list(self._owned.values())
             self._local.clear()
             await self._stop_runs(runs)
+        for stop_hook in self._stop_hooks:
+            try:
+                await stop_hook()
+            except CbctlError as exc:  # a subsystem's failed stop must not keep the lease alive
+                log.error("agent %s: stop hook failed: %s", self.node_id, exc)
         session = self._session
         if session is not None:
             if revoke:

@@ -399,6 +399,8 @@ def sandbox_context(
                                               " - min(cluster_rollout_applied_revision))[5s:1s])"}},
         },
         "agent": {"probe-interval": "1s"},
+        # The demo soaks stage 3 for about this long before judging: evidence must cover it.
+        "exit-criteria": {"window": "20s"},
         "sandbox": {"dir": str(sandbox_dir)},
     }
 
