@@ -15,7 +15,7 @@ Shapes (the contract with ``checks``)::
 
 ``at`` is the node's own wall clock: preflight's staleness test is therefore off by the node's
 clock offset, which the clock check reports separately (and which is small against the
-staleness limit of ``3 × probe interval`` whenever the clock check passes).
+staleness limit (:func:`stale_after`, at least ``3 × probe interval``) whenever the clock check passes).
 
 A probe never raises for an unreachable or refusing backend: it reports ``ok: false`` with the
 reason (``auth: ...`` for refused credentials, distinct from ``unreachable: ...``).  Every probe
@@ -57,12 +57,17 @@ def probe_interval(ctx: Context) -> float:
 
 
 def stale_after(ctx: Context) -> float:
-    """A probe report older than this is stale: ``[preflight] probe-stale-after``, default 3 periods."""
+    """A probe report older than this is stale: ``[preflight] probe-stale-after``, default 3
+    rounds, a round lasting the probe interval or, if longer, the longest a round can take
+    (a probe's timeout, or one NTP timeout per server).  Without that floor a short interval
+    turns one unreachable backend (whose probe waits out its timeout) into "stale" reports
+    for every backend of the node."""
     from cbctl.core.promql import parse_duration
 
     raw = (ctx.extra.get("preflight") or {}).get("probe-stale-after")
     if raw is None:
-        return 3 * probe_interval(ctx)
+        longest_round = max(DEFAULT_PROBE_TIMEOUT, NTP_TIMEOUT * len(ctx.ntp_servers))
+        return 3 * max(probe_interval(ctx), longest_round)
     return parse_duration(raw, what=f"contexts.{ctx.name}.preflight.probe-stale-after")
 
 
