@@ -31,11 +31,16 @@ def run_agent(
         float | None, typer.Option("--keepalive", help="Keep-alive interval in seconds; * 3 must be <= TTL.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    no_bus: Annotated[
+        bool, typer.Option("--no-bus", help="Do not attach the event bus (publisher, outbox, bridge, SSE endpoints) or signal routing.")
+    ] = False,
 ) -> None:
-    """Run a node agent until SIGTERM/SIGINT: register, apply flags live, own lanes, process tasks.
+    """Run a node agent until SIGTERM/SIGINT: register, apply flags live, own lanes, process tasks,
+    publish lifecycle events (outbox in the state dir while NATS is down) and stream them (SSE).
 
     Exit codes: 0 after a graceful stop (lease revoked, lanes freed); 2 bad settings; 3 the node
-    id is held by another live instance; 4 a backend is unreachable at start.
+    id is held by another live instance; 4 a backend is unreachable at start, or NATS refused
+    the credentials (an unreachable NATS is not fatal: the agent starts degraded).
     """
     import asyncio
     import logging
@@ -63,6 +68,12 @@ def run_agent(
             c, node_id, http_host=http_host, http_port=http_port, advertise_host=advertise_host,
             state_dir=state_dir, lease_ttl=ttl, keepalive_interval=ka,
         )
+        if not no_bus:
+            from cbctl.core.agent_bus import attach_bus
+            from cbctl.core.signals import attach_signals
+
+            attach_bus(agent)  # canonical events: publisher, outbox, bridge, SSE
+            attach_signals(agent)  # signal routing to lane owners (NATS request/reply)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.request_stop)

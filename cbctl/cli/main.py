@@ -32,6 +32,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "nodes": LazyCommand("cbctl.cli.nodes", "nodes_app", "Live nodes: applied revision, lag, lanes, heartbeat, conflicts."),
     "lanes": LazyCommand("cbctl.cli.nodes", "lanes_app", "Lane ownership: owner, fencing token, since."),
     "signal": LazyCommand("cbctl.cli.signal", "app", "Send a signal to a workflow (routed to its lane owner, or queued)."),
+    "events": LazyCommand("cbctl.cli.events", "app", "Lifecycle events: tail a node's event stream (SSE) as a subscriber."),
     "sandbox": LazyCommand("cbctl.cli.sandbox", "app", "A local cluster on loopback (up, status, down) and real faults (chaos)."),
 }
 

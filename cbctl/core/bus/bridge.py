@@ -379,17 +379,23 @@ class Bridge:
         """Released events of the subscription's workflow with after_seq < seq <= the last seq
         released when it subscribed, oldest first; nothing if the subscriber is not eligible."""
         workflow_id, after_seq, upto = sub.workflow_id, sub.after_seq, sub._replay_upto
-        if workflow_id is None or after_seq is None or upto is None or upto <= after_seq:
+        if workflow_id is None or after_seq is None or not self._eligible(sub):
             return []
-        if not self._eligible(sub):
+        if upto is None:
+            # The bridge has released nothing of this workflow yet (it started late, e.g. on a
+            # node that joined mid-workflow): what came before is only in the stream.  Read it
+            # to its end; live events at or below what the replay yields are skipped.
+            return await self._replay_from_stream(workflow_id, after_seq, None)
+        if upto <= after_seq:
             return []
         wf = self._workflows.get(workflow_id)
         if wf is not None and wf.history and wf.history[0].seq <= after_seq + 1:
             return [ev for ev in wf.history if after_seq < ev.seq <= upto]
         return await self._replay_from_stream(workflow_id, after_seq, upto)
 
-    async def _replay_from_stream(self, workflow_id: str, after_seq: int, upto: int) -> list[Event]:
-        """Read the workflow's subject back from the stream (one request per message)."""
+    async def _replay_from_stream(self, workflow_id: str, after_seq: int, upto: int | None) -> list[Event]:
+        """Read the workflow's subject back from the stream (one request per message); ``upto``
+        None = to the end of the stream."""
         subject = event_subject(workflow_id, self._version)
         found: dict[int, Event] = {}
         stream_seq = 1
@@ -406,9 +412,9 @@ class Bridge:
                 _, ev = decode_event(raw.data or b"", subject=subject)
             except BadEvent:
                 continue  # counted when the live consumer saw it
-            if after_seq < ev.seq <= upto:
+            if after_seq < ev.seq and (upto is None or ev.seq <= upto):
                 found.setdefault(ev.seq, ev)
-            if ev.seq >= upto:
+            if upto is not None and ev.seq >= upto:
                 break
         return [found[s] for s in sorted(found)]
 

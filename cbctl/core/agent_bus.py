@@ -1,0 +1,666 @@
+"""The event bus inside a node agent: publisher + outbox, bridge, local stream, SSE endpoints.
+
+Attach before the agent starts::
+
+    agent = NodeAgent(ctx, "node-1", ...)
+    bus = attach_bus(agent)          # hooks itself into the agent's lifecycle, flags and HTTP
+    await agent.start()              # starts the bus first; stops it in every teardown
+
+What it does
+------------
+* **Publishing** (flags ``eventbus.publish``, ``eventbus.schema_versions``).  The agent's
+  ``on_applied`` hook builds the canonical :class:`~cbctl.core.events.Event` of every applied
+  task (``seq`` from the fencing guard, deterministic ``event_id``, ``type``, ``lane``,
+  ``node_id``, ``occurred_at``; ``payload`` = the workflow state update the guard wrote, so a
+  replay from the Redis history yields the same payload) and awaits
+  :meth:`Publisher.publish`: the event is acked by JetStream or committed to the outbox at
+  ``<state_dir>/outbox.sqlite`` BEFORE the agent acks the task.  A crash in between re-delivers
+  the task; the re-apply returns the same seq, hence the same ``event_id``, which JetStream and
+  the bridge de-duplicate.  ``off`` publishes nothing (the local stream still gets the update).
+* **Start**: one NATS connection for the publisher, one for the bridge (nats-py reconnects
+  both).  Unreachable NATS at start does not stop the agent: it starts degraded, events go to
+  the outbox, and background tasks keep trying.  Refused credentials are a clear
+  ``AuthFailed`` (exit 4) from ``agent.start()``: retrying would only hammer the server, and
+  ``cbctl agent run`` exits instead of looping.  Credentials refused *later* (rotated while
+  running) are retried with capped exponential backoff, never a tight loop.
+* **Bridge** (flags ``eventbus.bridge``, ``consumers.schema_version``, ``canary.subscribers``):
+  a :class:`~cbctl.core.bus.bridge.Bridge` with this node's durable consumer, created as soon
+  as a connection exists and re-created if the connection is closed for good.
+* **Local stream**: every update this node applied is also fanned out in-process, for
+  ``stream.source = local``.
+
+SSE endpoints (on the agent's HTTP server)
+------------------------------------------
+``GET /v1/workflows/{id}/events?subscriber=NAME&after=SEQ`` and ``GET /v1/events?subscriber=NAME``
+(every workflow).  ``text/event-stream``; one message per update::
+
+    id: <seq>
+    event: <type>
+    data: <the canonical event, JSON, in the pinned consumers.schema_version>
+
+``after`` (or the ``Last-Event-ID`` header; single-workflow streams only) replays what came
+after that seq first, then continues live with no gap and no repeat.  A comment line
+(``: keepalive``) goes out every ``keepalive`` seconds of silence.
+
+Source, decided when the request arrives (flag ``stream.source``):
+
+* ``canonical``: the bridge.  Every update of the workflow, made on any node, in seq order.
+  Refusals are plain HTTP answers with a JSON body ``{"error", "reason", ...}`` before the
+  stream starts: ``503`` when the bridge is ``off``; ``403`` when it is ``read-only`` (it
+  delivers to nobody) or ``canary`` and the subscriber is not in ``canary.subscribers``.
+  Chosen over an open-but-silent stream so a misconfigured subscriber learns why at once.
+* ``local``: only the updates this node applies; ``after`` replays from the workflow's Redis
+  history (which holds every node's updates) and then continues with this node's live ones.
+
+When a flag change makes an open stream's answer different (the source switched, or the
+subscriber is no longer eligible) the stream ends with ``event: end`` and a JSON ``reason``; a
+client reconnects with ``after`` = the last seq it got and gets the new answer.  A subscriber
+that falls too far behind also gets ``event: end`` (reason ``lagged``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from cbctl.core.bus.bridge import BRIDGE_MODES, Bridge, SubscriberLagged, Subscription
+from cbctl.core.bus.natsconn import connect_nats
+from cbctl.core.bus.outbox import Outbox, OutboxCorrupt
+from cbctl.core.bus.publisher import Publisher
+from cbctl.core.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError
+from cbctl.core.events import BadEvent, Event, deterministic_event_id, encode_event, make_event
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+    from cbctl.core.agent import AppliedUpdate, NodeAgent
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AgentBus", "LocalStream", "attach_bus", "sse_message"]
+
+SOURCES = ("local", "canonical")
+
+
+def sse_message(ev: Event, schema_version: int) -> bytes:
+    """One SSE message for ``ev``: ``id: seq``, ``event: type``, ``data: canonical JSON``.
+
+    The JSON never contains a raw newline (the encoder escapes them), so one ``data:`` line holds
+    it; the type is a single line by construction of the id rules but is sanitised anyway.
+    """
+    etype = ev.type.replace("\r", " ").replace("\n", " ")
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.seq, etype.encode(), encode_event(ev, schema_version))
+
+
+def _end_message(reason: str, **extra: Any) -> bytes:
+    return b"event: end\ndata: " + json.dumps({"reason": reason, **extra}).encode() + b"\n\n"
+
+
+class LocalSubscription:
+    """A subscriber of :class:`LocalStream`: async ``next(timeout)``, ``close()``."""
+
+    def __init__(self, stream: LocalStream, workflow_id: str | None, max_queue: int) -> None:
+        self.workflow_id = workflow_id
+        self._stream = stream
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._max_queue = max_queue
+        self.lagged = False
+        self.closed = False
+
+    def _offer(self, ev: Event) -> None:
+        if self.closed or self.lagged:
+            return
+        if self._queue.qsize() >= self._max_queue:
+            self.lagged = True  # never block the lane worker for a slow reader
+            self._queue.put_nowait(None)
+            self._stream._remove(self)
+            return
+        self._queue.put_nowait(ev)
+
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event; ``TimeoutError`` after ``timeout``; ``SubscriberLagged`` if dropped;
+        ``StopAsyncIteration`` once closed."""
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is None:
+            self._queue.put_nowait(None)
+            if self.lagged:
+                raise SubscriberLagged("local", self.workflow_id, None)
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stream._remove(self)
+            self._queue.put_nowait(None)
+
+
+class LocalStream:
+    """In-process fan-out of the updates this node applied (``stream.source = local``).
+
+    Per workflow, seqs offered are strictly increasing: a re-applied update (same seq, e.g. a
+    re-delivered task) is not offered twice.
+    """
+
+    def __init__(self, max_queue: int = 10_000, max_workflows: int = 100_000) -> None:
+        self.max_queue = max_queue
+        self.max_workflows = max_workflows
+        self._last: dict[str, int] = {}
+        self._by_workflow: dict[str, set[LocalSubscription]] = {}
+        self._all: set[LocalSubscription] = set()
+
+    def subscribe(self, workflow_id: str | None) -> LocalSubscription:
+        sub = LocalSubscription(self, workflow_id, self.max_queue)
+        if workflow_id is None:
+            self._all.add(sub)
+        else:
+            self._by_workflow.setdefault(workflow_id, set()).add(sub)
+        return sub
+
+    def publish(self, ev: Event) -> None:
+        last = self._last.get(ev.workflow_id)
+        if last is not None and ev.seq <= last:
+            return
+        self._last[ev.workflow_id] = ev.seq
+        if len(self._last) > self.max_workflows:
+            self._last.pop(next(iter(self._last)))
+        for sub in (*self._by_workflow.get(ev.workflow_id, ()), *self._all):
+            sub._offer(ev)
+
+    def _remove(self, sub: LocalSubscription) -> None:
+        if sub.workflow_id is None:
+            self._all.discard(sub)
+        else:
+            subs = self._by_workflow.get(sub.workflow_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_workflow[sub.workflow_id]
+
+    def close_all(self) -> None:
+        for sub in [*self._all, *(s for subs in self._by_workflow.values() for s in subs)]:
+            sub.close()
+
+
+class _Stream:
+    """One open SSE response; ``interrupt()`` ends its current subscription so it re-evaluates."""
+
+    def __init__(self) -> None:
+        self.sub: Subscription | LocalSubscription | None = None
+        self.interrupted = asyncio.Event()
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+        if self.sub is not None:
+            self.sub.close()
+
+
+class AgentBus:
+    """The event bus of one :class:`~cbctl.core.agent.NodeAgent` (module doc).
+
+    ``outbox_path`` defaults to ``<agent.state_dir>/outbox.sqlite``.  ``publisher_options`` /
+    ``bridge_options`` are passed to :class:`Publisher` / :class:`Bridge`.  ``keepalive``:
+    seconds of silence before an SSE comment line.  ``connect``: how to open a NATS connection
+    (default :func:`connect_nats` with the context's ``nats`` settings).
+    """
+
+    def __init__(
+        self,
+        agent: NodeAgent,
+        *,
+        outbox_path: str | Path | None = None,
+        publisher_options: Mapping[str, Any] | None = None,
+        bridge_options: Mapping[str, Any] | None = None,
+        keepalive: float = 15.0,
+        reconnect_time_wait: float = 0.5,
+        max_queue: int = 10_000,
+    ) -> None:
+        self.agent = agent
+        self.node_id = agent.node_id
+        self.metrics = agent.metrics
+        self.nats_cfg = agent.ctx.nats
+        self.outbox_path = Path(outbox_path) if outbox_path is not None else agent.state_dir / "outbox.sqlite"
+        self.publisher_options = dict(publisher_options or {})
+        self.bridge_options = dict(bridge_options or {})
+        self.keepalive = keepalive
+        self.reconnect_time_wait = reconnect_time_wait
+        self.local = LocalStream(max_queue=max_queue)
+        self.outbox: Outbox | None = None
+        self.outbox_recovered: OutboxCorrupt | None = None
+        self.publisher: Publisher | None = None
+        self.bridge: Bridge | None = None
+        self._bridge_nc: Client | None = None
+        self._bridge_ready = asyncio.Event()
+        self._bridge_task: asyncio.Task[None] | None = None
+        self._flags_ready = asyncio.Event()
+        self._publish_mode = "off"
+        self._schema_versions: tuple[int, ...] = (1,)
+        self._bridge_mode = "off"
+        self._consumer_version = 1
+        self._canary: frozenset[str] = frozenset()
+        self._source = "local"
+        self._streams: set[_Stream] = set()
+        self._closing = False
+        self._http_down = False  # the HTTP server is shutting down: end streams, accept none
+        self._started = False
+
+    # ------------------------------------------------------------------ wiring
+
+    def attach(self) -> AgentBus:
+        """Hook into the agent (before ``agent.start()``): lifecycle, flags, applied updates, routes."""
+        self.agent.add_lifecycle_hooks(start=self.start, stop=self.close)
+        self.agent.add_flags_listener(self._on_flags)
+        self.agent.on_applied(self._on_applied)
+        try:
+            app = self.agent.http_app
+        except RuntimeError:  # an agent without an HTTP server: no SSE endpoints
+            app = None
+        if app is not None:
+            self.agent.add_routes([
+                web.get("/v1/workflows/{workflow_id}/events", self._sse_workflow),
+                web.get("/v1/events", self._sse_all),
+                web.get("/v1/bus", self._status),
+            ])
+            app.on_shutdown.append(self._on_http_shutdown)
+        return self
+
+    @property
+    def source(self) -> str:
+        """The applied ``stream.source``."""
+        return self._source
+
+    @property
+    def degraded(self) -> bool:
+        return self.publisher is not None and self.publisher.degraded
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary (also ``GET /v1/bus``)."""
+        pub = self.publisher
+        br = self.bridge
+        return {
+            "node_id": self.node_id,
+            "publish": self._publish_mode,
+            "schema_versions": list(self._schema_versions),
+            "bridge": self._bridge_mode,
+            "consumers_schema_version": self._consumer_version,
+            "source": self._source,
+            "connected": pub.connected if pub is not None else False,
+            "degraded": self.degraded,
+            "outbox_depth": pub.outbox_depth if pub is not None else 0,
+            "bridge_running": br is not None,
+            "bridge_stats": None if br is None else {
+                "received": br.stats.received, "bad": br.stats.bad, "duplicates": br.stats.duplicates,
+                "released": br.stats.released, "delivered": br.stats.delivered,
+                "ordering_violations": br.stats.ordering_violations,
+            },
+            "subscribers": len(self._streams),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the outbox, start the publisher and the bridge's connection task.
+
+        Raises ``AuthFailed`` (NATS refused the credentials) or ``ConfigError`` (bad local auth
+        settings); an unreachable NATS is not an error (degraded start).  ``OutboxCorrupt`` is
+        logged as an error and the recovered rows are kept and drained (never a silent empty
+        start); the damaged file stays next to it for inspection.
+        """
+        if self._started:
+            return
+        self._started = True
+        self.outbox_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.outbox = Outbox(self.outbox_path)
+        except OutboxCorrupt as exc:
+            log.error("agent %s: %s", self.node_id, exc)
+            self.outbox_recovered = exc
+            self.outbox = Outbox(self.outbox_path)
+        opts: dict[str, Any] = {"reconnect_max": 2.0, **self.publisher_options}
+        self.publisher = Publisher(
+            lambda: connect_nats(self.nats_cfg, name=f"cbctl-agent-{self.node_id}-pub",
+                                 reconnect_time_wait=self.reconnect_time_wait),
+            self.nats_cfg.stream, self.outbox, self.metrics, self.node_id,
+            publish_mode=self._publish_mode, schema_versions=self._schema_versions, **opts,
+        )
+        try:
+            await self.publisher.start()
+        except (AuthFailed, ConfigError):
+            await self._close_outbox()
+            self.publisher = None
+            raise
+        self._bridge_task = asyncio.create_task(self._bridge_loop(), name=f"{self.node_id}:bridge-conn")
+        log.info("agent %s: event bus started (outbox %s, depth %d, %s)", self.node_id, self.outbox_path,
+                 self.outbox.depth, "connected" if self.publisher.connected else "NATS unreachable: degraded")
+
+    async def close(self) -> None:
+        """Stop everything the bus started (idempotent; safe if :meth:`start` never ran or failed).
+
+        Open SSE streams end; the publisher settles what is queued (published or buffered)."""
+        if self._closing:
+            return
+        self._closing = True
+        for s in list(self._streams):
+            s.interrupt()
+        self.local.close_all()
+        if self._bridge_task is not None:
+            self._bridge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bridge_task
+        await self._close_bridge()
+        if self.publisher is not None:
+            await self.publisher.close()
+        await self._close_outbox()
+        self._flags_ready.set()  # release any hook still waiting (it will fail on the closed publisher)
+
+    async def _close_outbox(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
+
+    async def _close_bridge(self) -> None:
+        bridge, self.bridge = self.bridge, None
+        self._bridge_ready.clear()
+        nc, self._bridge_nc = self._bridge_nc, None
+        if bridge is not None:
+            await bridge.close()  # unsubscribes first: nc.close() would hang on an active pull sub
+        for s in list(self._streams):
+            if s.sub is not None and isinstance(s.sub, Subscription):
+                s.interrupt()
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(TimeoutError, OSError, CbctlError):
+                async with asyncio.timeout(2.0):
+                    await nc.close()
+
+    async def _bridge_loop(self) -> None:
+        """Keep a connection and a bridge on it; re-create both if the connection closes for good."""
+        delay = 0.25
+        while not self._closing:
+            try:
+                nc = await connect_nats(self.nats_cfg, name=f"cbctl-agent-{self.node_id}-bridge",
+                                        reconnect_time_wait=self.reconnect_time_wait)
+            except (BackendUnavailable, ConfigError) as exc:  # AuthFailed is a BackendUnavailable
+                log.warning("agent %s: bridge cannot connect yet: %s (retry in %.1fs)", self.node_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            delay = 0.25
+            opts: dict[str, Any] = {"fetch_timeout": 0.25, **self.bridge_options}
+            bridge = Bridge(nc, self.nats_cfg.stream, self.metrics, self.node_id, mode=self._bridge_mode,
+                            schema_version=self._consumer_version, canary_subscribers=self._canary, **opts)
+            self._bridge_nc, self.bridge = nc, bridge
+            await bridge.start()
+            self._bridge_ready.set()
+            log.info("agent %s: bridge consuming as %s (mode %s)", self.node_id, bridge.durable, self._bridge_mode)
+            while not nc.is_closed:
+                await asyncio.sleep(0.5)
+            log.warning("agent %s: bridge connection closed; reconnecting", self.node_id)
+            await self._close_bridge()
+
+    # ------------------------------------------------------------------ agent hooks
+
+    async def _on_flags(self, flags: Mapping[str, Any], revision: int) -> None:
+        publish = str(flags.get("eventbus.publish", "off"))
+        versions = tuple(flags.get("eventbus.schema_versions") or (1,))
+        bridge_mode = str(flags.get("eventbus.bridge", "off"))
+        consumer_version = flags.get("consumers.schema_version", 1)
+        canary = frozenset(flags.get("canary.subscribers") or ())
+        source = str(flags.get("stream.source", "local"))
+        if bridge_mode not in BRIDGE_MODES:
+            raise BadInput(f"eventbus.bridge: unknown mode {bridge_mode!r}")
+        if source not in SOURCES:
+            raise BadInput(f"stream.source: unknown source {source!r} (allowed: {', '.join(SOURCES)})")
+        if self.publisher is not None:
+            self.publisher.apply_flags(publish, versions)
+        if self.bridge is not None:
+            self.bridge.apply_flags(bridge_mode, consumer_version, canary)
+        changed = (bridge_mode, consumer_version, canary, source) != (
+            self._bridge_mode, self._consumer_version, self._canary, self._source)
+        self._publish_mode, self._schema_versions = publish, versions
+        self._bridge_mode, self._consumer_version, self._canary, self._source = (
+            bridge_mode, int(consumer_version), canary, source)
+        self._flags_ready.set()
+        if changed:
+            # Open streams re-evaluate: they end (event: end) if their answer changed.
+            for s in list(self._streams):
+                s.interrupt()
+
+    async def _on_applied(self, u: AppliedUpdate) -> None:
+        """Build the canonical event and make it durable before the task's ack (module doc)."""
+        if not self._flags_ready.is_set():
+            # A lane worker can apply a task before the agent has handed us the flags: do not
+            # publish under the default "off" (the event would be lost), wait for them.
+            await self._flags_ready.wait()
+        try:
+            ev = event_of_update(u)
+        except BadEvent as exc:
+            # A poison task would otherwise be re-delivered forever; its state change is applied.
+            log.error("agent %s: workflow %s seq %d: cannot build its event (%s); not published",
+                      self.node_id, u.workflow_id, u.seq, exc)
+            self.metrics.publish.labels(status="error").inc()
+            return
+        if self.publisher is None:
+            raise BackendUnavailable("event bus not started", backend="nats")
+        await self.publisher.publish(ev)  # PublishFailed propagates: the task is not acked
+        self.local.publish(ev)
+
+    # ------------------------------------------------------------------ SSE
+
+    async def _on_http_shutdown(self, app: web.Application) -> None:
+        self._http_down = True
+        for s in list(self._streams):
+            s.interrupt()
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def _sse_workflow(self, request: web.Request) -> web.StreamResponse:
+        return await self._sse(request, request.match_info["workflow_id"])
+
+    async def _sse_all(self, request: web.Request) -> web.StreamResponse:
+        return await self._sse(request, None)
+
+    def _refusal(self, name: str) -> tuple[int, str] | None:
+        """Why a canonical subscriber gets nothing under the current flags (None: it gets events)."""
+        mode = self._bridge_mode
+        if mode == "off":
+            return 503, "eventbus.bridge is off: no canonical stream on this node"
+        if mode == "read-only":
+            return 403, "eventbus.bridge is read-only: events are verified but delivered to nobody"
+        if mode == "canary" and name not in self._canary:
+            return 403, f"eventbus.bridge is canary and subscriber {name!r} is not in canary.subscribers"
+        return None
+
+    async def _sse(self, request: web.Request, workflow_id: str | None) -> web.StreamResponse:
+        name = request.query.get("subscriber", "").strip()
+        if not name:
+            return _json_error(400, "missing ?subscriber=NAME (the name canary.subscribers lists)")
+        after: int | None = None
+        raw_after = request.query.get("after") or request.headers.get("Last-Event-ID")
+        if raw_after:
+            try:
+                after = int(raw_after)
+            except ValueError:
+                return _json_error(400, f"after={raw_after!r}: must be an integer seq")
+            if after < 0:
+                return _json_error(400, f"after={after}: must be >= 0")
+            if workflow_id is None:
+                return _json_error(400, "after needs a workflow: seqs are per workflow")
+        if self._closing or self._http_down:
+            return _json_error(503, "the agent is stopping")
+        source = self._source
+        if source == "canonical":
+            refused = self._refusal(name)
+            if refused is not None:
+                return _json_error(refused[0], refused[1], source=source, bridge=self._bridge_mode)
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+            "X-Cbctl-Source": source, "X-Cbctl-Node": self.node_id,
+        })
+        await resp.prepare(request)
+        await resp.write(f": cbctl node={self.node_id} source={source} subscriber={name}\n\n".encode())
+        stream = _Stream()
+        self._streams.add(stream)
+        try:
+            if source == "canonical":
+                await self._pump_canonical(resp, stream, workflow_id, name, after)
+            else:
+                await self._pump_local(resp, stream, workflow_id, after)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the subscriber went away (aiohttp cancels the handler)
+        finally:
+            self._streams.discard(stream)
+            if stream.sub is not None:
+                stream.sub.close()
+        return resp
+
+    async def _end_reason(self, source: str, name: str) -> str | None:
+        """After an interruption: why the stream must end, or None to go on."""
+        if self._closing or self._http_down:
+            return "the agent is stopping"
+        if self._source != source:
+            return f"stream.source changed to {self._source}; reconnect"
+        if source == "canonical":
+            refused = self._refusal(name)
+            if refused is not None:
+                return refused[1]
+        return None
+
+    async def _pump_canonical(self, resp: web.StreamResponse, stream: _Stream, workflow_id: str | None,
+                              name: str, after: int | None) -> None:
+        last = after
+        while True:
+            stream.interrupted.clear()
+            if self.bridge is None:
+                # NATS not reachable yet: wait for the bridge, keeping the connection alive.
+                wait = asyncio.ensure_future(self._bridge_ready.wait())
+                intr = asyncio.ensure_future(stream.interrupted.wait())
+                try:
+                    done, _ = await asyncio.wait({wait, intr}, timeout=self.keepalive,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wait.cancel()
+                    intr.cancel()
+                if not done:
+                    await resp.write(b": waiting for the event bus\n\n")
+                reason = await self._end_reason("canonical", name)
+                if reason is not None:
+                    await resp.write(_end_message(reason))
+                    return
+                continue
+            bridge = self.bridge
+            sub = bridge.subscribe(workflow_id, name, after_seq=last if workflow_id is not None else None)
+            stream.sub = sub
+            try:
+                while True:
+                    try:
+                        ev = await sub.next(self.keepalive)
+                    except TimeoutError:
+                        await resp.write(b": keepalive\n\n")
+                        continue
+                    await resp.write(sse_message(ev, bridge.schema_version))
+                    if workflow_id is not None:
+                        last = ev.seq
+            except StopAsyncIteration:
+                pass
+            except SubscriberLagged:
+                await resp.write(_end_message("lagged", last_seq=last))
+                return
+            finally:
+                sub.close()
+                stream.sub = None
+            reason = await self._end_reason("canonical", name)
+            if reason is not None:
+                await resp.write(_end_message(reason, last_seq=last))
+                return
+
+    async def _pump_local(self, resp: web.StreamResponse, stream: _Stream, workflow_id: str | None,
+                          after: int | None) -> None:
+        sub = self.local.subscribe(workflow_id)  # first, so nothing falls between replay and live
+        stream.sub = sub
+        version = self._consumer_version
+        last = after
+        if workflow_id is not None and after is not None:
+            for ev in await self._history_events(workflow_id, after):
+                await resp.write(sse_message(ev, version))
+                last = ev.seq
+        try:
+            while True:
+                try:
+                    ev = await sub.next(self.keepalive)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                if workflow_id is not None and last is not None and ev.seq <= last:
+                    continue  # already sent by the replay
+                await resp.write(sse_message(ev, self._consumer_version))
+                if workflow_id is not None:
+                    last = ev.seq
+        except StopAsyncIteration:
+            reason = await self._end_reason("local", "") or "interrupted; reconnect"
+            await resp.write(_end_message(reason, last_seq=last))
+        except SubscriberLagged:
+            await resp.write(_end_message("lagged", last_seq=last))
+
+    async def _history_events(self, workflow_id: str, after: int) -> list[Event]:
+        """The workflow's updates with seq > ``after`` from its Redis history (every node's)."""
+        guard = self.agent.guard
+        if guard is None:
+            return []
+        try:
+            entries = await guard.history(workflow_id)
+        except (BackendUnavailable, ValueError) as exc:
+            log.warning("agent %s: history of %s unavailable for a replay: %s", self.node_id, workflow_id, exc)
+            return []
+        out: list[Event] = []
+        for e in entries:
+            if e["seq"] <= after:
+                continue
+            data = e["data"] if isinstance(e["data"], dict) else {}
+            try:
+                out.append(make_event(
+                    workflow_id=workflow_id, seq=e["seq"], type=e["type"] or "task", lane=e["lane"] or "-",
+                    node_id=e["node"] or "-", task_id=e["task_id"] or None, payload=data,
+                    occurred_at=datetime.fromtimestamp(e["at"] / 1000, UTC), attempt=_attempt(data),
+                ))
+            except BadEvent as exc:
+                log.warning("workflow %s history seq %s: %s; skipped in the replay", workflow_id, e["seq"], exc)
+        return out
+
+
+def _attempt(update: Mapping[str, Any]) -> int:
+    a = update.get("attempt")
+    if isinstance(a, str) and a.isdigit():
+        a = int(a)
+    return a if isinstance(a, int) and not isinstance(a, bool) and a >= 1 else 1
+
+
+def event_of_update(u: AppliedUpdate) -> Event:
+    """The canonical event of an applied update; deterministic in everything but
+    ``occurred_at``/``node_id`` (a re-apply after a crash yields the same ``event_id``)."""
+    return make_event(
+        workflow_id=u.workflow_id, seq=u.seq, type=u.type or "task", lane=u.lane, node_id=u.node_id,
+        task_id=u.task_id or None, payload=dict(u.update),
+        occurred_at=datetime.fromtimestamp(u.occurred_at, UTC) if math.isfinite(u.occurred_at) else None,
+        attempt=_attempt(u.update), event_id=deterministic_event_id(u.workflow_id, u.seq),
+    )
+
+
+def _json_error(status: int, reason: str, **extra: Any) -> web.Response:
+    error = {400: "bad request", 403: "not allowed", 503: "unavailable"}.get(status, "error")
+    return web.json_response({"error": error, "reason": reason, **extra}, status=status)
+
+
+def attach_bus(agent: NodeAgent, **options: Any) -> AgentBus:
+    """Create an :class:`AgentBus` for ``agent`` and hook it in (before ``agent.start()``)."""
+    return AgentBus(agent, **options).attach()
+

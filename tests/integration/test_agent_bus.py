@@ -1,0 +1,395 @@
+"""The event bus inside node agents, against real etcd, nats-server and redis-server.
+
+Several in-process NodeAgents with :func:`cbctl.core.agent_bus.attach_bus`; subscribers are real
+HTTP SSE clients (httpx).  Helpers here are also used by ``tests/chaos/test_bus_faults.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats as nats_client
+import pytest
+
+from cbctl.core.agent import NodeAgent, redis_client_for
+from cbctl.core.agent_bus import AgentBus, attach_bus
+from cbctl.core.config import Context, load_config
+from cbctl.core.controlplane import ControlPlane
+from cbctl.core.coord import make_coordinator
+from cbctl.core.coord.base import Coordinator
+from cbctl.core.lanes import LaneGuard, LaneQueue
+from cbctl.core.sse import SseParser
+from cbctl.core.workload import WorkloadReport, generate
+from cbctl.sandbox import NatsServer, async_wait_until
+from tests.helpers import cbctl_proc, write_config
+from tests.integration.test_agent import all_processed, set_flags
+
+pytestmark = pytest.mark.integration
+
+TTL = 3.0
+KEEPALIVE = 0.5
+
+STREAMING = {
+    "cluster.enabled": True, "ownership.guard": "enforce", "eventbus.publish": "on",
+    "eventbus.bridge": "streaming", "stream.source": "canonical", "signals.routing": "off",
+}
+
+
+# -- helpers (shared with the chaos tests) -----------------------------------------------------
+
+
+def bus_config(path: Path, cluster: str, etcd_url: str, redis_url: str, nats_url: str | Sequence[str], *,
+               lane_count: int = 4, duplicate_window: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+    nats_table: dict[str, Any] = {"connect-timeout": 1.0}
+    if duplicate_window is not None:
+        nats_table["stream"] = {"duplicate-window": duplicate_window}
+    return write_config(
+        path, cluster=cluster, etcd=etcd_url, redis=redis_url, nats=nats_url, lane_count=lane_count,
+        extra={"coordination": {"lease-ttl": TTL, "keepalive-interval": KEEPALIVE, "timeout": 2.0},
+               "nats": nats_table, **(extra or {})},
+    )
+
+
+class SseReader:
+    """A real SSE subscriber in the background: ``events`` (parsed JSON, in arrival order),
+    ``ids`` (SSE ids), ``ends`` (``event: end`` payloads), ``status``/``error_body``."""
+
+    def __init__(self, address: str, path: str, subscriber: str, *, after: int | None = None) -> None:
+        params: dict[str, Any] = {"subscriber": subscriber}
+        if after is not None:
+            params["after"] = after
+        self.url = f"http://{address}{path}"
+        self.params = params
+        self.events: list[dict[str, Any]] = []
+        self.received_at: list[float] = []
+        self.ids: list[str] = []
+        self.ends: list[dict[str, Any]] = []
+        self.status: int | None = None
+        self.error_body: Any = None
+        self.opened = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> SseReader:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self.opened.wait(), 10)
+        return self
+
+    async def _run(self) -> None:
+        parser = SseParser()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None), trust_env=False) as client:
+            async with client.stream("GET", self.url, params=self.params) as resp:
+                self.status = resp.status_code
+                if resp.status_code != 200:
+                    self.error_body = json.loads(await resp.aread())
+                    self.opened.set()
+                    return
+                self.opened.set()
+                async for line in resp.aiter_lines():
+                    msg = parser.feed(line)
+                    if msg is None or msg.comment is not None:
+                        continue
+                    if msg.event == "end":
+                        self.ends.append(json.loads(msg.data))
+                        continue
+                    self.events.append(json.loads(msg.data))
+                    self.received_at.append(time.time())
+                    self.ids.append(msg.id or "")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await self._task
+
+    async def wait_done(self, timeout: float) -> None:
+        assert self._task is not None
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
+    def by_workflow(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for e in self.events:
+            out.setdefault(e["workflow_id"], []).append(e["seq"])
+        return out
+
+
+async def stream_event_ids(nats_url: str, stream: str = "CB_EVENTS") -> list[tuple[str, int, str]]:
+    """Every message in the stream as (workflow_id, seq, event_id), in stream order."""
+    nc = await nats_client.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            raw = await js.get_msg(stream, seq)
+            obj = json.loads(raw.data or b"{}")
+            out.append((obj["workflow_id"], obj["seq"], obj["event_id"]))
+        return out
+    finally:
+        await nc.close()
+
+
+async def check_stream_exactly_once(nats_url: str, guard: LaneGuard, report: WorkloadReport) -> None:
+    """The stream holds each executed update (Redis history) exactly once, seq 1..N, no gap."""
+    stored = await stream_event_ids(nats_url)
+    ids = [eid for _, _, eid in stored]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicate event ids in the stream"
+    per_wf: dict[str, list[int]] = {}
+    for wf, seq, _ in stored:
+        per_wf.setdefault(wf, []).append(seq)
+    for wf, n in report.workflows.items():
+        hist = await guard.history(wf)
+        assert [e["seq"] for e in hist] == list(range(1, n + 1)), wf
+        assert sorted(per_wf.get(wf, [])) == list(range(1, n + 1)), (wf, sorted(per_wf.get(wf, [])))
+
+
+def check_subscriber(reader: SseReader, report: WorkloadReport) -> None:
+    """Every update of every workflow, in order, no duplicate."""
+    got = reader.by_workflow()
+    for wf, n in report.workflows.items():
+        assert got.get(wf) == list(range(1, n + 1)), (wf, got.get(wf))
+
+
+def metric(agent: NodeAgent, name: str, **labels: str) -> float:
+    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer) -> Path:
+    return bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url)
+
+
+@pytest.fixture
+def bus_ctx(config_file: Path) -> Context:
+    return load_config(config_file).context()
+
+
+@pytest.fixture
+async def coord(bus_ctx: Context) -> AsyncIterator[Coordinator]:
+    c = make_coordinator(bus_ctx)
+    await c.connect()
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def redis_c(bus_ctx: Context) -> AsyncIterator[Any]:
+    r = redis_client_for(bus_ctx)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def guard(redis_c: Any, bus_ctx: Context) -> LaneGuard:
+    return LaneGuard(redis_c, bus_ctx.cluster, None, "test-reader")
+
+
+@pytest.fixture
+def queue(redis_c: Any, bus_ctx: Context) -> LaneQueue:
+    return LaneQueue(redis_c, bus_ctx.cluster, bus_ctx.lanes)
+
+
+@pytest.fixture
+async def bus_agents(bus_ctx: Context, tmp_path: Path) -> AsyncIterator[Any]:
+    """A factory of started in-process agents with the bus attached (own state dir each)."""
+    started: list[NodeAgent] = []
+
+    async def make(node_id: str, ctx: Context | None = None, **kwargs: Any) -> tuple[NodeAgent, AgentBus]:
+        kwargs.setdefault("state_dir", tmp_path / f"state-{node_id}")
+        kwargs.setdefault("probes", False)
+        bus_opts = kwargs.pop("bus_options", {})
+        agent = NodeAgent(ctx or bus_ctx, node_id, lease_ttl=TTL, keepalive_interval=KEEPALIVE, **kwargs)
+        bus = attach_bus(agent, keepalive=2.0, **bus_opts)
+        await agent.start()
+        started.append(agent)
+        return agent, bus
+
+    yield make
+    for agent in started:
+        await agent.stop()
+
+
+async def streaming(coord: Coordinator, ctx: Context, **more: Any) -> int:
+    return await set_flags(ControlPlane(ctx, coord), **{**STREAMING, **more})
+
+
+async def wait_applied(agents: Sequence[NodeAgent], rev: int) -> None:
+    await async_wait_until(lambda: all(a.applied_revision >= rev for a in agents), 10, interval=0.05,
+                           message="flags applied")
+
+
+async def wait_lanes_spread(agents: Sequence[NodeAgent], lanes: int) -> None:
+    await async_wait_until(lambda: sum(len(a.owned_lanes) for a in agents) == lanes, 15, interval=0.05,
+                           message="every lane owned")
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+async def test_canonical_stream_reaches_subscriber_on_any_node(
+    bus_agents: Any, config_file: Path, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+) -> None:
+    a, _ = await bus_agents("node-a")
+    b, _ = await bus_agents("node-b")
+    c, bus_c = await bus_agents("node-c")
+    rev = await streaming(coord, bus_ctx)
+    await wait_applied([a, b, c], rev)
+    await wait_lanes_spread([a, b, c], len(bus_ctx.lanes))
+    await async_wait_until(lambda: bus_c.bridge is not None, 10, interval=0.05, message="bridge")
+    all_reader = await SseReader(c.http_address or "", "/v1/events", "ops").start()
+    one_reader = await SseReader(c.http_address or "", "/v1/workflows/bus-000000/events", "ops", after=0).start()
+    assert all_reader.status == 200 and one_reader.status == 200
+
+    report = await generate(queue, workflows=20, rate=0, tasks_per_workflow=2, fail_rate=0.3, seed=3, prefix="bus")
+    await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1, message="processed")
+    total = sum(report.workflows.values())
+    await async_wait_until(lambda: len(all_reader.events) >= total, 15, interval=0.05,
+                           message=f"subscriber got {total} events")
+    check_subscriber(all_reader, report)
+    assert {e["node_id"] for e in all_reader.events} - {"node-c"}  # updates made on other nodes too
+    await async_wait_until(lambda: len(one_reader.events) >= report.workflows["bus-000000"], 5, interval=0.05)
+    assert [e["seq"] for e in one_reader.events] == list(range(1, report.workflows["bus-000000"] + 1))
+    assert one_reader.ids == [str(s) for s in range(1, report.workflows["bus-000000"] + 1)]
+    await check_stream_exactly_once(nats.url, guard, report)
+
+    # A late subscriber with after=SEQ gets the rest, replayed from the stream.
+    late = await SseReader(a.http_address or "", "/v1/workflows/bus-000001/events", "late", after=2).start()
+    n1 = report.workflows["bus-000001"]
+    await async_wait_until(lambda: len(late.events) >= n1 - 2, 5, interval=0.05, message="late replay")
+    assert [e["seq"] for e in late.events] == list(range(3, n1 + 1))
+    assert metric(c, "event_bus_publish_total", status="ok") + metric(a, "event_bus_publish_total", status="ok") > 0
+    for r in (all_reader, one_reader, late):
+        await r.stop()
+
+    # `cbctl events tail` is a subscriber too: the backlog after --after, then exit on 1 s idle.
+    res = await asyncio.to_thread(cbctl_proc, config_file, "-o", "json", "events", "tail", "--workflow", "bus-000001",
+                                  "--node", "node-b", "--after", "0")
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["seq"] for x in lines] == list(range(1, n1 + 1))
+    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--for", "1.5s", "--follow")
+    assert res.exit_code == 0, res.stderr
+    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--node", "node-zz")
+    assert res.exit_code == 2 and "node-zz" in res.stderr
+
+
+async def test_bridge_modes_and_local_source(
+    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+) -> None:
+    a, bus_a = await bus_agents("node-a")
+    cp = ControlPlane(bus_ctx, coord)
+    rev = await streaming(coord, bus_ctx, **{"eventbus.bridge": "read-only"})
+    await wait_applied([a], rev)
+    addr = a.http_address or ""
+    r = await SseReader(addr, "/v1/events", "ops").start()
+    assert r.status == 403 and "read-only" in r.error_body["reason"]
+
+    rev = await set_flags(cp, **{"eventbus.bridge": "canary", "canary.subscribers": ["blue"]})
+    await wait_applied([a], rev)
+    r = await SseReader(addr, "/v1/events", "ops").start()
+    assert r.status == 403 and "canary.subscribers" in r.error_body["reason"]
+    blue = await SseReader(addr, "/v1/events", "blue").start()
+    assert blue.status == 200
+
+    # Rollback of the event bus: bridge off + source local.  The open canonical stream ends
+    # with a reason; a new subscriber gets this node's local updates.
+    rev = await set_flags(cp, **{"eventbus.bridge": "off", "stream.source": "local"})
+    await wait_applied([a], rev)
+    await blue.wait_done(5)
+    assert blue.ends and "stream.source" in blue.ends[0]["reason"]
+    local = await SseReader(addr, "/v1/events", "ops").start()
+    assert local.status == 200
+    report = await generate(queue, workflows=5, rate=0, tasks_per_workflow=2, fail_rate=0, seed=1, prefix="loc")
+    await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1, message="processed")
+    await async_wait_until(lambda: len(local.events) >= sum(report.workflows.values()), 5, interval=0.05)
+    check_subscriber(local, report)
+    # Local replay with after= comes from the Redis history.
+    replay = await SseReader(addr, "/v1/workflows/loc-000000/events", "ops", after=1).start()
+    await async_wait_until(lambda: len(replay.events) >= report.workflows["loc-000000"] - 1, 5, interval=0.05)
+    assert [e["seq"] for e in replay.events] == list(range(2, report.workflows["loc-000000"] + 1))
+    assert bus_a.status()["source"] == "local"
+    for x in (local, replay):
+        await x.stop()
+
+
+async def test_bad_events_counted_and_skipped(
+    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+) -> None:
+    a, bus_a = await bus_agents("node-a")
+    rev = await streaming(coord, bus_ctx)
+    await wait_applied([a], rev)
+    await async_wait_until(lambda: bus_a.bridge is not None, 10, interval=0.05)
+    reader = await SseReader(a.http_address or "", "/v1/events", "ops").start()
+    await asyncio.sleep(0.5)  # the bridge's consumer exists (deliver-new) before the garbage goes in
+    nc = await nats_client.connect(nats.url)
+    js = nc.jetstream()
+    await js.publish("cb.events.v1.junk", b"\xff\xfe garbage")
+    await js.publish("cb.events.v1.junk", b'{"schema_version": 99, "event_id": "x"}')
+    await js.publish("cb.events.v1.junk", b"[1,2,3]")
+    await nc.close()
+    report = await generate(queue, workflows=3, rate=0, tasks_per_workflow=1, fail_rate=0, seed=1, prefix="ok")
+    await async_wait_until(lambda: len(reader.events) >= sum(report.workflows.values()), 15, interval=0.05)
+    check_subscriber(reader, report)
+    await async_wait_until(lambda: sum(metric(a, "event_bus_bad_events_total", reason=r) for r in
+                                       ("not_utf8", "unknown_version", "not_object")) >= 3, 5, interval=0.05)
+    assert metric(a, "event_bus_bad_events_total", reason="unknown_version") == 1
+    assert metric(a, "event_bus_bad_events_total", reason="not_utf8") == 1
+    assert metric(a, "event_bus_bad_events_total", reason="not_object") == 1
+    await reader.stop()
+
+
+async def test_degraded_start_buffers_then_drains(
+    tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer,
+    coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, bus_agents: Any,
+) -> None:
+    """NATS unreachable at start: the agent starts, executes tasks, buffers; then drains."""
+    nats.stop()
+    a, bus_a = await bus_agents("node-a")
+    assert bus_a.publisher is not None and not bus_a.publisher.connected  # started anyway
+    rev = await streaming(coord, bus_ctx)
+    await wait_applied([a], rev)
+    report = await generate(queue, workflows=4, rate=0, tasks_per_workflow=1, fail_rate=0, seed=1, prefix="deg")
+    await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1, message="processed degraded")
+    assert metric(a, "event_bus_degraded") == 1 and metric(a, "event_bus_outbox_depth") > 0
+    nats.start()
+    await async_wait_until(lambda: metric(a, "event_bus_degraded") == 0, 20, interval=0.1, message="drained")
+    assert metric(a, "event_bus_outbox_depth") == 0
+    await check_stream_exactly_once(nats.url, guard, report)
+
+
+async def test_wrong_credentials_fail_at_start(
+    tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A clear AuthFailed (exit 4) from the agent's start; nothing left running; no secret shown."""
+    from cbctl.core.errors import AuthFailed
+
+    server = NatsServer(tmp_path_factory.mktemp("nats-auth"), user="svc", password="right-pass")
+    server.start()
+    try:
+        secret = tmp_path / "pw"
+        secret.write_text("wrong-pass-123")
+        secret.chmod(0o600)
+        path = bus_config(tmp_path / "c.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, server.url,
+                          extra={"nats": {"user": "svc", "password-file": str(secret), "connect-timeout": 1.0}})
+        ctx = load_config(path).context()
+        agent = NodeAgent(ctx, "node-x", state_dir=tmp_path / "st", probes=False, lease_ttl=TTL,
+                          keepalive_interval=KEEPALIVE)
+        attach_bus(agent)
+        t0 = time.monotonic()
+        with pytest.raises(AuthFailed) as info:
+            await agent.start()
+        assert time.monotonic() - t0 < 5
+        assert info.value.exit_code == 4
+        assert "refused the credentials" in str(info.value) and "wrong-pass-123" not in str(info.value)
+    finally:
+        server.stop()
