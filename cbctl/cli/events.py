@@ -41,6 +41,9 @@ def tail(
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming new events until interrupted.")] = False,
     for_: Annotated[str | None, typer.Option("--for", help="Stop after this long (e.g. 30s, 5m).")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print no events, only a count at the end (a standing subscriber).")
+    ] = False,
     output: OutputOpt = None,
 ) -> None:
     """Print a node's event stream, one line per event (JSON lines with -o json).
@@ -48,7 +51,8 @@ def tail(
     The node's stream is its bridge of the canonical stream (stream.source = canonical: every
     node's updates, in order per workflow) or its own updates (local).  Without --follow, prints
     what arrives until 1 s passes with no event, then exits; with --follow it keeps going (and
-    reconnects after the node ends the stream, e.g. on a flag change) until --for elapses or ^C.
+    reconnects after the node ends the stream, e.g. on a flag change, and keeps asking every
+    second while the node refuses the subscriber, e.g. before stage 3) until --for elapses or ^C.
 
     Exit codes: 0 ok; 1 the node refused the subscriber (bridge off/read-only, not a canary
     subscriber); 2 unknown node or bad option; 4 the node or the coordination store is unreachable.
@@ -93,7 +97,7 @@ def tail(
 
         node_id, address = await with_coordinator(st, resolve)
         return await _stream(node_id, address, workflow, subscriber, after, follow, duration,
-                             fmt is OutputFormat.json)
+                             fmt is OutputFormat.json, quiet)
 
     code = run(body)
     if code:
@@ -101,7 +105,7 @@ def tail(
 
 
 async def _stream(node_id: str, address: str, workflow: str | None, subscriber: str, after: int | None,
-                  follow: bool, duration: float | None, as_json: bool) -> int:
+                  follow: bool, duration: float | None, as_json: bool, quiet: bool = False) -> int:
     """Read the SSE stream and print; returns the exit code (raises BackendUnavailable -> 4)."""
     import asyncio
 
@@ -117,6 +121,8 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
     last = after
     connected_once = False
     out = sys.stdout
+    received = 0
+    refused_reason: str | None = None
 
     def remaining(idle_deadline: float | None) -> float | None:
         ends = [t for t in (deadline, idle_deadline) if t is not None]
@@ -135,8 +141,22 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
                             reason = json.loads(body).get("reason", body.decode(errors="replace"))
                         except ValueError:
                             reason = body.decode(errors="replace")[:200]
+                        if follow and resp.status_code in (403, 503):
+                            # Not eligible yet (bridge off/read-only, not a canary subscriber):
+                            # a standing subscriber waits for the rollout to reach it.
+                            connected_once = True
+                            if reason != refused_reason:
+                                err(f"cbctl: node {node_id} refuses the subscription for now (HTTP "
+                                    f"{resp.status_code}): {reason}; asking again every second")
+                                refused_reason = reason
+                            t = remaining(None)
+                            if t is not None and t <= 0:
+                                return _done(received, quiet)
+                            await asyncio.sleep(min(1.0, t) if t is not None else 1.0)
+                            continue
                         err(f"cbctl: node {node_id} refused the subscription (HTTP {resp.status_code}): {reason}")
                         return 2 if resp.status_code in (400, 404) else 1
+                    refused_reason = None
                     connected_once = True
                     parser = SseParser()
                     lines = resp.aiter_lines()
@@ -145,11 +165,11 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
                     while True:
                         t = remaining(idle_deadline)
                         if t is not None and t <= 0:
-                            return 0
+                            return _done(received, quiet)
                         try:
                             line = await asyncio.wait_for(lines.__anext__(), t)
                         except TimeoutError:
-                            return 0  # idle (no --follow) or --for elapsed
+                            return _done(received, quiet)  # idle (no --follow) or --for elapsed
                         except StopAsyncIteration:
                             break
                         msg = parser.feed(line)
@@ -161,8 +181,10 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
                         ev = json.loads(msg.data)
                         if workflow is not None:
                             last = ev.get("seq", last)
-                        out.write((json.dumps(ev, separators=(",", ":")) if as_json else _line(ev)) + "\n")
-                        out.flush()
+                        received += 1
+                        if not quiet:
+                            out.write((json.dumps(ev, separators=(",", ":")) if as_json else _line(ev)) + "\n")
+                            out.flush()
                         if not follow:
                             idle_deadline = loop.time() + IDLE_SECONDS
             except httpx.HTTPError as exc:
@@ -174,13 +196,19 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
             if not follow:
                 if ended is not None:
                     err(f"cbctl: node {node_id} ended the stream: {ended.get('reason')}")
-                return 0
+                return _done(received, quiet)
             if ended is not None:
                 err(f"cbctl: node {node_id} ended the stream ({ended.get('reason')}); reconnecting")
             t = remaining(None)
             if t is not None and t <= 0:
-                return 0
+                return _done(received, quiet)
             await asyncio.sleep(min(1.0, t) if t is not None else 1.0)
+
+
+def _done(received: int, quiet: bool) -> int:
+    if quiet:
+        err(f"received {received} events")
+    return 0
 
 
 def _quote(workflow: str) -> str:

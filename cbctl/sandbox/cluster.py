@@ -83,7 +83,7 @@ STATE_VERSION = 1
 #: First group id handed to sandbox agents (agent i gets BASE + i); only used as root.
 AGENT_GID_BASE = 61000
 # Sub-directories `up` creates; a new `up` in the same dir removes them first (fresh data).
-_COMPONENT_DIRS = ("etcd", "nats", "redis", "prometheus", "chrony", "agents", "loadgen")
+_COMPONENT_DIRS = ("etcd", "nats", "redis", "prometheus", "chrony", "agents", "loadgen", "subscribers")
 
 Progress = Callable[[str], None]
 
@@ -242,10 +242,56 @@ class LoadGenerator(Service):
         return {"rate": self.rate}
 
 
+class Subscriber(Service):
+    """A standing streaming subscriber on one node: ``cbctl events tail --follow --quiet``.
+
+    It asks every second until the rollout lets it in (bridge ``streaming``, or it is a canary
+    subscriber), then receives every workflow's updates from that node's bridge — the
+    cross-node deliveries that ``cbctl exit-criteria`` looks for. No port; healthy while alive.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        *,
+        name: str,
+        node: str,
+        config_path: str,
+        context: str = CONTEXT_NAME,
+        stop_at_exit: bool = True,
+    ) -> None:
+        super().__init__(base_dir, name=name, port=0, stop_at_exit=stop_at_exit)
+        self.node = node
+        self.config_path = config_path
+        self.context = context
+
+    def _resolve_binary(self) -> str:
+        return cbctl_executable()
+
+    def tcp_endpoints(self) -> list[tuple[str, int]]:
+        return []
+
+    def command(self) -> list[str]:
+        return ["cbctl", "--config", self.config_path, "--context", self.context, "events", "tail",
+                "--node", self.node, "--subscriber", self.name, "--follow", "--quiet"]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("CBCTL_CONTEXT", "CBCTL_CONFIG")}
+        env["NO_COLOR"] = "1"
+        return env
+
+    def probe(self) -> bool:
+        return True
+
+    def extra_info(self) -> dict[str, Any]:
+        return {"node": self.node}
+
+
 # kind (class name) -> class; the state file names kinds, never arbitrary classes.
 KINDS: dict[str, type[Service]] = {
     cls.__name__: cls
-    for cls in (EtcdServer, NatsServer, RedisServer, PrometheusServer, ChronyServer, AgentProcess, LoadGenerator)
+    for cls in (EtcdServer, NatsServer, RedisServer, PrometheusServer, ChronyServer, AgentProcess, LoadGenerator,
+                Subscriber)
 }
 
 
@@ -260,7 +306,7 @@ class SandboxProcess:
     name: str
     args: dict[str, Any]
     pid: int | None = None
-    role: str = "service"  # service | agent | loadgen
+    role: str = "service"  # service | agent | loadgen | subscriber
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "role": self.role, "pid": self.pid, "args": self.args}
@@ -493,6 +539,10 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
     )
     loadgen = LoadGenerator(d / "loadgen", name="loadgen", config_path=agent_cfg, rate=load_rate,
                             stop_at_exit=False)
+    subscribers = [
+        Subscriber(d / "subscribers", name=f"sub-{node}", node=node, config_path=agent_cfg, stop_at_exit=False)
+        for node in node_ids
+    ]
 
     sb.processes = [
         SandboxProcess("EtcdServer", "etcd", {"port": etcd.port, "peer_port": etcd.peer_port,
@@ -505,6 +555,8 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
         *(SandboxProcess("AgentProcess", a.name, {"port": a.port, "config_path": agent_cfg, "gid": a.gid},
                          role="agent") for a in agents),
         SandboxProcess("LoadGenerator", "loadgen", {"config_path": agent_cfg, "rate": load_rate}, role="loadgen"),
+        *(SandboxProcess("Subscriber", sub.name, {"node": sub.node, "config_path": agent_cfg}, role="subscriber")
+          for sub in subscribers),
     ]
     # Agents and the load generator live one level down; their records rebuild with that base.
     for p in sb.processes:
@@ -512,6 +564,8 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
             p.args["_base"] = "agents"
         elif p.role == "loadgen":
             p.args["_base"] = "loadgen"
+        elif p.role == "subscriber":
+            p.args["_base"] = "subscribers"
 
     def record(svc: Service) -> None:
         started.append(svc)
@@ -553,6 +607,13 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
         # Redis): a generator that died must fail `up`, not hide.
         loadgen.wait_for(lambda: True, 0.1, "running")
         progress(f"  loadgen    {load_rate:g} workflows/s (pid {loadgen.pid})")
+        # Subscribers need the agents' records (their HTTP addresses): start them last.
+        for sub in subscribers:
+            sub.launch()
+            record(sub)
+        for sub in subscribers:
+            sub.wait_for(lambda: True, 0.1, "running")
+        progress(f"  {len(subscribers)} standing subscribers (events tail --follow), one per node")
         if wait_scraped:
             # Prometheus hands file_sd targets to its scrapers only every ~5 s: wait, so that
             # preflight right after `up` finds every agent scraped.
@@ -657,7 +718,7 @@ def _owns(sb: Sandbox, proc: SandboxProcess) -> bool:
     if _proc_cwd(proc.pid) != str(_base_of(sb, proc) / proc.name):
         return False
     cls = KINDS.get(proc.kind)
-    program = "cbctl" if proc.role in ("agent", "loadgen") else (cls.binary if cls is not None else "")
+    program = "cbctl" if proc.role in ("agent", "loadgen", "subscriber") else (cls.binary if cls is not None else "")
     return bool(program) and program in _proc_cmdline(proc.pid)
 
 
@@ -685,7 +746,7 @@ def status(sb: Sandbox) -> list[dict[str, Any]]:
         out: dict[str, Any] = {
             "name": proc.name, "kind": proc.kind, "role": proc.role,
             "pid": proc.pid if state != "dead" else None,
-            "port": None if proc.role == "loadgen" else svc.port,
+            "port": None if proc.role in ("loadgen", "subscriber") else svc.port,
             "state": state, "healthy": healthy, "log": str(svc.log_path),
         }
         if isinstance(svc, NatsServer):
@@ -706,12 +767,12 @@ def status(sb: Sandbox) -> list[dict[str, Any]]:
 def _stop_processes(sb: Sandbox, progress: Progress) -> list[str]:
     """Stop every recorded process that is still ours; return the names stopped.
 
-    Order: load generator, agents (SIGTERM together, so each revokes its lease), servers.
-    A pid that is no longer ours is left alone.
+    Order: load generator and subscribers, agents (SIGTERM together, so each revokes its
+    lease), servers. A pid that is no longer ours is left alone.
     """
     stopped: list[str] = []
     groups = [
-        [p for p in sb.processes if p.role == "loadgen"],
+        [p for p in sb.processes if p.role in ("loadgen", "subscriber")],
         [p for p in sb.processes if p.role == "agent"],
         [p for p in sb.processes if p.role == "service"],
     ]

@@ -66,7 +66,8 @@ def test_up_status_down_leaves_nothing_behind(sbx: tuple[Path, Path]) -> None:
     assert up.exit_code == 0, up.stderr
     state = json.loads((d / "sandbox.json").read_text())
     pids = {p["name"]: p["pid"] for p in state["processes"]}
-    assert set(pids) == {"etcd", "nats", "redis", "prometheus", "chrony", "node-1", "node-2", "node-3", "loadgen"}
+    assert set(pids) == {"etcd", "nats", "redis", "prometheus", "chrony", "node-1", "node-2", "node-3", "loadgen",
+                         "sub-node-1", "sub-node-2", "sub-node-3"}
     assert all(_alive(pid) for pid in pids.values())
 
     # The config: sandbox context written and current, the foreign one untouched.
@@ -92,7 +93,7 @@ def test_up_status_down_leaves_nothing_behind(sbx: tuple[Path, Path]) -> None:
     for r in rows:
         assert {"name", "pid", "port", "healthy"} <= set(r)
         assert r["healthy"] is True and r["pid"] == pids[r["name"]]
-    assert all(isinstance(r["port"], int) for r in rows if r["name"] != "loadgen")
+    assert all(isinstance(r["port"], int) for r in rows if r["name"] != "loadgen" and not r["name"].startswith("sub-"))
 
     # A process the sandbox did not start survives `down`.
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
