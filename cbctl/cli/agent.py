@@ -47,7 +47,7 @@ def run_agent(
     import signal
     import sys
 
-    from cbctl.core.agent import NodeAgent, check_lease_settings
+    from cbctl.core.agent import NodeAgent
     from cbctl.core.errors import BadInput
 
     level = getattr(logging, log_level.upper(), None)
@@ -59,14 +59,11 @@ def run_agent(
 
     async def body() -> None:
         c = st.context()
-        ttl = lease_ttl if lease_ttl is not None else c.coordination.lease_ttl
-        ka = keepalive if keepalive is not None else c.coordination.keepalive_interval
-        check_lease_settings(ttl, ka)
         if not 0 <= http_port <= 65535:
             raise BadInput(f"--http-port {http_port}: must be 0..65535")
         agent = NodeAgent(
             c, node_id, http_host=http_host, http_port=http_port, advertise_host=advertise_host,
-            state_dir=state_dir, lease_ttl=ttl, keepalive_interval=ka,
+            state_dir=state_dir, lease_ttl=lease_ttl, keepalive_interval=keepalive,  # validated by NodeAgent
         )
         if not no_bus:
             from cbctl.core.agent_bus import attach_bus

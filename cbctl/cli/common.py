@@ -185,6 +185,11 @@ def command_line(ctx: typer.Context) -> str:
     return ctx.command_path
 
 
+def command_app() -> typer.Typer:
+    """An app holding one command (registered with ``@app.command(NAME)``), cbctl's defaults."""
+    return typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
+
+
 def new_app(help: str, **kwargs: Any) -> typer.Typer:
     """A command group with cbctl's defaults: plain help (no rich import), no pretty tracebacks."""
     kwargs.setdefault("no_args_is_help", True)

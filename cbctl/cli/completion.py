@@ -28,6 +28,8 @@ from enum import Enum
 from typing import Annotated, Any, ClassVar
 
 import typer
+
+from cbctl.cli.common import command_app
 from typer._click.shell_completion import CompletionItem, ShellComplete, split_arg_string
 
 PROG_NAME = "cbctl"
@@ -247,7 +249,7 @@ class Shell(str, Enum):
     fish = "fish"
 
 
-app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+app = command_app()  # a single command
 
 
 @app.command("completion")

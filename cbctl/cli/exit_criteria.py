@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state
+from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state
 
-app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+app = command_app()  # a single command
 
 
 @app.command("exit-criteria")

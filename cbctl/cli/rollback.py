@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cbctl.cli.common import (
+    command_app,
     DryRunOpt,
     OutputOpt,
     ReasonOpt,
@@ -28,7 +29,7 @@ class Capability(str, Enum):
     consumers = "consumers"
 
 
-app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+app = command_app()  # a single command
 
 
 @app.command("rollback")

@@ -103,6 +103,7 @@ def advance(
     from cbctl.cli.mutate import apply_plan
     from cbctl.core.controlplane import ControlPlane
     from cbctl.core.errors import BadInput
+    from cbctl.core.gates import advance_gate_check
     from cbctl.core.lanesfile import parse_lanes_file
 
     st = state(ctx)
@@ -118,10 +119,9 @@ def advance(
         async def inner(c: Any, coord: Any) -> int:
             cp = ControlPlane(c, coord)
             plan = await cp.plan_advance(to, canary_lanes=lanes, canary_subscribers=subs, command=command_line(ctx))
-            gates_hook = _gates_hook()
             gate_results: list[dict[str, Any]] = []
-            if gates_hook is not None and not dry_run:
-                gate_results = await gates_hook(c, coord, plan, force=force)
+            if not dry_run and not plan.is_noop:
+                gate_results = await advance_gate_check(c, coord, plan, force=force)
             return await apply_plan(
                 cp,
                 plan,
@@ -140,15 +140,6 @@ def advance(
 
     code = run(body)
     raise typer.Exit(code)
-
-
-def _gates_hook() -> Any:
-    """The metric gates evaluated before an advance (cbctl.core.gates), when present."""
-    try:
-        from cbctl.core.gates import advance_gate_check
-    except ImportError:
-        return None
-    return advance_gate_check
 
 
 @app.command("history")

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, output_format, run, state
+from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, run, state
 
 if TYPE_CHECKING:
     from cbctl.core.gates import WatchRow
 
-app = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)  # a single command
+app = command_app()  # a single command
 
 SPARK = "▁▂▃▄▅▆▇█"
 VERDICT_STYLE = {"pass": "green", "fail": "bold red", "no-data": "yellow", "info": "dim"}

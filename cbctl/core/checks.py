@@ -648,7 +648,9 @@ async def run_preflight(ctx: Context, coord: Coordinator, opts: PreflightOptions
 
     dependent: list[Awaitable[list[CheckResult]]] = []
     if opts.wants("nats"):
-        dependent.append(_deadline("nats", ",".join(ctx.nats.servers), to, check_nats(ctx, snap, to / 2)))
+        from cbctl.core.bus.natsconn import servers_text  # redacted, like every NATS message
+
+        dependent.append(_deadline("nats", servers_text(ctx.nats), to, check_nats(ctx, snap, to / 2)))
     if opts.wants("lease-timing"):
         dependent.append(_deadline("lease-timing", "-", to, _sync(lambda: check_lease_timing(ctx, snap))))
     for name, fn in (("nodes", check_nodes), ("node-ids", check_node_ids)):

@@ -292,6 +292,13 @@ def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> N
             raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _no_userinfo(url: str, where: str) -> None:
+    """Credentials inside a URL would be printed wherever the URL is (targets, errors): refuse."""
+    netloc = url.split("//", 1)[-1].split("/", 1)[0]
+    if "@" in netloc:
+        raise ConfigError(f"{where}: credentials in the URL are not accepted; use the *-env or *-file settings")
+
+
 def lane_names(count: int) -> tuple[str, ...]:
     """``lane-count = N`` expands to lane-00 .. lane-(N-1), zero-padded to at least 2 digits."""
     width = max(2, len(str(count - 1)))
@@ -340,6 +347,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     if not endpoints:
         raise ConfigError(f"{cw}.endpoints: at least one endpoint is required")
     for ep in endpoints:
+        _no_userinfo(ep, f"{cw}.endpoints")
         if not ep.startswith(("http://", "https://")):
             raise ConfigError(f"{cw}.endpoints: {ep!r} must start with http:// or https://")
     coordination = CoordinationConfig(
@@ -367,8 +375,11 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     replicas = _expect(s.get("replicas", 1), int, f"{nw}.stream.replicas")
     if not 1 <= replicas <= 5:
         raise ConfigError(f"{nw}.stream.replicas: must be 1..5, got {replicas}")
+    servers = _str_list(n.get("servers", ["nats://127.0.0.1:4222"]), f"{nw}.servers")
+    for server in servers:
+        _no_userinfo(server, f"{nw}.servers")
     nats = NatsConfig(
-        servers=_str_list(n.get("servers", ["nats://127.0.0.1:4222"]), f"{nw}.servers"),
+        servers=servers,
         user=n.get("user") and _expect(n["user"], str, f"{nw}.user"),
         password=_secret_ref(n, "password", nw),
         token=_secret_ref(n, "token", nw),
@@ -391,8 +402,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     url = _expect(r.get("url", "redis://127.0.0.1:6379/0"), str, f"{rw}.url")
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{rw}.url: {url!r} must start with redis://, rediss:// or unix://")
-    if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
-        raise ConfigError(f"{rw}.url: credentials in the URL are not accepted; use password-env or password-file")
+    _no_userinfo(url, f"{rw}.url")
     redis_cfg = RedisConfig(url=url, password=_secret_ref(r, "password", rw))
 
     p = table.get("prometheus", {})
@@ -400,6 +410,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     _expect(p, dict, pw)
     _check_unknown(p, {"url"}, pw)
     prom = PrometheusConfig(url=_expect(p.get("url", "http://127.0.0.1:9090"), str, f"{pw}.url"))
+    _no_userinfo(prom.url, f"{pw}.url")
 
     extra = {k: table[k] for k in ("gates", "preflight", "agent", "sandbox", "exit-criteria") if k in table}
     for k, v in extra.items():

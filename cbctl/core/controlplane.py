@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ from cbctl.core.config import Context
 from cbctl.core.coord.base import Coordinator
 from cbctl.core.errors import BadInput, Conflict
 from cbctl.core.rollout import RolloutDocument
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,12 @@ class ControlPlane:
             try:
                 entries.append(AuditEntry.from_kv(kv.value, kv.mod_revision))
             except (ValueError, TypeError, KeyError) as exc:
-                raise BadInput(f"{kv.key}: unreadable audit entry: {exc}") from None
+                # One damaged entry must not hide the rest of the history: show it as such.
+                log.warning("%s: unreadable audit entry: %s", kv.key, exc)
+                entries.append(AuditEntry(time=0.0, actor="?", command=f"<unreadable entry {kv.key}>", reason=None,
+                                          kind="unknown", from_revision=0, to_revision=kv.mod_revision, diff=[]))
+        # Key order is base-revision order; the new revision orders entries of a re-created document.
+        entries.sort(key=lambda e: e.to_revision or 0)
         return entries
 
     # -- plans ---------------------------------------------------------------------------
@@ -187,7 +196,7 @@ class ControlPlane:
                 keys.rollout(self.cluster),
                 plan.new.to_json().encode("utf-8"),
                 expected_revision=plan.base_revision,
-                also_put={keys.audit(self.cluster, plan.base_revision): entry.to_bytes()},
+                also_put={keys.audit(self.cluster, plan.base_revision, uuid.uuid4().hex[:12]): entry.to_bytes()},
             )
         except Conflict as exc:
             raise Conflict(

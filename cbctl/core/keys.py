@@ -4,9 +4,9 @@ Everything lives under ``/cbctl/<cluster>/``:
 
 =========================  ==============================================================
 ``rollout``                the rollout document (JSON), written only by CAS on its revision
-``audit/<from-rev>``       one audit entry per mutation, written in the same transaction as
-                           the document; keyed by the revision it replaced, which CAS makes
-                           unique, so its own ``mod_revision`` is the new document revision
+``audit/<from-rev>-<id>``  one audit entry per mutation, written in the same transaction as
+                           the document; keyed by the revision it replaced (plus a random id),
+                           so its own ``mod_revision`` is the new document revision
 ``nodes/<node-id>``        a node's registration record, attached to the node's lease
 ``identity/<node-id>``     last machine identity seen for a node id (unleased, for stability)
 ``conflicts/<node-id>/..`` refused starts (duplicate node id) and unstable node ids
@@ -32,9 +32,10 @@ def audit_prefix(cluster: str) -> str:
     return f"/cbctl/{cluster}/audit/"
 
 
-def audit(cluster: str, from_revision: int) -> str:
-    # Zero-padded so that key order is revision order.
-    return f"{audit_prefix(cluster)}{from_revision:020d}"
+def audit(cluster: str, from_revision: int, unique: str) -> str:
+    # Zero-padded so that key order is revision order; ``unique`` (random) keeps two entries
+    # from one base revision apart — possible only if the document was deleted and re-created.
+    return f"{audit_prefix(cluster)}{from_revision:020d}-{unique}"
 
 
 def nodes_prefix(cluster: str) -> str:

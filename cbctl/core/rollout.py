@@ -208,6 +208,16 @@ def _check_id(spec: FlagSpec, whole: object, item: object) -> str:
     return item
 
 
+def _check_schema_supported(spec: FlagSpec, whole: object, version: int) -> None:
+    """Schema versions must be ones this cbctl can encode: a document naming another would leave
+    every agent unable to apply it (refused here, exit 2, nothing written)."""
+    from cbctl.core.events import SUPPORTED_SCHEMA_VERSIONS
+
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = ", ".join(map(str, SUPPORTED_SCHEMA_VERSIONS))
+        raise _bad_value(spec, whole, f"schema version {version} is not supported (supported: {supported})")
+
+
 def validate_flag(name: str, value: object) -> FlagValue:
     """Check one flag's typed value; return it normalized (JSON-shaped, a fresh list for lists).
 
@@ -231,6 +241,7 @@ def validate_flag(name: str, value: object) -> FlagValue:
         # bool is an int subclass: True must not pass as schema version 1.
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _bad_value(spec, value, "not a positive integer")
+        _check_schema_supported(spec, value, value)
         return value
     if not isinstance(value, (list, tuple)):
         raise _bad_value(spec, value, "not a list")
@@ -242,6 +253,8 @@ def validate_flag(name: str, value: object) -> FlagValue:
             raise _bad_value(spec, value, "duplicate entries")
         if not 1 <= len(value) <= 2:
             raise _bad_value(spec, value, f"{len(value)} entries")
+        for item in value:
+            _check_schema_supported(spec, value, item)
         return sorted(value)
     ids = [_check_id(spec, value, item) for item in value]
     if len(set(ids)) != len(ids):

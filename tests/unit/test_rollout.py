@@ -325,11 +325,19 @@ def test_consumers_rollback_to_current_version_is_single_entry():
 
 
 def test_consumers_rollback_reapplied_uses_current_without_itself():
-    doc = set_flags(at_stage(3), {"eventbus.schema_versions": [3], "consumers.schema_version": 3})
+    doc = set_flags(at_stage(3), {"eventbus.schema_versions": [2], "consumers.schema_version": 2})
     once = apply_rollback(doc, "consumers", schema_version=1)
-    twice = apply_rollback(once, "consumers", schema_version=2)
-    assert twice.flags["eventbus.schema_versions"] == [2, 3]
-    assert twice.flags["consumers.schema_version"] == 2
+    twice = apply_rollback(once, "consumers", schema_version=1)
+    # "current" is computed without the rollback itself: still 2, not the pinned 1.
+    assert twice.flags["eventbus.schema_versions"] == [1, 2]
+    assert twice.flags["consumers.schema_version"] == 1
+
+
+@pytest.mark.parametrize("flags", [{"eventbus.schema_versions": [3]}, {"eventbus.schema_versions": [1, 3]},
+                                   {"consumers.schema_version": 3}])
+def test_unsupported_schema_versions_are_refused(flags):
+    with pytest.raises(BadInput, match="schema version 3 is not supported"):
+        set_flags(at_stage(3), flags)
 
 
 @pytest.mark.parametrize(
