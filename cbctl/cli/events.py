@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cbctl.cli.common import OutputFormat, OutputOpt, err, new_app, output_format, run, state
+
+if TYPE_CHECKING:
+    from cbctl.core.sse import StreamNotice
 
 app = new_app("Lifecycle events: tail a node's event stream (SSE) as a subscriber.")
 
@@ -55,7 +58,8 @@ def tail(
     second while the node refuses the subscriber, e.g. before stage 3) until --for elapses or ^C.
 
     Exit codes: 0 ok; 1 the node refused the subscriber (bridge off/read-only, not a canary
-    subscriber); 2 unknown node or bad option; 4 the node or the coordination store is unreachable.
+    subscriber); 2 unknown node or bad option; 4 the node or the coordination store is unreachable,
+    or (without --follow) the stream broke after it had started, so events may be missing.
     """
     from cbctl.core.errors import BadInput
     from cbctl.core.promql import parse_duration
@@ -65,8 +69,13 @@ def tail(
     if after is not None and workflow is None:
         err("cbctl: error: --after needs --workflow (seqs are per workflow)")
         raise typer.Exit(2)
-    duration = parse_duration(for_, what="--for") if for_ is not None else None
+    try:
+        duration = parse_duration(for_, what="--for") if for_ is not None else None
+    except BadInput as exc:  # outside run(): map it here, not as a traceback
+        err(f"cbctl: error: {exc}")
+        raise typer.Exit(2) from None
     if not subscriber.strip():
+        err("cbctl: error: --subscriber must not be empty")
         raise typer.Exit(2)
 
     async def body() -> int:
@@ -106,112 +115,46 @@ def tail(
 
 async def _stream(node_id: str, address: str, workflow: str | None, subscriber: str, after: int | None,
                   follow: bool, duration: float | None, as_json: bool, quiet: bool = False) -> int:
-    """Read the SSE stream and print; returns the exit code (raises BackendUnavailable -> 4)."""
-    import asyncio
+    """Render :func:`cbctl.core.sse.subscribe_events`: events on stdout, notices on stderr.
+    Returns the exit code; cbctl errors propagate (``run`` maps them: refused 1/2, lost 4)."""
+    from contextlib import aclosing
 
-    import httpx
+    from cbctl.core.errors import CbctlError
+    from cbctl.core.sse import StreamNotice, subscribe_events
 
-    from cbctl.core.errors import BackendUnavailable
-    from cbctl.core.sse import SseParser
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + duration if duration is not None else None
-    path = f"/v1/workflows/{_quote(workflow)}/events" if workflow is not None else "/v1/events"
-    url = f"http://{address}{path}"
-    last = after
-    connected_once = False
     out = sys.stdout
     received = 0
-    refused_reason: str | None = None
+    events = subscribe_events(node_id, address, subscriber=subscriber, workflow=workflow, after=after,
+                              follow=follow, duration=duration, idle=IDLE_SECONDS)
+    try:
+        async with aclosing(events):
+            async for item in events:
+                if isinstance(item, StreamNotice):
+                    err(_notice(node_id, item))
+                    continue
+                received += 1
+                if not quiet:
+                    ev = item.event
+                    out.write((json.dumps(ev, separators=(",", ":")) if as_json else _line(ev)) + "\n")
+                    out.flush()
+    except CbctlError:
+        if quiet:  # a standing subscriber's count still matters when the stream is lost
+            err(f"received {received} events")
+        raise
+    return _done(received, quiet)
 
-    def remaining(idle_deadline: float | None) -> float | None:
-        ends = [t for t in (deadline, idle_deadline) if t is not None]
-        return None if not ends else max(0.0, min(ends) - loop.time())
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3.0, read=None), trust_env=False) as client:
-        while True:
-            params: dict[str, Any] = {"subscriber": subscriber}
-            if last is not None and workflow is not None:
-                params["after"] = last
-            try:
-                async with client.stream("GET", url, params=params) as resp:
-                    if resp.status_code != 200:
-                        body = await resp.aread()
-                        try:
-                            reason = json.loads(body).get("reason", body.decode(errors="replace"))
-                        except ValueError:
-                            reason = body.decode(errors="replace")[:200]
-                        if follow and resp.status_code in (403, 503):
-                            # Not eligible yet (bridge off/read-only, not a canary subscriber):
-                            # a standing subscriber waits for the rollout to reach it.
-                            connected_once = True
-                            if reason != refused_reason:
-                                err(f"cbctl: node {node_id} refuses the subscription for now (HTTP "
-                                    f"{resp.status_code}): {reason}; asking again every second")
-                                refused_reason = reason
-                            t = remaining(None)
-                            if t is not None and t <= 0:
-                                return _done(received, quiet)
-                            await asyncio.sleep(min(1.0, t) if t is not None else 1.0)
-                            continue
-                        err(f"cbctl: node {node_id} refused the subscription (HTTP {resp.status_code}): {reason}")
-                        return 2 if resp.status_code in (400, 404) else 1
-                    refused_reason = None
-                    connected_once = True
-                    parser = SseParser()
-                    lines = resp.aiter_lines()
-                    idle_deadline = None if follow else loop.time() + IDLE_SECONDS
-                    ended: dict[str, Any] | None = None
-                    while True:
-                        t = remaining(idle_deadline)
-                        if t is not None and t <= 0:
-                            return _done(received, quiet)
-                        try:
-                            line = await asyncio.wait_for(lines.__anext__(), t)
-                        except TimeoutError:
-                            return _done(received, quiet)  # idle (no --follow) or --for elapsed
-                        except StopAsyncIteration:
-                            break
-                        msg = parser.feed(line)
-                        if msg is None or msg.comment is not None:
-                            continue
-                        if msg.event == "end":
-                            ended = json.loads(msg.data or "{}")
-                            break
-                        ev = json.loads(msg.data)
-                        if workflow is not None:
-                            last = ev.get("seq", last)
-                        received += 1
-                        if not quiet:
-                            out.write((json.dumps(ev, separators=(",", ":")) if as_json else _line(ev)) + "\n")
-                            out.flush()
-                        if not follow:
-                            idle_deadline = loop.time() + IDLE_SECONDS
-            except httpx.HTTPError as exc:
-                if not connected_once:
-                    raise BackendUnavailable(f"node {node_id} at {address} is unreachable: {exc}",
-                                             backend="agent") from None
-                err(f"cbctl: stream from {node_id} broke ({exc}); reconnecting")
-                ended = None
-            if not follow:
-                if ended is not None:
-                    err(f"cbctl: node {node_id} ended the stream: {ended.get('reason')}")
-                return _done(received, quiet)
-            if ended is not None:
-                err(f"cbctl: node {node_id} ended the stream ({ended.get('reason')}); reconnecting")
-            t = remaining(None)
-            if t is not None and t <= 0:
-                return _done(received, quiet)
-            await asyncio.sleep(min(1.0, t) if t is not None else 1.0)
+def _notice(node_id: str, n: StreamNotice) -> str:
+    """The stderr line for a :class:`~cbctl.core.sse.StreamNotice`."""
+    if n.kind == "refused":
+        return (f"cbctl: node {node_id} refuses the subscription for now (HTTP {n.status}): {n.reason}; "
+                "asking again every second")
+    if n.kind == "ended":
+        return f"cbctl: node {node_id} ended the stream ({n.reason}){'; reconnecting' if n.reconnecting else ''}"
+    return f"cbctl: stream from {node_id} broke ({n.reason}); reconnecting"
 
 
 def _done(received: int, quiet: bool) -> int:
     if quiet:
         err(f"received {received} events")
     return 0
-
-
-def _quote(workflow: str) -> str:
-    from urllib.parse import quote
-
-    return quote(workflow, safe="")

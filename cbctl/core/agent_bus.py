@@ -27,7 +27,10 @@ What it does
   a :class:`~cbctl.core.bus.bridge.Bridge` with this node's durable consumer, created as soon
   as a connection exists and re-created if the connection is closed for good.
 * **Local stream**: every update this node applied is also fanned out in-process, for
-  ``stream.source = local``.
+  ``stream.source = local``, in seq order per workflow even though the lane worker and the
+  signal router publish concurrently (:class:`LocalStream`).
+* **Bridge connection task**: if it dies of an unexpected error its connection is closed, the
+  error is logged and the task is restarted with capped backoff (never while closing).
 
 SSE endpoints (on the agent's HTTP server)
 ------------------------------------------
@@ -62,10 +65,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,17 +150,53 @@ class LocalSubscription:
             self._queue.put_nowait(None)
 
 
+@dataclass(slots=True)
+class _LocalWorkflow:
+    """Ordering state of one workflow in :class:`LocalStream`."""
+
+    last: int | None = None  # highest seq released to subscribers
+    inflight: dict[int, int] = field(default_factory=dict)  # seq -> hooks still publishing it
+    held: dict[int, Event] = field(default_factory=dict)  # published, waiting for a lower in-flight seq
+    skipped: set[int] = field(default_factory=set)  # in-flight seqs given up on (a late copy is a violation)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class LocalStreamStats:
+    """Counters for tests and ``GET /v1/bus``."""
+
+    released: int = 0
+    duplicates: int = 0
+    held: int = 0
+    ordering_violations: int = 0
+
+
 class LocalStream:
     """In-process fan-out of the updates this node applied (``stream.source = local``).
 
-    Per workflow, seqs offered are strictly increasing: a re-applied update (same seq, e.g. a
-    re-delivered task) is not offered twice.
+    Per workflow, seqs offered are strictly increasing and each is offered once (a re-applied
+    update, e.g. a re-delivered task, has the same seq and is not offered twice).
+
+    Several writers apply updates of one workflow concurrently (the lane worker and the signal
+    router), and each awaits its publish before offering here, so seq N+1 can finish first.
+    Each writer therefore calls :meth:`reserve` with its seq as soon as the guard has assigned it
+    and before any await; :meth:`publish` holds an event back while a lower seq of the same workflow
+    is still reserved, and releases held events in seq order once it is not.  Seqs that are
+    never reserved here (applied on another node while it owned the lane) are legitimate gaps
+    and delay nothing.  A reservation that is neither published nor abandoned (:meth:`abandon`) within
+    ``gap_timeout`` (or more than ``max_held`` events waiting behind it) is given up on: the
+    held events go out and ``ordering_violations`` is counted, as the bridge does; should that
+    seq still arrive, it is dropped (subscribers were promised increasing seqs) and counted too.
     """
 
-    def __init__(self, max_queue: int = 10_000, max_workflows: int = 100_000) -> None:
+    def __init__(self, max_queue: int = 10_000, max_workflows: int = 100_000, *, gap_timeout: float = 5.0,
+                 max_held: int = 10_000) -> None:
         self.max_queue = max_queue
         self.max_workflows = max_workflows
-        self._last: dict[str, int] = {}
+        self.gap_timeout = gap_timeout
+        self.max_held = max_held
+        self.stats = LocalStreamStats()
+        self._wf: OrderedDict[str, _LocalWorkflow] = OrderedDict()
         self._by_workflow: dict[str, set[LocalSubscription]] = {}
         self._all: set[LocalSubscription] = set()
 
@@ -166,13 +208,120 @@ class LocalStream:
             self._by_workflow.setdefault(workflow_id, set()).add(sub)
         return sub
 
-    def publish(self, ev: Event) -> None:
-        last = self._last.get(ev.workflow_id)
-        if last is not None and ev.seq <= last:
+    def _state(self, workflow_id: str) -> _LocalWorkflow:
+        wf = self._wf.get(workflow_id)
+        if wf is None:
+            wf = self._wf[workflow_id] = _LocalWorkflow()
+            self._evict()
+        else:
+            self._wf.move_to_end(workflow_id)
+        return wf
+
+    def _evict(self) -> None:
+        # Forget the least recently active workflows, never one with work in progress.
+        excess = len(self._wf) - self.max_workflows
+        for workflow_id in list(itertools.islice(self._wf, max(0, excess) * 2)):  # oldest first, O(excess)
+            if excess <= 0:
+                break
+            wf = self._wf[workflow_id]
+            if not wf.inflight and not wf.held:
+                del self._wf[workflow_id]
+                excess -= 1
+
+    def reserve(self, workflow_id: str, seq: int) -> None:
+        """Announce that ``seq`` (just assigned by the guard) is being published; higher seqs of
+        the workflow wait for it.  Pair with :meth:`publish` or :meth:`abandon`."""
+        wf = self._state(workflow_id)
+        if wf.last is not None and seq <= wf.last:
+            return  # a re-apply of something already released: nothing will wait for it
+        wf.inflight[seq] = wf.inflight.get(seq, 0) + 1
+
+    def abandon(self, workflow_id: str, seq: int) -> None:
+        """A reserved seq will not be published now (its hook failed; a re-delivery may bring
+        it later, out of order by then).  Events held behind it go out."""
+        wf = self._wf.get(workflow_id)
+        if wf is None or not self._unreserve(wf, seq):
             return
-        self._last[ev.workflow_id] = ev.seq
-        if len(self._last) > self.max_workflows:
-            self._last.pop(next(iter(self._last)))
+        self._release_ready(workflow_id, wf)
+
+    def publish(self, ev: Event) -> None:
+        """Offer ``ev`` to subscribers, in seq order per workflow (class doc)."""
+        wf = self._state(ev.workflow_id)
+        self._unreserve(wf, ev.seq)
+        if (wf.last is not None and ev.seq <= wf.last) or ev.seq in wf.held:
+            if ev.seq in wf.skipped:
+                wf.skipped.discard(ev.seq)
+                self._violation()
+                log.warning("local stream: workflow %s seq %d published after seq %d was released; dropped",
+                            ev.workflow_id, ev.seq, wf.last)
+            else:
+                self.stats.duplicates += 1
+            return
+        wf.held[ev.seq] = ev
+        self._release_ready(ev.workflow_id, wf)
+        if ev.seq in wf.held:
+            self.stats.held += 1
+
+    @staticmethod
+    def _unreserve(wf: _LocalWorkflow, seq: int) -> bool:
+        n = wf.inflight.get(seq)
+        if n is None:
+            return False
+        if n > 1:
+            wf.inflight[seq] = n - 1
+        else:
+            del wf.inflight[seq]
+        return True
+
+    def _release_ready(self, workflow_id: str, wf: _LocalWorkflow) -> None:
+        """Release held events, lowest first, while no lower seq is still in flight."""
+        while wf.held:
+            nxt = min(wf.held)
+            if any(r < nxt for r in wf.inflight):
+                break
+            self._release(wf, wf.held.pop(nxt))
+        if not wf.held:
+            if wf.timer is not None:
+                wf.timer.cancel()
+                wf.timer = None
+            return
+        if len(wf.held) > self.max_held:
+            self._give_up(workflow_id, wf)
+        elif wf.timer is None:
+            wf.timer = asyncio.get_running_loop().call_later(self.gap_timeout, self._expire, workflow_id)
+
+    def _expire(self, workflow_id: str) -> None:
+        wf = self._wf.get(workflow_id)
+        if wf is None:
+            return
+        wf.timer = None
+        if wf.held:
+            self._give_up(workflow_id, wf)
+
+    def _give_up(self, workflow_id: str, wf: _LocalWorkflow) -> None:
+        """Stop waiting for the in-flight seqs below the lowest held one; release what is held."""
+        if wf.timer is not None:
+            wf.timer.cancel()
+            wf.timer = None
+        upto = max(wf.held)
+        stuck = sorted(r for r in wf.inflight if r < upto)
+        for r in stuck:
+            del wf.inflight[r]
+            wf.skipped.add(r)
+        while len(wf.skipped) > 1000:  # bounded: only recent give-ups can still turn up
+            wf.skipped.discard(min(wf.skipped))
+        self._violation()
+        log.warning("local stream: workflow %s: seq(s) %s still not published after %.1fs; releasing %d held",
+                    workflow_id, ", ".join(map(str, stuck[:10])), self.gap_timeout, len(wf.held))
+        self._release_ready(workflow_id, wf)
+
+    def _violation(self) -> None:
+        # Not the bridge's Prometheus counter (a different stream); logged and in GET /v1/bus.
+        self.stats.ordering_violations += 1
+
+    def _release(self, wf: _LocalWorkflow, ev: Event) -> None:
+        wf.last = ev.seq
+        self.stats.released += 1
         for sub in (*self._by_workflow.get(ev.workflow_id, ()), *self._all):
             sub._offer(ev)
 
@@ -187,6 +336,11 @@ class LocalStream:
                     del self._by_workflow[sub.workflow_id]
 
     def close_all(self) -> None:
+        """End every subscription and stop the gap timers."""
+        for wf in self._wf.values():
+            if wf.timer is not None:
+                wf.timer.cancel()
+                wf.timer = None
         for sub in [*self._all, *(s for subs in self._by_workflow.values() for s in subs)]:
             sub.close()
 
@@ -241,6 +395,7 @@ class AgentBus:
         self._bridge_nc: Client | None = None
         self._bridge_ready = asyncio.Event()
         self._bridge_task: asyncio.Task[None] | None = None
+        self._bridge_failures = 0  # consecutive deaths of the connection task (restart backoff)
         self._flags_ready = asyncio.Event()
         self._publish_mode = "off"
         self._schema_versions: tuple[int, ...] = (1,)
@@ -303,6 +458,10 @@ class AgentBus:
                 "ordering_violations": br.stats.ordering_violations,
             },
             "subscribers": len(self._streams),
+            "local_stats": {
+                "released": self.local.stats.released, "duplicates": self.local.stats.duplicates,
+                "held": self.local.stats.held, "ordering_violations": self.local.stats.ordering_violations,
+            },
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -338,7 +497,7 @@ class AgentBus:
             await self._close_outbox()
             self.publisher = None
             raise
-        self._bridge_task = asyncio.create_task(self._bridge_loop(), name=f"{self.node_id}:bridge-conn")
+        self._start_bridge_task(0.0)
         log.info("agent %s: event bus started (outbox %s, depth %d, %s)", self.node_id, self.outbox_path,
                  self.outbox.depth, "connected" if self.publisher.connected else "NATS unreachable: degraded")
 
@@ -381,8 +540,36 @@ class AgentBus:
                 async with asyncio.timeout(2.0):
                     await nc.close()
 
-    async def _bridge_loop(self) -> None:
-        """Keep a connection and a bridge on it; re-create both if the connection closes for good."""
+    def _start_bridge_task(self, delay: float) -> None:
+        """(Re)start the bridge's connection task, after ``delay`` seconds."""
+        task = asyncio.create_task(self._bridge_loop(delay), name=f"{self.node_id}:bridge-conn")
+        task.add_done_callback(self._bridge_task_done)
+        self._bridge_task = task
+
+    def _bridge_task_done(self, task: asyncio.Task[None]) -> None:
+        """The connection task ended: unless the bus is closing, log why and restart it with
+        backoff, so an unexpected error cannot leave the node without a bridge, silently."""
+        if task is not self._bridge_task or task.cancelled():
+            return
+        exc = task.exception()  # retrieve it in every case: never "exception was never retrieved"
+        if self._closing:
+            return
+        self._bridge_failures += 1
+        delay = min(30.0, 0.5 * 2 ** (self._bridge_failures - 1))
+        if exc is not None:
+            log.error("agent %s: bridge connection task died (%s: %s); restarting in %.1fs", self.node_id,
+                      type(exc).__name__, exc, delay, exc_info=(type(exc), exc, exc.__traceback__))
+        else:
+            log.error("agent %s: bridge connection task ended; restarting in %.1fs", self.node_id, delay)
+        self._start_bridge_task(delay)
+
+    async def _bridge_loop(self, initial_delay: float = 0.0) -> None:
+        """Keep a connection and a bridge on it; re-create both if the connection closes for good.
+
+        Whatever way an iteration ends (connection closed, an error, cancellation) the bridge and
+        its connection are closed before the next one or before the task ends."""
+        if initial_delay > 0:
+            await asyncio.sleep(initial_delay)
         delay = 0.25
         while not self._closing:
             try:
@@ -394,17 +581,22 @@ class AgentBus:
                 delay = min(5.0, delay * 2)
                 continue
             delay = 0.25
-            opts: dict[str, Any] = {"fetch_timeout": 0.25, **self.bridge_options}
-            bridge = Bridge(nc, self.nats_cfg.stream, self.metrics, self.node_id, mode=self._bridge_mode,
-                            schema_version=self._consumer_version, canary_subscribers=self._canary, **opts)
-            self._bridge_nc, self.bridge = nc, bridge
-            await bridge.start()
-            self._bridge_ready.set()
-            log.info("agent %s: bridge consuming as %s (mode %s)", self.node_id, bridge.durable, self._bridge_mode)
-            while not nc.is_closed:
-                await asyncio.sleep(0.5)
-            log.warning("agent %s: bridge connection closed; reconnecting", self.node_id)
-            await self._close_bridge()
+            self._bridge_nc = nc  # owned from here on: _close_bridge closes it on every way out
+            try:
+                opts: dict[str, Any] = {"fetch_timeout": 0.25, **self.bridge_options}
+                bridge = Bridge(nc, self.nats_cfg.stream, self.metrics, self.node_id, mode=self._bridge_mode,
+                                schema_version=self._consumer_version, canary_subscribers=self._canary, **opts)
+                self.bridge = bridge
+                await bridge.start()
+                self._bridge_ready.set()
+                self._bridge_failures = 0
+                log.info("agent %s: bridge consuming as %s (mode %s)", self.node_id, bridge.durable,
+                         self._bridge_mode)
+                while not nc.is_closed:
+                    await asyncio.sleep(0.5)
+                log.warning("agent %s: bridge connection closed; reconnecting", self.node_id)
+            finally:
+                await self._close_bridge()
 
     # ------------------------------------------------------------------ agent hooks
 
@@ -436,22 +628,31 @@ class AgentBus:
 
     async def _on_applied(self, u: AppliedUpdate) -> None:
         """Build the canonical event and make it durable before the task's ack (module doc)."""
-        if not self._flags_ready.is_set():
-            # A lane worker can apply a task before the agent has handed us the flags: do not
-            # publish under the default "off" (the event would be lost), wait for them.
-            await self._flags_ready.wait()
+        # Before any await: the lane worker and the signal router publish for the same workflow
+        # concurrently, and a higher seq must not reach local subscribers before this one.
+        self.local.reserve(u.workflow_id, u.seq)
+        offered = False
         try:
-            ev = event_of_update(u)
-        except BadEvent as exc:
-            # A poison task would otherwise be re-delivered forever; its state change is applied.
-            log.error("agent %s: workflow %s seq %d: cannot build its event (%s); not published",
-                      self.node_id, u.workflow_id, u.seq, exc)
-            self.metrics.publish.labels(status="error").inc()
-            return
-        if self.publisher is None:
-            raise BackendUnavailable("event bus not started", backend="nats")
-        await self.publisher.publish(ev)  # PublishFailed propagates: the task is not acked
-        self.local.publish(ev)
+            if not self._flags_ready.is_set():
+                # A lane worker can apply a task before the agent has handed us the flags: do not
+                # publish under the default "off" (the event would be lost), wait for them.
+                await self._flags_ready.wait()
+            try:
+                ev = event_of_update(u)
+            except BadEvent as exc:
+                # A poison task would otherwise be re-delivered forever; its state change is applied.
+                log.error("agent %s: workflow %s seq %d: cannot build its event (%s); not published",
+                          self.node_id, u.workflow_id, u.seq, exc)
+                self.metrics.publish.labels(status="error").inc()
+                return
+            if self.publisher is None:
+                raise BackendUnavailable("event bus not started", backend="nats")
+            await self.publisher.publish(ev)  # PublishFailed propagates: the task is not acked
+            self.local.publish(ev)
+            offered = True
+        finally:
+            if not offered:  # failed or cancelled: do not make later seqs wait for this one
+                self.local.abandon(u.workflow_id, u.seq)
 
     # ------------------------------------------------------------------ SSE
 
@@ -515,8 +716,9 @@ class AgentBus:
                 await self._pump_canonical(resp, stream, workflow_id, name, after)
             else:
                 await self._pump_local(resp, stream, workflow_id, after)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the subscriber went away (aiohttp cancels the handler)
+        except ConnectionResetError:
+            pass  # the subscriber went away mid-write; a disconnect while waiting cancels the
+            # handler instead, and that CancelledError must propagate (the finally cleans up)
         finally:
             self._streams.discard(stream)
             if stream.sub is not None:
@@ -574,6 +776,11 @@ class AgentBus:
                 pass
             except SubscriberLagged:
                 await resp.write(_end_message("lagged", last_seq=last))
+                return
+            except BackendUnavailable as exc:
+                # The after= replay could not be read back from the stream (NATS trouble): end
+                # with a reason rather than continue live past a hole; the client resumes with after.
+                await resp.write(_end_message(f"{exc}; reconnect", last_seq=last))
                 return
             finally:
                 sub.close()

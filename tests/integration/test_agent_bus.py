@@ -393,3 +393,186 @@ async def test_wrong_credentials_fail_at_start(
         assert "refused the credentials" in str(info.value) and "wrong-pass-123" not in str(info.value)
     finally:
         server.stop()
+
+
+# -- review fixes: local ordering, replay failure, bridge task restart, the tail client ---------
+
+
+def _ev(seq: int, workflow_id: str = "wf-1") -> Any:
+    from cbctl.core.events import make_event
+
+    return make_event(workflow_id=workflow_id, seq=seq, type="task", lane="lane-0", node_id="node-a")
+
+
+def _drain(sub: Any) -> list[int]:
+    seqs = []
+    while not sub._queue.empty():
+        item = sub._queue.get_nowait()
+        if item is not None:
+            seqs.append(item.seq)
+    return seqs
+
+
+async def test_local_stream_orders_concurrent_publishers() -> None:
+    """Lane worker and signal router publish one workflow concurrently: seq N+1 finishing first
+    waits for N (not dropped); legit gaps delay nothing; a stuck seq is given up on and counted."""
+    from cbctl.core.agent_bus import LocalStream
+
+    ls = LocalStream(gap_timeout=0.2)
+    one, every = ls.subscribe("wf-1"), ls.subscribe(None)
+    ls.reserve("wf-1", 1)
+    ls.reserve("wf-1", 2)
+    ls.publish(_ev(2))  # finished first: held behind 1
+    assert _drain(one) == [] and ls.stats.held == 1
+    ls.publish(_ev(1))
+    assert _drain(one) == [1, 2]
+    ls.publish(_ev(2))  # a re-applied (re-delivered) task: same seq, not offered twice
+    assert _drain(one) == [] and ls.stats.duplicates == 1
+    ls.publish(_ev(7))  # 3..6 applied on another node: a legitimate gap, no wait
+    assert _drain(one) == [7]
+    ls.reserve("wf-1", 8)
+    ls.reserve("wf-1", 9)
+    ls.publish(_ev(9))
+    await asyncio.sleep(0.4)  # seq 8 never comes within gap_timeout: 9 goes out, counted
+    assert _drain(one) == [9] and ls.stats.ordering_violations == 1
+    ls.publish(_ev(8))  # too late now: dropped and counted, never out of order
+    assert _drain(one) == [] and ls.stats.ordering_violations == 2
+    ls.reserve("wf-1", 10)
+    ls.reserve("wf-1", 11)
+    ls.publish(_ev(11))
+    ls.abandon("wf-1", 10)  # its hook failed: nothing waits for it any more
+    assert _drain(one) == [11]
+    assert _drain(every) == [1, 2, 7, 9, 11]
+    ls.close_all()
+
+
+async def test_replay_failure_ends_the_stream_with_a_reason(
+    bus_agents: Any, coord: Coordinator, bus_ctx: Context, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A NATS error part-way through an after= replay read from the stream: `event: end` with a
+    reason (the client resumes with after), never a silent seq hole."""
+    import nats.errors
+
+    a, bus_a = await bus_agents("node-a")
+    rev = await streaming(coord, bus_ctx)
+    await wait_applied([a], rev)
+    await async_wait_until(lambda: bus_a.bridge is not None, 10, interval=0.05, message="bridge")
+    assert bus_a.bridge is not None
+
+    async def broken_get_msg(*args: Any, **kwargs: Any) -> Any:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(bus_a.bridge.js, "get_msg", broken_get_msg)
+    reader = await SseReader(a.http_address or "", "/v1/workflows/never-seen/events", "ops", after=3).start()
+    assert reader.status == 200
+    await reader.wait_done(10)
+    assert reader.events == []
+    assert len(reader.ends) == 1 and "replay" in reader.ends[0]["reason"], reader.ends
+    assert reader.ends[0]["last_seq"] == 3
+
+
+async def test_bridge_connection_task_restarts_after_a_crash(
+    bus_agents: Any, coord: Coordinator, bus_ctx: Context, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected error in the bridge's connection task closes its connection, is logged,
+    and the task comes back (with backoff) instead of dying silently."""
+    from cbctl.core import agent_bus
+
+    real_start = agent_bus.Bridge.start
+    crashed: list[Any] = []
+
+    async def flaky_start(self: Any) -> None:
+        if not crashed:
+            crashed.append(self.nc)
+            raise RuntimeError("boom")
+        await real_start(self)
+
+    monkeypatch.setattr(agent_bus.Bridge, "start", flaky_start)
+    a, bus_a = await bus_agents("node-a")
+    await async_wait_until(lambda: bus_a.bridge is not None and bus_a.bridge._tasks, 10, interval=0.05,
+                           message="bridge restarted")
+    assert crashed and crashed[0].is_closed  # the failed attempt's connection did not leak
+    assert bus_a._bridge_task is not None and not bus_a._bridge_task.done()
+
+
+async def _sse_server(handler: Any) -> AsyncIterator[str]:
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/v1/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_subscribe_events_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core client behind `events tail`: refusals while following (reported once per reason),
+    a stream broken after connecting (exit 4 without --follow), a clean `event: end`."""
+    from aiohttp import web
+
+    from cbctl.core import sse
+    from cbctl.core.errors import BackendUnavailable
+    from cbctl.core.sse import StreamEvent, StreamNotice, SubscriptionRefused, subscribe_events
+
+    monkeypatch.setattr(sse, "RETRY_SECONDS", 0.05)
+    calls: list[int] = []
+    event = json.dumps({"workflow_id": "wf-1", "seq": 1, "type": "task"})
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        mode = request.query["subscriber"]
+        if mode == "refuse-then-ok" and len(calls) <= 3:
+            return web.json_response({"error": "not allowed", "reason": "not a canary"}, status=403)
+        if mode == "refuse":
+            return web.json_response({"error": "not allowed", "reason": "bridge is read-only"}, status=403)
+        if mode == "bad":
+            return web.json_response({"error": "bad request", "reason": "nope"}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"id: 1\nevent: task\ndata: {event}\n\n".encode())
+        if mode != "break":
+            await resp.write(b'event: end\ndata: {"reason": "flags changed"}\n\n')
+        return resp  # "break": the connection closes with no `event: end`
+
+    async def collect(address: str, **kw: Any) -> list[Any]:
+        return [x async for x in subscribe_events("node-t", address, **kw)]
+
+    async for address in _sse_server(handler):
+        items = await collect(address, subscriber="refuse-then-ok", follow=True, duration=1.0)
+        refused = [x for x in items if isinstance(x, StreamNotice) and x.kind == "refused"]
+        assert len(refused) == 1 and refused[0].status == 403 and refused[0].reason == "not a canary"
+        assert any(isinstance(x, StreamEvent) and x.event["seq"] == 1 for x in items)
+        assert any(isinstance(x, StreamNotice) and x.kind == "ended" and x.reconnecting for x in items)
+
+        items = await collect(address, subscriber="ok")
+        assert [type(x) for x in items] == [StreamEvent, StreamNotice] and not items[1].reconnecting
+
+        got: list[Any] = []
+        with pytest.raises(BackendUnavailable) as info:
+            async for x in subscribe_events("node-t", address, subscriber="break"):
+                got.append(x)
+        assert info.value.exit_code == 4 and "broke" in str(info.value)
+        assert len(got) == 1 and isinstance(got[0], StreamEvent)
+
+        items = await collect(address, subscriber="break", follow=True, duration=0.5)
+        assert any(isinstance(x, StreamNotice) and x.kind == "broken" for x in items)
+
+        with pytest.raises(SubscriptionRefused) as refused_info:
+            await collect(address, subscriber="bad", follow=True)
+        assert refused_info.value.exit_code == 2
+        with pytest.raises(SubscriptionRefused) as refused_info:
+            await collect(address, subscriber="refuse")  # 403 without --follow: exit 1
+        assert refused_info.value.exit_code == 1
+    with pytest.raises(BackendUnavailable):  # nothing listens there any more
+        await collect(address, subscriber="ok")
+
+
+async def test_events_tail_rejects_an_empty_subscriber(config_file: Path) -> None:
+    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--subscriber", " ")
+    assert res.exit_code == 2 and "--subscriber must not be empty" in res.stderr

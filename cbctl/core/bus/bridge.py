@@ -45,8 +45,10 @@ Subscribers
 Per workflow, a subscription sees strictly increasing seqs.  With ``after_seq`` (single-workflow
 subscriptions only) it first replays what the bridge already released with a higher seq (from
 the in-memory history, else read back from the stream), then continues live without a gap or a
-repeat.  A subscriber that falls ``max_queue`` events behind is dropped: iterating raises
-:class:`SubscriberLagged`, carrying the last seq it got, to resubscribe from.
+repeat.  A replay read back from the stream is all or nothing: if NATS fails part-way,
+iterating raises ``BackendUnavailable`` (nothing of the replay is yielded; subscribe again with
+the same ``after_seq``).  A subscriber that falls ``max_queue`` events behind is dropped:
+iterating raises :class:`SubscriberLagged`, carrying the last seq it got, to resubscribe from.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from cbctl.core.config import StreamConfig
-from cbctl.core.errors import BadInput, CbctlError
+from cbctl.core.errors import BackendUnavailable, BadInput, CbctlError
 from cbctl.core.events import (
     BAD_EVENT_REASONS,
     SUPPORTED_SCHEMA_VERSIONS,
@@ -120,6 +122,7 @@ class Subscription:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._max_queue = max_queue
         self._replay: list[Event] | None = None
+        self._replay_task: asyncio.Task[list[Event]] | None = None
         self._replay_upto: int | None = None  # live events at or below this seq were replayed
         self._last_seq: int | None = after_seq  # last seq handed to the consumer (one workflow)
         self._closed = False
@@ -147,8 +150,18 @@ class Subscription:
 
     async def __anext__(self) -> Event:
         if self._replay is None and self.after_seq is not None and self.workflow_id is not None:
-            self._replay = await self._bridge._replay(self)
-            self._replay.reverse()  # pop() from the end = oldest first
+            # The replay runs as its own task: a read back from the stream can outlast the
+            # caller's timeout (next(keepalive)), and cancelling it would restart it from scratch
+            # on every call, never finishing.
+            if self._replay_task is None:
+                self._replay_task = asyncio.ensure_future(self._bridge._replay(self))
+            task = self._replay_task
+            try:
+                replay = await asyncio.shield(task)
+            finally:
+                if task.done():
+                    self._replay_task = None  # a failed replay is tried afresh on the next call
+            self._replay = list(reversed(replay))  # pop() from the end = oldest first
         while True:
             if self._replay:
                 ev = self._replay.pop()
@@ -181,6 +194,12 @@ class Subscription:
             self._closed = True
             self._bridge._remove(self)
             self._queue.put_nowait(_CLOSED)
+            task, self._replay_task = self._replay_task, None
+            if task is not None:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # mark a failure retrieved: nobody is left to be told
 
 
 @dataclass(slots=True)
@@ -395,7 +414,8 @@ class Bridge:
 
     async def _replay_from_stream(self, workflow_id: str, after_seq: int, upto: int | None) -> list[Event]:
         """Read the workflow's subject back from the stream (one request per message); ``upto``
-        None = to the end of the stream."""
+        None = to the end of the stream.  All or nothing: a transient NATS error raises
+        ``BackendUnavailable`` (never a partial list, which would be a silent seq hole)."""
         subject = event_subject(workflow_id, self._version)
         found: dict[int, Event] = {}
         stream_seq = 1
@@ -405,8 +425,14 @@ class Bridge:
             except nats.js.errors.NotFoundError:
                 break
             except _TRANSIENT as exc:
-                log.warning("bridge replay of %s from the stream stopped: %s", workflow_id, exc)
-                break
+                # A partial replay would hand the subscriber a seq hole it cannot see; fail the
+                # whole replay so the stream ends with a reason and the client resumes with `after`.
+                log.warning("bridge replay of %s from the stream failed: %s", workflow_id, exc)
+                raise BackendUnavailable(
+                    f"replay of workflow {workflow_id!r} from stream {self.stream_cfg.name} failed "
+                    f"after seq {max(found, default=after_seq)}: {type(exc).__name__}: {exc}",
+                    backend="nats",
+                ) from exc
             stream_seq = (raw.seq or stream_seq) + 1
             try:
                 _, ev = decode_event(raw.data or b"", subject=subject)
