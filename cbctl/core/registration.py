@@ -271,7 +271,8 @@ async def read_nodes(coord: Coordinator, cluster: str) -> tuple[list[NodeView], 
     transitions = []
     for kv in await coord.list(audit_prefix):
         try:
-            transitions.append(int(kv.key[len(audit_prefix):]))
+            # `<from-revision>-<unique id>` (see keys.audit)
+            transitions.append(int(kv.key[len(audit_prefix):].split("-", 1)[0]))
         except ValueError:
             continue
     conflicts = await read_conflicts(coord, cluster)
