@@ -30,8 +30,10 @@ Per message, in order:
    ``event_bus_bridge_ordering_violations_total`` once and skips ahead to the lowest held seq.
    A seq at or below the last one released (with a new event_id) arrived too late: counted as a
    violation and dropped, because subscribers are promised strictly increasing seqs per
-   workflow.  The first event seen of a workflow sets its baseline (the bridge may start in the
-   middle of a workflow's life), so an event older than that one is never delivered.
+   workflow.  A workflow first seen at a seq above 1 (the bridge started in the middle of its
+   life, or publishes from two nodes crossed while ownership settled) is held back like a gap:
+   lower seqs arriving within ``gap_timeout`` go first; after it the bridge starts at the lowest
+   held seq, which is not counted as a violation (nothing was released out of order).
 5. Release: track the workflow's last released seq, keep it in a short per-workflow history (for
    ``after_seq`` replays) and fan out by mode (flag ``eventbus.bridge``):
    ``off`` consumes nothing; ``read-only`` runs steps 1-4 and delivers to nobody; ``canary``
@@ -205,6 +207,9 @@ class Subscription:
 @dataclass(slots=True)
 class _Workflow:
     last_seq: int  # last seq released (or skipped over)
+    # False until something is released: the bridge may have started in the middle of the
+    # workflow, so where its sequence starts is not known yet (see _order).
+    baseline_known: bool = True
     held: dict[int, Event] = field(default_factory=dict)
     gap_since: float | None = None
     history: deque[Event] = field(default_factory=deque)
@@ -621,7 +626,12 @@ class Bridge:
     def _order(self, ev: Event, now: float) -> None:
         wf = self._workflows.get(ev.workflow_id)
         if wf is None:
-            wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=ev.seq - 1)
+            # A workflow first seen at seq 1 starts here. One first seen later (the bridge
+            # started mid-workflow, or two nodes' publishes crossed while ownership settled, e.g.
+            # at cluster.enabled=true) is held back like any gap: lower seqs arriving within the
+            # gap timeout are released first, in order; past it, the bridge starts at the lowest
+            # seq it holds — not a violation, since nothing was released out of order.
+            wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
             self._evict_workflows()
         else:
             self._workflows.move_to_end(ev.workflow_id)
@@ -658,11 +668,14 @@ class Bridge:
             self._gapped.discard(workflow_id)
 
     def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float) -> None:
-        self.stats.ordering_violations += 1
-        self.metrics.bridge_ordering_violations.inc()
         nxt = min(wf.held)
-        log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs; skipping ahead",
-                    workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now))
+        if wf.baseline_known:
+            self.stats.ordering_violations += 1
+            self.metrics.bridge_ordering_violations.inc()
+            log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs; skipping ahead",
+                        workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now))
+        else:
+            log.debug("bridge: workflow %s first seen at seq %d; starting there", workflow_id, nxt)
         wf.last_seq = nxt - 1
         self._release_run(workflow_id, wf, now)
 
@@ -696,6 +709,7 @@ class Bridge:
                 excess -= 1
 
     def _release(self, wf: _Workflow, ev: Event) -> None:
+        wf.baseline_known = True
         wf.last_seq = ev.seq
         self.stats.released += 1
         wf.history.append(ev)
