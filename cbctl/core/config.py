@@ -113,12 +113,36 @@ class CoordinationConfig:
     keepalive_interval: float = 2.0
 
 
+DEFAULT_STREAM_MAX_AGE = 7 * 86400.0
+DEFAULT_STREAM_MAX_BYTES = 1 << 30
+DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT = 10_000
+DEFAULT_REDIS_RETENTION = 7 * 86400.0
+DEFAULT_REDIS_HISTORY_MAX = 1_000
+
+
+def default_stream_name(cluster: str) -> str:
+    """``CB_<CLUSTER>_EVENTS``: one stream per cluster, so clusters can share a NATS account.
+
+    JetStream names may not hold ``.``, ``*``, ``>``, whitespace or path separators; anything
+    outside ``[A-Za-z0-9_-]`` becomes ``_``.
+    """
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in cluster.upper())
+    return f"CB_{safe}_EVENTS"
+
+
 @dataclass(frozen=True)
 class StreamConfig:
+    """``[contexts.X.nats.stream]``.  The limits bound the stream's disk use: JetStream discards
+    the oldest messages past any of them (``max_msgs_per_subject`` counts per workflow and
+    schema version, since each workflow has its own subject)."""
+
     name: str = "CB_EVENTS"
     storage: str = "file"  # file | memory
     replicas: int = 1
     duplicate_window: float = 120.0  # seconds; JetStream's default is 2 min
+    max_age: float = DEFAULT_STREAM_MAX_AGE  # seconds
+    max_bytes: int = DEFAULT_STREAM_MAX_BYTES
+    max_msgs_per_subject: int = DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT
 
 
 @dataclass(frozen=True)
@@ -136,8 +160,13 @@ class NatsConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
+    """``[contexts.X.redis]``.  ``retention``: how long a finished workflow's keys live (seconds);
+    ``history_max``: entries kept in one workflow's history stream."""
+
     url: str = "redis://127.0.0.1:6379/0"
     password: SecretRef = field(default_factory=SecretRef)
+    retention: float = DEFAULT_REDIS_RETENTION
+    history_max: int = DEFAULT_REDIS_HISTORY_MAX
 
 
 @dataclass(frozen=True)
@@ -284,6 +313,32 @@ def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> f
     return float(v)
 
 
+def _duration_key(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    """A positive duration: ``"7d"``, ``"90s"`` or a number of seconds."""
+    from cbctl.core.durations import parse_duration  # pure; kept local to keep this module's imports flat
+    from cbctl.core.errors import BadInput
+
+    v = table.get(key, default)
+    try:
+        return parse_duration(v, what=f"{where}.{key}")
+    except BadInput as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _positive_int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    v = table.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{where}.{key}: must be a positive integer, got {v!r}")
+    return v
+
+
+def _stream_name(v: Any, where: str) -> str:
+    _expect(v, str, where)
+    if not v or any(not (c.isalnum() or c in "_-") for c in v):
+        raise ConfigError(f"{where}: {v!r} is not a valid JetStream stream name (letters, digits, _ and - only)")
+    return v
+
+
 def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in table:
         if key in _LITERAL_SECRET_KEYS:
@@ -368,7 +423,8 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
                        "nkey-file", "tls", "stream", "connect-timeout"}, nw)
     s = n.get("stream", {})
     _expect(s, dict, f"{nw}.stream")
-    _check_unknown(s, {"name", "storage", "replicas", "duplicate-window"}, f"{nw}.stream")
+    _check_unknown(s, {"name", "storage", "replicas", "duplicate-window", "max-age", "max-bytes",
+                       "max-msgs-per-subject"}, f"{nw}.stream")
     storage = s.get("storage", "file")
     if storage not in ("file", "memory"):
         raise ConfigError(f"{nw}.stream.storage: must be 'file' or 'memory', got {storage!r}")
@@ -387,10 +443,14 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
         nkey_file=n.get("nkey-file") and _expect(n["nkey-file"], str, f"{nw}.nkey-file"),
         tls=_tls(n, nw),
         stream=StreamConfig(
-            name=_expect(s.get("name", "CB_EVENTS"), str, f"{nw}.stream.name"),
+            name=_stream_name(s.get("name", default_stream_name(cluster)), f"{nw}.stream.name"),
             storage=storage,
             replicas=replicas,
             duplicate_window=_number(s, "duplicate-window", 120.0, f"{nw}.stream"),
+            max_age=_duration_key(s, "max-age", DEFAULT_STREAM_MAX_AGE, f"{nw}.stream"),
+            max_bytes=_positive_int(s, "max-bytes", DEFAULT_STREAM_MAX_BYTES, f"{nw}.stream"),
+            max_msgs_per_subject=_positive_int(s, "max-msgs-per-subject", DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT,
+                                               f"{nw}.stream"),
         ),
         connect_timeout=_number(n, "connect-timeout", 2.0, nw),
     )
@@ -398,12 +458,17 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     r = table.get("redis", {})
     rw = f"{where}.redis"
     _expect(r, dict, rw)
-    _check_unknown(r, {"url", "password-env", "password-file"}, rw)
+    _check_unknown(r, {"url", "password-env", "password-file", "retention", "history-max"}, rw)
     url = _expect(r.get("url", "redis://127.0.0.1:6379/0"), str, f"{rw}.url")
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{rw}.url: {url!r} must start with redis://, rediss:// or unix://")
     _no_userinfo(url, f"{rw}.url")
-    redis_cfg = RedisConfig(url=url, password=_secret_ref(r, "password", rw))
+    redis_cfg = RedisConfig(
+        url=url,
+        password=_secret_ref(r, "password", rw),
+        retention=_duration_key(r, "retention", DEFAULT_REDIS_RETENTION, rw),
+        history_max=_positive_int(r, "history-max", DEFAULT_REDIS_HISTORY_MAX, rw),
+    )
 
     p = table.get("prometheus", {})
     pw = f"{where}.prometheus"
