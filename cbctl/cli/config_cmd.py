@@ -13,7 +13,10 @@ app = new_app("Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).")
 
 @app.command("view")
 def view(ctx: typer.Context, output: OutputOpt = None) -> None:
-    """Print the contexts file with anything secret-looking redacted (it holds only references)."""
+    """Print the contexts file with anything secret-looking redacted (it holds only references).
+
+    The file is validated as it is loaded (a credential inside a URL is refused there, exit 2);
+    URL userinfo is redacted here as well, as a second line of defence."""
     from cbctl.core.config import redacted
 
     st = state(ctx)
@@ -35,7 +38,9 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 
 @app.command("get-contexts")
 def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
-    """List contexts; the current one is marked."""
+    """List contexts; the current one is marked. URL userinfo is never shown."""
+    from cbctl.core.config import redact_url
+
     st = state(ctx)
     fmt = output_format(ctx, output)
 
@@ -49,7 +54,7 @@ def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
                 "current": name == cfg.current_context,
                 "cluster": raw.get("cluster", name),
                 "backend": raw.get("coordination", {}).get("backend", "etcd"),
-                "endpoints": raw.get("coordination", {}).get("endpoints", []),
+                "endpoints": [redact_url(str(e)) for e in raw.get("coordination", {}).get("endpoints", [])],
             })
         if fmt is OutputFormat.json:
             emit_json({"current": cfg.current_context, "contexts": rows})

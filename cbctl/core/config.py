@@ -20,12 +20,21 @@ The file format is a contract (see the README):
 
 Secrets are only ever named by reference — ``*-env`` (an environment variable's name) or
 ``*-file`` (a path) — and resolved at the moment of use into a :class:`Secret`, whose ``repr``
-and ``str`` never show the value.  A literal ``password = "..."`` is rejected.
+and ``str`` never show the value.  A literal ``password = "..."`` is rejected, and so is a
+credential inside any URL anywhere in the file (``scheme://user:pass@host``): :func:`load_config`
+refuses it naming the key, never the value.
+
+Strict: every section's keys are known (:data:`SECTION_KEYS` for the free-form sections that
+later modules read through ``Context.extra``); an unknown key anywhere is refused at load with
+the file, the key and a "did you mean" suggestion.  Every context in the file is validated when
+the file is loaded, not only the one in use, so a mistake surfaces at once.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -39,6 +48,29 @@ DEFAULT_CONFIG_PATH = Path("~/.config/cbctl/config.toml")
 
 # Keys that would carry a secret literally: refused, the reference forms are accepted instead.
 _LITERAL_SECRET_KEYS = {"password", "token", "secret", "key-password"}
+
+TOP_LEVEL_KEYS: frozenset[str] = frozenset({"current-context", "contexts"})
+
+# The free-form sections of a context (kept raw in ``Context.extra``) and the keys their readers
+# use: [preflight] max-age (cbctl/core/gates.py), probe-stale-after (cbctl/core/probes.py);
+# [agent] probe-interval (cbctl/core/probes.py), outbox-max (the agent's outbox bound);
+# [exit-criteria] window (cbctl/cli/exit_criteria.py); [sandbox] dir (cbctl/cli/sandbox.py).
+# [gates] is validated by cbctl.core.gates.gate_config, its one reader.
+SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "preflight": frozenset({"max-age", "probe-stale-after"}),
+    "agent": frozenset({"probe-interval", "outbox-max"}),
+    "exit-criteria": frozenset({"window"}),
+    "sandbox": frozenset({"dir"}),
+}
+# Keys of those sections whose value is a duration: checked at load, not at first use.
+_SECTION_DURATIONS: Mapping[str, tuple[str, ...]] = {
+    "preflight": ("max-age", "probe-stale-after"),
+    "agent": ("probe-interval",),
+    "exit-criteria": ("window",),
+}
+
+# ``scheme://userinfo@host``: the userinfo part, wherever it appears in a string.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
 
 
 class Secret:
@@ -258,9 +290,42 @@ def load_config(path: str | os.PathLike[str] | None = None, *, missing_ok: bool 
         raise ConfigError(f"{p}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    if not isinstance(raw.get("contexts", {}), dict):
-        raise ConfigError(f"{p}: 'contexts' must be a table")
+    validate_config(raw, p)
     return ConfigFile(p, raw)
+
+
+def validate_config(raw: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse a contexts file that is wrong anywhere (``ConfigError``, exit 2), naming the file
+    and the key: a credential inside any URL (never echoing the value), an unknown key with a
+    "did you mean", a bad value in any context — whichever context is in use."""
+    _refuse_url_credentials(raw, str(path))
+    _check_unknown(raw, set(TOP_LEVEL_KEYS), f"{path}")
+    contexts = raw.get("contexts", {})
+    if not isinstance(contexts, dict):
+        raise ConfigError(f"{path}: 'contexts' must be a table")
+    current = raw.get("current-context")
+    if current is not None and not isinstance(current, str):
+        raise ConfigError(f"{path}: current-context: expected a context name, got a {type(current).__name__}")
+    for name, table in contexts.items():
+        parse_context(name, table, where=f"{path}: contexts.{name}")
+
+
+def _refuse_url_credentials(value: Any, where: str, key: str = "") -> None:
+    """Walk every string in the file: ``scheme://user[:pass]@`` anywhere is refused."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_url_credentials(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_url_credentials(v, where, f"{key}[{i}]")
+    elif isinstance(value, str) and _URL_USERINFO.search(value):
+        raise ConfigError(f"{where}: {key}: credentials inside a URL are not accepted (the value is not shown); "
+                          "use the *-env or *-file settings")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced: ``http://<redacted>@host``."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}<redacted>@", text)
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -339,12 +404,19 @@ def _stream_name(v: Any, where: str) -> str:
     return v
 
 
-def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, else ``""``."""
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_unknown(table: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
     for key in table:
         if key in _LITERAL_SECRET_KEYS:
             continue  # reported by _secret_ref with a better message
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
 
 
 def _no_userinfo(url: str, where: str) -> None:
@@ -403,6 +475,7 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
         raise ConfigError(f"{cw}.endpoints: at least one endpoint is required")
     for ep in endpoints:
         _no_userinfo(ep, f"{cw}.endpoints")
+    for ep in endpoints:
         if not ep.startswith(("http://", "https://")):
             raise ConfigError(f"{cw}.endpoints: {ep!r} must start with http:// or https://")
     coordination = CoordinationConfig(
@@ -460,9 +533,9 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     _expect(r, dict, rw)
     _check_unknown(r, {"url", "password-env", "password-file", "retention", "history-max"}, rw)
     url = _expect(r.get("url", "redis://127.0.0.1:6379/0"), str, f"{rw}.url")
+    _no_userinfo(url, f"{rw}.url")
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{rw}.url: {url!r} must start with redis://, rediss:// or unix://")
-    _no_userinfo(url, f"{rw}.url")
     redis_cfg = RedisConfig(
         url=url,
         password=_secret_ref(r, "password", rw),
@@ -480,8 +553,15 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
     extra = {k: table[k] for k in ("gates", "preflight", "agent", "sandbox", "exit-criteria") if k in table}
     for k, v in extra.items():
         _expect(v, dict, f"{where}.{k}")
+        if k in SECTION_KEYS:
+            _check_unknown(v, SECTION_KEYS[k], f"{where}.{k}")
+        for key in _SECTION_DURATIONS.get(k, ()):
+            if key in v:
+                _duration_key(v, key, 0.0, f"{where}.{k}")
+    if "sandbox" in extra and "dir" in extra["sandbox"]:
+        _expect(extra["sandbox"]["dir"], str, f"{where}.sandbox.dir")
 
-    return Context(
+    context = Context(
         name=name,
         cluster=cluster,
         lanes=lanes,
@@ -493,6 +573,29 @@ def parse_context(name: str, table: Any, *, where: str) -> Context:
         expected_nodes=_str_list(table.get("expected-nodes", []), f"{where}.expected-nodes"),
         extra=extra,
     )
+    if "gates" in extra or "preflight" in extra:
+        _check_gates(context, where)
+    return context
+
+
+_GATES_UNKNOWN = re.compile(r"unknown key '([^']*)' \(allowed: ([^)]*)\)")
+
+
+def _check_gates(context: Context, where: str) -> None:
+    """Run the gates table through its one validator now (cbctl.core.gates.gate_config), so a
+    mistake in [gates] is refused at load rather than when ``watch`` or ``advance`` runs.
+    Imported here only: gates pulls in the Prometheus client, which most commands never need."""
+    from cbctl.core.gates import gate_config
+
+    try:
+        gate_config(context)
+    except ConfigError as exc:
+        message = str(exc)
+        m = _GATES_UNKNOWN.search(message)
+        if m:
+            message += did_you_mean(m.group(1), [a.strip() for a in m.group(2).split(",")])
+        prefix = where.split(": contexts.", 1)[0] if ": contexts." in where else ""
+        raise ConfigError(f"{prefix}: {message}" if prefix else message) from None
 
 
 def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -509,8 +612,19 @@ def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
         elif key in _LITERAL_SECRET_KEYS or key.endswith(("-password", "-token", "-secret")):
             out[key] = "<redacted>"
         else:
-            out[key] = value
+            out[key] = _redact_value(value)
     return out
+
+
+def _redact_value(value: Any) -> Any:
+    """Second line of defence behind :func:`validate_config`: URL userinfo never printed."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return redacted(value)
+    return value
 
 
 def check_private_file(path: str) -> str | None:
@@ -527,6 +641,6 @@ def check_private_file(path: str) -> str | None:
 
 __all__ = [
     "ConfigFile", "Context", "CoordinationConfig", "NatsConfig", "RedisConfig", "PrometheusConfig", "Secret",
-    "SecretRef", "StreamConfig", "TLSConfig", "check_private_file", "config_path", "lane_names", "load_config",
-    "parse_context", "redacted",
+    "SECTION_KEYS", "SecretRef", "StreamConfig", "TLSConfig", "check_private_file", "config_path", "did_you_mean",
+    "lane_names", "load_config", "parse_context", "redact_url", "redacted", "validate_config",
 ]
