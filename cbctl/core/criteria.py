@@ -196,26 +196,11 @@ async def criterion_ordered_streaming(prom: PromClient, window: float, at: float
 
 
 async def criterion_runbooks(ctx: Context, coord: Coordinator) -> Criterion:
-    from cbctl.core.runbook import list_runs
+    """Each capability's rollback drilled, proven by run records and audit revisions: the rules
+    and the evidence live in cbctl/core/drills.py."""
+    from cbctl.core.drills import criterion_drills
 
-    runs = await list_runs(coord, ctx.cluster)
-    evidence: dict[str, Any] = {}
-    missing = []
-    for name in ROLLBACK_RUNBOOKS:
-        done = [r for r in runs if r.get("runbook") == name and r.get("status") == "completed"]
-        if not done:
-            evidence[name] = "no record"
-            missing.append(name)
-            continue
-        last = max(done, key=lambda r: r.get("finished_at") or 0)
-        finished = last.get("finished_at")
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)) if isinstance(finished, (int, float)) else "?"
-        evidence[name] = f"completed {when} (run {last.get('run_id', '?')}, by {last.get('actor', '?')})"
-    if missing:
-        evidence["reason"] = f"no confirmed execution of {', '.join(missing)}"
-        return Criterion("rollback-runbooks", "fail", evidence)
-    evidence["reason"] = "every rollback runbook has a completed run"
-    return Criterion("rollback-runbooks", "pass", evidence)
+    return await criterion_drills(ctx, coord)
 
 
 async def evaluate(ctx: Context, coord: Coordinator, window: float) -> CriteriaReport:

@@ -8,6 +8,8 @@ File format (a contract; the shipped ``runbooks/*.yaml`` are examples)::
       ...
     kind: rollback                      # optional: rollback | procedure; default: rollback
                                         #   when the name starts with "rollback-", else procedure
+    drill: event-bus                    # optional: this runbook drills that capability's rollback
+                                        #   (coordination | event-bus | consumers); see cbctl/core/drills.py
     vars:                               # optional; NAME: {required, default, secret, description}
       reason: {required: true}
       canary_file: {default: canary.txt}
@@ -32,14 +34,22 @@ and a number) or ``within`` (default: one evaluation) has passed.  No data never
 check.
 
 Every validation error names the file and 1-based line: ``runbooks/x.yaml:7: step 2: unknown
-key 'rn'``.  Run records are stored at :func:`cbctl.core.keys.runbook_run`; a completed run of a
-``rollback`` runbook is that rollback's confirmed drill (:func:`latest_drills`).
+key 'rn'``.  Run records are stored at :func:`cbctl.core.keys.runbook_run`.  Each step's record
+carries the store revisions that bracket it (``revisions: [before, after]``: every write the step
+made has a revision strictly between them), so the audit entries a step wrote can be found
+again.  Whether a run is a rollback drill is decided from that evidence by
+:mod:`cbctl.core.drills`, never from a run's name or status alone.
+
+A run resumed with ``--from-step`` names the run it continues (``resumes``); the resume line a
+stopped run prints carries it.  An interrupted run (SIGINT/SIGTERM) ends ``interrupted`` with the
+step reached, its resume line and the rollback overrides left in force (``overrides``).
 
 No typer/rich here and no printing: the executor reports through callables it is given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,7 +61,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
@@ -77,7 +87,6 @@ __all__ = [
     "VarSpec",
     "default_runbooks_dir",
     "find_runbook",
-    "latest_drills",
     "list_runs",
     "load_all",
     "load_runbook",
@@ -94,7 +103,9 @@ DEFAULT_INTERVAL: Final = 5.0
 MAX_BYTES: Final = 1024 * 1024
 
 StepKind = Literal["run", "argv", "check"]
-RunStatus = Literal["running", "completed", "failed", "aborted"]
+RunStatus = Literal["running", "completed", "failed", "aborted", "interrupted"]
+# Statuses of a run that stopped part-way and may be resumed (``--from-step N --resumes RUN``).
+STOPPED: Final = ("failed", "aborted", "interrupted")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -110,7 +121,7 @@ _OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     ">=": operator.ge,
 }
 
-_TOP_KEYS: Final = ("name", "summary", "description", "kind", "vars", "steps")
+_TOP_KEYS: Final = ("name", "summary", "description", "kind", "drill", "vars", "steps")
 _STEP_KINDS: Final = ("run", "argv", "check")
 _STEP_KEYS: Final = (*_STEP_KINDS, "confirm", "description")
 _CHECK_KEYS: Final = ("promql", "expect", "within", "interval")
@@ -216,12 +227,15 @@ class Runbook:
     vars: Mapping[str, VarSpec] = field(default_factory=dict)
     description: str = ""
     path: str = ""  # as shown in messages
+    drill: str | None = None  # the capability whose rollback this runbook drills (``drill:``)
+    sha256: str = ""  # of the file's text: a resumed run must be of the same runbook
 
     def public(self) -> dict[str, Any]:
         """The ``runbook show -o json`` shape."""
         return {
             "name": self.name,
             "kind": self.kind,
+            "drill": self.drill,
             "summary": self.summary,
             "description": self.description,
             "path": self.path,
@@ -356,7 +370,8 @@ def parse_runbook(text: str, *, where: str, expected_name: str | None = None) ->
             raise RunbookError(where, None, f"not valid YAML: {exc}") from None
         if root is None:
             raise RunbookError(where, None, "empty file")
-        return _build(_Validator(where, loader), root, expected_name)
+        rb = _build(_Validator(where, loader), root, expected_name)
+        return replace(rb, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     finally:
         loader.dispose()
 
@@ -384,6 +399,15 @@ def _build(v: _Validator, root: yaml.Node, expected_name: str | None) -> Runbook
             v.fail(knode, f"kind: {text!r} is not one of: {', '.join(_KINDS)}")
         kind = "rollback" if text == "rollback" else "procedure"
 
+    drill: str | None = None
+    if "drill" in top:
+        from cbctl.core.rollout import CAPABILITIES
+
+        dnode = top["drill"][1]
+        drill = v.scalar_text(dnode, "drill")
+        if drill not in CAPABILITIES:
+            v.fail(dnode, f"drill: {drill!r} is not a capability (one of: {', '.join(CAPABILITIES)})")
+
     declared = _build_vars(v, top["vars"][1]) if "vars" in top else {}
 
     steps_node = top["steps"][1]
@@ -393,7 +417,7 @@ def _build(v: _Validator, root: yaml.Node, expected_name: str | None) -> Runbook
         v.fail(steps_node, "steps: must not be empty")
     steps = tuple(_build_step(v, n, i, declared) for i, n in enumerate(steps_node.value, start=1))
     return Runbook(name=name, summary=summary, kind=kind, steps=steps, vars=declared, description=description,
-                   path=v.where)
+                   path=v.where, drill=drill)
 
 
 def _build_vars(v: _Validator, node: yaml.Node) -> dict[str, VarSpec]:
@@ -601,13 +625,17 @@ def masked(runbook: Runbook, values: Mapping[str, str]) -> dict[str, str]:
 
 
 def resume_command(runbook: Runbook, values: Mapping[str, str], from_step: int, *,
-                   prefix: Sequence[str] = ("cbctl",), extra: Sequence[str] = ()) -> str:
+                   prefix: Sequence[str] = ("cbctl",), extra: Sequence[str] = (), resumes: str | None = None) -> str:
     """The command that resumes ``runbook`` at ``from_step`` with the same variables.
 
     ``prefix`` carries global options (``cbctl --context prod``), ``extra`` options such as
-    ``--dir``. Secret values appear as ``<secret>``: they are never printed.
+    ``--dir``; ``resumes`` is the id of the stopped run (``--resumes RUN``), which links the two
+    runs into one chain. Secret values appear as ``<secret>``: they are never printed.
     """
-    argv = [*prefix, "runbook", "run", runbook.name, "--from-step", str(from_step), *extra]
+    argv = [*prefix, "runbook", "run", runbook.name, "--from-step", str(from_step)]
+    if resumes:
+        argv += ["--resumes", resumes]
+    argv += [*extra]
     for name, value in masked(runbook, values).items():
         argv += ["--var", f"{name}={value}"]
     return shlex.join(argv)
@@ -628,10 +656,15 @@ class StepOutcome:
     exit_code: int | None = None
     seconds: float = 0.0
     detail: str = ""
+    # Store revisions of the run record saved just before and just after the step: every write
+    # the step made (its audit entries) has a revision strictly between them. None when the
+    # record could not be written (then the step's writes cannot be attributed).
+    revisions: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "kind": self.kind, "text": self.text, "status": self.status,
-                "exit_code": self.exit_code, "seconds": round(self.seconds, 3), "detail": self.detail}
+                "exit_code": self.exit_code, "seconds": round(self.seconds, 3), "detail": self.detail,
+                "revisions": self.revisions}
 
 
 @dataclass
@@ -639,9 +672,12 @@ class RunRecord:
     """A run as stored at ``keys.runbook_run(cluster, run_id)`` (JSON, see :meth:`to_json`).
 
     ``status`` is ``running`` while the run is in progress (a crashed run stays so), then
-    ``completed`` | ``failed`` | ``aborted`` (declined or interrupted). Times are Unix seconds.
-    ``vars`` holds values, secrets as ``<secret>``. ``resume`` is the command to continue a
-    run that did not complete (None when completed).
+    ``completed`` | ``failed`` | ``aborted`` (declined at a prompt) | ``interrupted`` (SIGINT or
+    SIGTERM: ``interrupted_by`` names it). Times are Unix seconds. ``vars`` holds values, secrets
+    as ``<secret>``. ``resume`` is the command to continue a run that did not complete (None
+    when completed); ``resumes`` the run this one continues. ``overrides``: for a run that
+    stopped, the rollback overrides in force when it stopped (each with ``by_this_run`` and the
+    command that lifts it); None when not looked at.
     """
 
     run_id: str
@@ -655,6 +691,12 @@ class RunRecord:
     finished_at: float | None = None
     status: RunStatus = "running"
     resume: str | None = None
+    cluster: str | None = None
+    drill: str | None = None
+    runbook_sha256: str = ""
+    resumes: str | None = None
+    interrupted_by: str | None = None
+    overrides: list[dict[str, Any]] | None = None
     record_error: str | None = None  # not stored: set when the store could not be written
 
     @property
@@ -678,6 +720,12 @@ class RunRecord:
             "steps": [s.to_json() for s in self.steps],
             "vars": dict(self.vars),
             "resume": self.resume,
+            "cluster": self.cluster,
+            "drill": self.drill,
+            "runbook_sha256": self.runbook_sha256,
+            "resumes": self.resumes,
+            "interrupted_by": self.interrupted_by,
+            "overrides": self.overrides,
         }
 
 
@@ -708,17 +756,42 @@ async def list_runs(coord: Coordinator, cluster: str) -> list[dict[str, Any]]:
     return out
 
 
-async def latest_drills(coord: Coordinator, cluster: str) -> dict[str, dict[str, Any]]:
-    """Runbook name -> the most recent *completed* run of each ``rollback`` runbook: its
-    confirmed drill. Runbooks never drilled are absent. Raises ``BackendUnavailable``."""
-    drills: dict[str, dict[str, Any]] = {}
-    for rec in await list_runs(coord, cluster):
-        if rec.get("kind") != "rollback" or rec.get("status") != "completed":
-            continue
-        prev = drills.get(rec["runbook"])
-        if prev is None or (rec.get("finished_at") or 0) >= (prev.get("finished_at") or 0):
-            drills[rec["runbook"]] = rec
-    return drills
+async def get_run(coord: Coordinator, cluster: str, run_id: str) -> dict[str, Any] | None:
+    """One stored run record, or None. Raises ``BackendUnavailable``."""
+    kv = await coord.get(keys.runbook_run(cluster, run_id))
+    if kv is None:
+        return None
+    try:
+        data = kv.json()
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stopped_step(record: Mapping[str, Any]) -> int | None:
+    """Index of the step a stopped run record stopped at (failed, declined or interrupted)."""
+    for s in record.get("steps") or ():
+        if isinstance(s, Mapping) and s.get("status") in ("failed", "declined", "interrupted"):
+            idx = s.get("index")
+            return idx if isinstance(idx, int) else None
+    return None
+
+
+def check_resumable(record: Mapping[str, Any] | None, runbook: Runbook, run_id: str, from_step: int) -> None:
+    """``--resumes RUN --from-step N`` must continue a stopped run of the same runbook file, at
+    or before the step it stopped at. Raises ``BadInput`` (exit 2) saying which rule broke."""
+    if record is None:
+        raise BadInput(f"--resumes {run_id}: no such run recorded in this cluster")
+    if record.get("runbook") != runbook.name:
+        raise BadInput(f"--resumes {run_id}: that is a run of {record.get('runbook')!r}, not {runbook.name!r}")
+    if record.get("status") not in STOPPED:
+        raise BadInput(f"--resumes {run_id}: that run is {record.get('status')!r}; only a run that stopped "
+                       f"({', '.join(STOPPED)}) can be resumed")
+    if record.get("runbook_sha256") != runbook.sha256:
+        raise BadInput(f"--resumes {run_id}: {runbook.path} changed since that run; start it again from step 1")
+    stop = stopped_step(record)
+    if stop is None or from_step > stop:
+        raise BadInput(f"--resumes {run_id}: that run stopped at step {stop}; --from-step must be at most {stop}")
 
 
 # -- executor --------------------------------------------------------------------------------
@@ -746,12 +819,21 @@ class RunbookExecutor:
     * ``confirm(question) -> bool`` is asked before every run/argv step, and before a check
       that has a ``confirm:``; ``None`` means ``--yes`` (never ask). A "no" aborts the run.
     * ``announce(message)`` receives progress lines (the CLI prints them to stderr).
-    * ``record(json)`` is called at start (status ``running``), after each step and at the end;
-      a ``CbctlError`` from it at start propagates (nothing has run); later it is remembered
-      in ``RunRecord.record_error`` and the run goes on — a rollback must not stop half-way
-      because the bookkeeping failed.
-    * Steps before ``from_step`` are ``skipped``, not run. ``KeyboardInterrupt`` during a step
-      ends the run as ``aborted`` (recorded), it is not re-raised.
+    * ``record(json) -> store revision | None`` is called at start (status ``running``), after
+      each step and at the end; a ``CbctlError`` from it at start propagates (nothing has run);
+      later it is remembered in ``RunRecord.record_error`` and the run goes on — a rollback must
+      not stop half-way because the bookkeeping failed. The revisions it returns bracket each
+      step (``StepOutcome.revisions``).
+    * ``interrupted() -> reason | None`` says whether SIGINT/SIGTERM arrived (the CLI's signal
+      handler sets it). It is asked before and after every step: a step that returns after an
+      interrupt (its exit code is whatever the interrupted command made of it) is
+      ``interrupted``, not ``failed``. A ``KeyboardInterrupt`` raised during a step means the
+      same. Either way the run ends ``interrupted`` (recorded, never re-raised).
+    * ``overrides() -> list`` is asked once when a run stops (failed, aborted or interrupted),
+      before the final record: the rollback overrides left in force. A ``CbctlError`` from it is
+      noted in the record, not raised.
+    * Steps before ``from_step`` are ``skipped``, not run. ``resumes`` is the stopped run this
+      one continues (checked by the caller, see :func:`check_resumable`).
     """
 
     runbook: Runbook
@@ -761,10 +843,14 @@ class RunbookExecutor:
     run_external: Callable[[Sequence[str]], int] = run_external
     confirm: Callable[[str], bool] | None = None
     announce: Callable[[str], None] = lambda message: None
-    record: Callable[[dict[str, Any]], None] | None = None
+    record: Callable[[dict[str, Any]], int | None] | None = None
+    interrupted: Callable[[], str | None] = lambda: None
+    overrides: Callable[[RunRecord], list[dict[str, Any]]] | None = None
     from_step: int = 1
     run_id: str | None = None
     actor: str | None = None
+    cluster: str | None = None
+    resumes: str | None = None
     resume_prefix: Sequence[str] = ("cbctl",)
     resume_extra: Sequence[str] = ()
     clock: Callable[[], float] = time.time
@@ -795,17 +881,28 @@ class RunbookExecutor:
             vars=masked(rb, self.values),
             steps=[StepOutcome(s.index, s.kind, self._text(s), "skipped" if s.index < self.from_step else "not-run")
                    for s in rb.steps],
+            cluster=self.cluster,
+            drill=rb.drill,
+            runbook_sha256=rb.sha256,
+            resumes=self.resumes,
         )
+        last: int | None = None
         if self.record is not None:
-            self.record(rec.to_json())  # at start: a failure here propagates, nothing has run
+            last = self.record(rec.to_json())  # at start: a failure here propagates, nothing has run
 
         total = len(rb.steps)
         stop_status: RunStatus | None = None
         for step in rb.steps[self.from_step - 1:]:
             outcome = rec.steps[step.index - 1]
+            reason = self.interrupted()
+            if reason is not None:  # arrived between steps (while the record was written)
+                outcome.status, outcome.detail = "interrupted", f"interrupted by {reason} before it started"
+                rec.interrupted_by, stop_status = reason, "interrupted"
+                break
             self.announce(f"step {step.index}/{total} [{step.kind}] {outcome.text}")
             if step.description:
                 self.announce(f"  {step.description}")
+            started = self.monotonic()
             try:
                 question = step.render_confirm(self.values)
                 if question is None and step.kind != "check":
@@ -815,16 +912,30 @@ class RunbookExecutor:
                     outcome.detail = "declined at the confirmation prompt"
                     stop_status = "aborted"
                 else:
-                    started = self.monotonic()
                     self._run_step(step, outcome)
-                    outcome.seconds = self.monotonic() - started
                     if outcome.status == "failed":
                         stop_status = "failed"
             except KeyboardInterrupt:
                 outcome.status = "interrupted"
-                outcome.detail = "interrupted"
-                stop_status = "aborted"
-            self._save(rec)
+            outcome.seconds = self.monotonic() - started
+            reason = self.interrupted()
+            if outcome.status == "interrupted" or (reason is not None and outcome.status != "ok"):
+                # The command saw the signal and gave up (its exit code says how): interrupted.
+                reason = reason or "SIGINT"
+                outcome.status = "interrupted"
+                outcome.detail = f"interrupted by {reason}" + (f" (exit code {outcome.exit_code})"
+                                                               if outcome.exit_code is not None else "")
+                rec.interrupted_by, stop_status = reason, "interrupted"
+            elif reason is not None and step.index < total:
+                # The step finished before the signal was acted on: the next one is where the
+                # run stopped (after the last step there is nothing left: the run completed).
+                after = rec.steps[step.index]
+                after.status, after.detail = "interrupted", f"interrupted by {reason} before it started"
+                rec.interrupted_by, stop_status = reason, "interrupted"
+            saved = self._save(rec)
+            if last is not None and saved is not None:
+                outcome.revisions = [last, saved]
+            last = saved
             if stop_status is not None:
                 break
 
@@ -833,21 +944,26 @@ class RunbookExecutor:
             rec.status = "completed"
         else:
             rec.status = stop_status
-            failed = rec.failed_step
-            assert failed is not None
-            rec.resume = resume_command(rb, self.values, failed.index, prefix=self.resume_prefix,
-                                        extra=self.resume_extra)
+            at = rec.failed_step
+            rec.resume = None if at is None else resume_command(
+                rb, self.values, at.index, prefix=self.resume_prefix, extra=self.resume_extra, resumes=rec.run_id)
+            if self.overrides is not None:
+                try:
+                    rec.overrides = self.overrides(rec)
+                except CbctlError as exc:
+                    self.announce(f"warning: could not read the rollback overrides in force: {exc}")
         self._save(rec)
         return rec
 
-    def _save(self, rec: RunRecord) -> None:
+    def _save(self, rec: RunRecord) -> int | None:
         if self.record is None:
-            return
+            return None
         try:
-            self.record(rec.to_json())
+            return self.record(rec.to_json())
         except CbctlError as exc:
             rec.record_error = str(exc)
             self.announce(f"warning: could not record the run: {exc}")
+            return None
 
     def _run_step(self, step: Step, outcome: StepOutcome) -> None:
         if step.check is not None:

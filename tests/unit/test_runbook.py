@@ -545,7 +545,7 @@ def test_a_failing_step_stops_the_run_and_names_the_resume_command(tmp_path: Pat
     assert result.steps[1].exit_code == 3
     assert result.failed_step is not None and result.failed_step.index == 2
     assert [s.index for s in result.done_steps] == [1]
-    assert result.resume == ("cbctl --context prod runbook run three --from-step 2 "
+    assert result.resume == (f"cbctl --context prod runbook run three --from-step 2 --resumes {result.run_id} "
                              "--var 'reason=it broke; badly' --var 'token=<secret>'")
     final = rec.records[-1]
     assert final["status"] == "failed" and final["resume"] == result.resume
@@ -591,8 +591,9 @@ def test_keyboard_interrupt_aborts_and_is_recorded(tmp_path: Path) -> None:
 
     result = RunbookExecutor(rb, {"reason": "r", "token": "t"}, run_cbctl=run_cbctl, record=rec.records.append,
                              actor="a").execute()
-    assert result.status == "aborted" and result.steps[0].status == "interrupted"
-    assert rec.records[-1]["status"] == "aborted"
+    assert result.status == "interrupted" and result.steps[0].status == "interrupted"
+    assert rec.records[-1]["status"] == "interrupted"
+    assert result.resume is not None and "--from-step 1 --resumes" in result.resume
 
 
 def test_a_record_failure_after_start_does_not_stop_the_run(tmp_path: Path) -> None:
