@@ -116,6 +116,7 @@ class AppliedUpdate:
     already_applied: bool
     decision: str
     history_id: str | None = None
+    publish_versions: tuple[int, ...] | None = None  # the guard's publish decision (lanes.py); None = unknown
 
 
 def check_lease_settings(lease_ttl: float, keepalive_interval: float) -> None:
@@ -399,7 +400,8 @@ class NodeAgent:
                 await self._coord.connect()
             if self._redis is None:
                 self._redis = redis_client_for(self.ctx, self._block_ms)
-            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id)
+            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id,
+                                   history_maxlen=self.ctx.redis.history_max, retention=self.ctx.redis.retention)
             self.queue = LaneQueue(self._redis, self.ctx.cluster, self.ctx.lanes)
 
             # The current flags first, so the record is created with them.
@@ -1020,7 +1022,7 @@ class NodeAgent:
                 node_id=self.node_id, lane=lane, token=token, workflow_id=task.workflow_id,
                 task_id=task.task_id, type=task.type, seq=result.seq, update=update, payload=task.payload,
                 occurred_at=time.time(), already_applied=result.already_applied, decision=result.decision,
-                history_id=result.history_id,
+                history_id=result.history_id, publish_versions=result.publish_versions,
             )
             for hook in self._applied_hooks:
                 await hook(applied)

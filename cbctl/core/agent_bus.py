@@ -16,7 +16,14 @@ What it does
   :meth:`Publisher.publish`: the event is acked by JetStream or committed to the outbox at
   ``<state_dir>/outbox.sqlite`` BEFORE the agent acks the task.  A crash in between re-delivers
   the task; the re-apply returns the same seq, hence the same ``event_id``, which JetStream and
-  the bridge de-duplicate.  ``off`` publishes nothing (the local stream still gets the update).
+  the bridge de-duplicate.  WHICH versions are published is decided by the fencing guard, not
+  by this node's flags alone: the guard records per workflow where its publishing began and
+  tells every node to keep publishing that workflow's later events (``AppliedUpdate.
+  publish_versions``; see "Publish marker" in :mod:`cbctl.core.lanes`), so nodes that apply a
+  flag change at different times cannot tear a hole in a workflow's stream.  This node tells
+  the guard what it would publish (``eventbus.publish``/``eventbus.schema_versions``) as soon as
+  it applies the flags.  A workflow that has not begun publishing publishes nothing (the local
+  stream still gets the update).
 * **Start**: one NATS connection for the publisher, one for the bridge (nats-py reconnects
   both).  Unreachable NATS at start does not stop the agent: it starts degraded, events go to
   the outbox, and background tasks keep trying.  Refused credentials are a clear
@@ -25,10 +32,14 @@ What it does
   running) are retried with capped exponential backoff, never a tight loop.
 * **Bridge** (flags ``eventbus.bridge``, ``consumers.schema_version``, ``canary.subscribers``):
   a :class:`~cbctl.core.bus.bridge.Bridge` with this node's durable consumer, created as soon
-  as a connection exists and re-created if the connection is closed for good.
+  as a connection exists and re-created if the connection is closed for good.  Its gap filler
+  reads missing events from the workflow's Redis history (the authoritative record), so a late
+  event is released in order instead of skipped (:meth:`AgentBus.fill_gap`).
 * **Local stream**: every update this node applied is also fanned out in-process, for
   ``stream.source = local``, in seq order per workflow even though the lane worker and the
   signal router publish concurrently (:class:`LocalStream`).
+* **Memory** is bounded by the options (bridge: ``bridge_options``; local stream:
+  ``max_queue``/``local_max_workflows``), never by uptime.
 * **Bridge connection task**: if it dies of an unexpected error its connection is closed, the
   error is logged and the task is restarted with capped backoff (never while closing).
 
@@ -53,7 +64,9 @@ Source, decided when the request arrives (flag ``stream.source``):
   delivers to nobody) or ``canary`` and the subscriber is not in ``canary.subscribers``.
   Chosen over an open-but-silent stream so a misconfigured subscriber learns why at once.
 * ``local``: only the updates this node applies; ``after`` replays from the workflow's Redis
-  history (which holds every node's updates) and then continues with this node's live ones.
+  history (which holds every node's updates), read page by page (``replay_page`` entries per
+  Redis request, written out as they come: a long history is never loaded at once), and then
+  continues with this node's live ones.
 
 When a flag change makes an open stream's answer different (the source switched, or the
 subscriber is no longer eligible) the stream ends with ``event: end`` and a JSON ``reason``; a
@@ -70,7 +83,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,7 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from cbctl.core.bus.bridge import BRIDGE_MODES, Bridge, SubscriberLagged, Subscription
+from cbctl.core.bus.bridge import BRIDGE_MODES, Bridge, GapFill, SubscriberLagged, Subscription
 from cbctl.core.bus.natsconn import connect_nats
 from cbctl.core.bus.outbox import Outbox, OutboxCorrupt
 from cbctl.core.bus.publisher import Publisher
@@ -183,13 +196,17 @@ class LocalStream:
     and before any await; :meth:`publish` holds an event back while a lower seq of the same workflow
     is still reserved, and releases held events in seq order once it is not.  Seqs that are
     never reserved here (applied on another node while it owned the lane) are legitimate gaps
-    and delay nothing.  A reservation that is neither published nor abandoned (:meth:`abandon`) within
-    ``gap_timeout`` (or more than ``max_held`` events waiting behind it) is given up on: the
-    held events go out and ``ordering_violations`` is counted, as the bridge does; should that
-    seq still arrive, it is dropped (subscribers were promised increasing seqs) and counted too.
+    and delay nothing.  Every reservation is settled: the agent's hook publishes or abandons it
+    in a ``finally`` (also when cancelled), so a late one is waited for, however late (a busy
+    machine makes publishes slow, not lost).  Only two bounds end a wait early: more than
+    ``max_held`` events waiting behind it (memory), or ``gap_timeout`` seconds when one is given
+    (``None``, the default: no time limit).  Then the held events go out and
+    ``ordering_violations`` is counted; should that seq still arrive, it is dropped (subscribers
+    were promised increasing seqs) and not counted again.  At most ``max_workflows`` idle
+    workflows' ordering state is kept (least recently active forgotten first).
     """
 
-    def __init__(self, max_queue: int = 10_000, max_workflows: int = 100_000, *, gap_timeout: float = 5.0,
+    def __init__(self, max_queue: int = 10_000, max_workflows: int = 10_000, *, gap_timeout: float | None = None,
                  max_held: int = 10_000) -> None:
         self.max_queue = max_queue
         self.max_workflows = max_workflows
@@ -251,7 +268,6 @@ class LocalStream:
         if (wf.last is not None and ev.seq <= wf.last) or ev.seq in wf.held:
             if ev.seq in wf.skipped:
                 wf.skipped.discard(ev.seq)
-                self._violation()
                 log.warning("local stream: workflow %s seq %d published after seq %d was released; dropped",
                             ev.workflow_id, ev.seq, wf.last)
             else:
@@ -287,7 +303,7 @@ class LocalStream:
             return
         if len(wf.held) > self.max_held:
             self._give_up(workflow_id, wf)
-        elif wf.timer is None:
+        elif wf.timer is None and self.gap_timeout is not None:
             wf.timer = asyncio.get_running_loop().call_later(self.gap_timeout, self._expire, workflow_id)
 
     def _expire(self, workflow_id: str) -> None:
@@ -311,8 +327,8 @@ class LocalStream:
         while len(wf.skipped) > 1000:  # bounded: only recent give-ups can still turn up
             wf.skipped.discard(min(wf.skipped))
         self._violation()
-        log.warning("local stream: workflow %s: seq(s) %s still not published after %.1fs; releasing %d held",
-                    workflow_id, ", ".join(map(str, stuck[:10])), self.gap_timeout, len(wf.held))
+        log.warning("local stream: workflow %s: seq(s) %s still not published; releasing %d held",
+                    workflow_id, ", ".join(map(str, stuck[:10])), len(wf.held))
         self._release_ready(workflow_id, wf)
 
     def _violation(self) -> None:
@@ -377,6 +393,8 @@ class AgentBus:
         keepalive: float = 15.0,
         reconnect_time_wait: float = 0.5,
         max_queue: int = 10_000,
+        local_max_workflows: int = 10_000,
+        replay_page: int = 256,
     ) -> None:
         self.agent = agent
         self.node_id = agent.node_id
@@ -387,7 +405,8 @@ class AgentBus:
         self.bridge_options = dict(bridge_options or {})
         self.keepalive = keepalive
         self.reconnect_time_wait = reconnect_time_wait
-        self.local = LocalStream(max_queue=max_queue)
+        self.local = LocalStream(max_queue=max_queue, max_workflows=local_max_workflows)
+        self.replay_page = replay_page
         self.outbox: Outbox | None = None
         self.outbox_recovered: OutboxCorrupt | None = None
         self.publisher: Publisher | None = None
@@ -488,7 +507,7 @@ class AgentBus:
         self.publisher = Publisher(
             lambda: connect_nats(self.nats_cfg, name=f"cbctl-agent-{self.node_id}-pub",
                                  reconnect_time_wait=self.reconnect_time_wait),
-            self.nats_cfg.stream, self.outbox, self.metrics, self.node_id,
+            self.nats_cfg.stream, self.outbox, self.metrics, self.node_id, cluster=self.agent.ctx.cluster,
             publish_mode=self._publish_mode, schema_versions=self._schema_versions, **opts,
         )
         try:
@@ -584,8 +603,10 @@ class AgentBus:
             self._bridge_nc = nc  # owned from here on: _close_bridge closes it on every way out
             try:
                 opts: dict[str, Any] = {"fetch_timeout": 0.25, **self.bridge_options}
-                bridge = Bridge(nc, self.nats_cfg.stream, self.metrics, self.node_id, mode=self._bridge_mode,
-                                schema_version=self._consumer_version, canary_subscribers=self._canary, **opts)
+                opts.setdefault("filler", self.fill_gap)
+                bridge = Bridge(nc, self.nats_cfg.stream, self.metrics, self.node_id, cluster=self.agent.ctx.cluster,
+                                mode=self._bridge_mode, schema_version=self._consumer_version,
+                                canary_subscribers=self._canary, **opts)
                 self.bridge = bridge
                 await bridge.start()
                 self._bridge_ready.set()
@@ -609,6 +630,11 @@ class AgentBus:
         source = str(flags.get("stream.source", "local"))
         if bridge_mode not in BRIDGE_MODES:
             raise BadInput(f"eventbus.bridge: unknown mode {bridge_mode!r}")
+        guard = self.agent.guard
+        if guard is not None:
+            # First, before any await: from the next guarded write on, workflows this node
+            # applies start publishing (or not) per these flags ("Publish marker", lanes.py).
+            guard.publish_versions = versions if publish != "off" else ()
         if source not in SOURCES:
             raise BadInput(f"stream.source: unknown source {source!r} (allowed: {', '.join(SOURCES)})")
         if self.publisher is not None:
@@ -647,7 +673,12 @@ class AgentBus:
                 return
             if self.publisher is None:
                 raise BackendUnavailable("event bus not started", backend="nats")
-            await self.publisher.publish(ev)  # PublishFailed propagates: the task is not acked
+            # The guard's decision, not this node's flags: a workflow whose publishing began is
+            # published by every node, also one that has not applied a flag change yet.
+            versions = u.publish_versions
+            if versions is None:  # an update from a caller that did not ask the guard
+                versions = self._schema_versions if self._publish_mode != "off" else ()
+            await self.publisher.publish(ev, versions)  # PublishFailed propagates: the task is not acked
             self.local.publish(ev)
             offered = True
         finally:
@@ -797,7 +828,10 @@ class AgentBus:
         version = self._consumer_version
         last = after
         if workflow_id is not None and after is not None:
-            for ev in await self._history_events(workflow_id, after):
+            async for ev in self._history_events(workflow_id, after):
+                if isinstance(ev, bytes):
+                    await resp.write(ev)  # a comment (trimmed history)
+                    continue
                 await resp.write(sse_message(ev, version))
                 last = ev.seq
         try:
@@ -818,30 +852,72 @@ class AgentBus:
         except SubscriberLagged:
             await resp.write(_end_message("lagged", last_seq=last))
 
-    async def _history_events(self, workflow_id: str, after: int) -> list[Event]:
-        """The workflow's updates with seq > ``after`` from its Redis history (every node's)."""
+    async def _history_events(self, workflow_id: str, after: int) -> AsyncIterator[Event | bytes]:
+        """The workflow's updates with seq > ``after`` from its Redis history (every node's), one
+        page (``replay_page`` entries) per request; a gap left by ``history-max`` trimming is
+        announced with an SSE comment (bytes).  Stops quietly if Redis fails mid-way."""
         guard = self.agent.guard
         if guard is None:
-            return []
-        try:
-            entries = await guard.history(workflow_id)
-        except (BackendUnavailable, ValueError) as exc:
-            log.warning("agent %s: history of %s unavailable for a replay: %s", self.node_id, workflow_id, exc)
-            return []
-        out: list[Event] = []
-        for e in entries:
-            if e["seq"] <= after:
-                continue
-            data = e["data"] if isinstance(e["data"], dict) else {}
+            return
+        cursor = "-"
+        first = True
+        while True:
             try:
-                out.append(make_event(
-                    workflow_id=workflow_id, seq=e["seq"], type=e["type"] or "task", lane=e["lane"] or "-",
-                    node_id=e["node"] or "-", task_id=e["task_id"] or None, payload=data,
-                    occurred_at=datetime.fromtimestamp(e["at"] / 1000, UTC), attempt=_attempt(data),
-                ))
-            except BadEvent as exc:
-                log.warning("workflow %s history seq %s: %s; skipped in the replay", workflow_id, e["seq"], exc)
-        return out
+                entries = await guard.history(workflow_id, after=cursor, count=self.replay_page)
+            except (BackendUnavailable, ValueError) as exc:
+                log.warning("agent %s: history of %s unavailable for a replay: %s", self.node_id, workflow_id, exc)
+                return
+            if not entries:
+                return
+            if first and entries[0]["seq"] > after + 1:
+                yield (f": history before seq {entries[0]['seq']} was trimmed (redis history-max); "
+                       f"seqs {after + 1}..{entries[0]['seq'] - 1} are not available\n\n").encode()
+            first = False
+            for e in entries:
+                if e["seq"] <= after:
+                    continue
+                ev = _event_of_entry(workflow_id, e)
+                if ev is not None:
+                    yield ev
+            if len(entries) < self.replay_page:
+                return
+            cursor = entries[-1]["id"]
+
+    async def fill_gap(self, workflow_id: str, version: int, lo: int, hi: int) -> GapFill:
+        """The bridge's gap filler: ``workflow_id``'s events ``lo..hi`` published in ``version``,
+        from its Redis history (module doc).  Raises ``BackendUnavailable`` (Redis unreachable,
+        or the agent has no guard yet); the bridge retries."""
+        guard = self.agent.guard
+        if guard is None:
+            raise BackendUnavailable("no Redis client yet", backend="redis")
+        rec = await guard.record(workflow_id, lo, hi)
+        begin = rec.publish_from.get(version)
+        events: dict[int, Event] = {}
+        applied_at: dict[int, float] = {}
+        if begin is not None:
+            for e in rec.entries:
+                if e["seq"] < begin:
+                    continue
+                ev = _event_of_entry(workflow_id, e)
+                if ev is not None:
+                    events[ev.seq] = ev
+                    applied_at[ev.seq] = e["at"] / 1000
+        return GapFill(begin=begin, events=events, applied_at=applied_at, oldest=rec.oldest)
+
+
+def _event_of_entry(workflow_id: str, e: Mapping[str, Any]) -> Event | None:
+    """The canonical event of a Redis history entry (same ``event_id`` as the published one)."""
+    data = e["data"] if isinstance(e["data"], dict) else {}
+    try:
+        return make_event(
+            workflow_id=workflow_id, seq=e["seq"], type=e["type"] or "task", lane=e["lane"] or "-",
+            node_id=e["node"] or "-", task_id=e["task_id"] or None, payload=data,
+            occurred_at=datetime.fromtimestamp(e["at"] / 1000, UTC), attempt=_attempt(data),
+            event_id=deterministic_event_id(workflow_id, e["seq"]),
+        )
+    except BadEvent as exc:
+        log.warning("workflow %s history seq %s: %s; skipped", workflow_id, e["seq"], exc)
+        return None
 
 
 def _attempt(update: Mapping[str, Any]) -> int:

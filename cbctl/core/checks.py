@@ -289,7 +289,7 @@ async def check_nats(ctx: Context, snap: StoreSnapshot | None, timeout: float) -
         rows.append(await _stream_row(ctx, js))
         versions = snap.schema_versions if snap is not None else (1,)
         for v in versions:
-            rows.append(await _publish_probe(js, v, async_errors, timeout / 2))
+            rows.append(await _publish_probe(js, v, async_errors, timeout / 2, ctx.cluster))
     finally:
         try:
             await nc.close()
@@ -315,7 +315,7 @@ async def _stream_row(ctx: Context, js: Any) -> CheckResult:
         return _row("nats", target, "fail", f"stream info: {type(exc).__name__}: {exc}")
     cfg = si.config
     storage = getattr(cfg.storage, "value", cfg.storage)
-    problems = stream_mismatches(cfg, want)
+    problems = stream_mismatches(cfg, want, cluster=ctx.cluster)
     if problems:
         return _row("nats", target, "fail", "; ".join(problems))
     return _row("nats", target, "pass",
@@ -323,7 +323,8 @@ async def _stream_row(ctx: Context, js: Any) -> CheckResult:
                 f"{si.state.messages} messages")
 
 
-async def _publish_probe(js: Any, version: int, async_errors: list[Exception], timeout: float) -> CheckResult:
+async def _publish_probe(js: Any, version: int, async_errors: list[Exception], timeout: float,
+                         cluster: str) -> CheckResult:
     """Prove publish permission on ``cb.events.v<N>.*`` and that the stream captures it — without
     storing anything: the publish carries ``Nats-Expected-Last-Subject-Sequence`` set to an
     impossible value, so the stream answers "wrong last sequence" (error 10071) instead of
@@ -333,7 +334,9 @@ async def _publish_probe(js: Any, version: int, async_errors: list[Exception], t
     import nats.errors
     import nats.js.errors
 
-    subject = f"cb.events.v{version}.{PREFLIGHT_SUBJECT_TOKEN}"
+    from cbctl.core.events import subject as event_subject
+
+    subject = event_subject(cluster, version, PREFLIGHT_SUBJECT_TOKEN)
     target = f"publish {subject}"
     before = len(async_errors)
     try:

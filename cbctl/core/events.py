@@ -20,10 +20,16 @@ Decoding is strict: a missing field, an unexpected field or a wrong type is a
 
 Subjects and message ids
 ------------------------
-Subject: ``cb.events.v<schema>.<token>`` where ``<token>`` is the workflow id escaped into a
-single NATS subject token (:func:`subject_token`): bytes that NATS gives a meaning to (``.``,
-``*``, ``>``, whitespace, controls) and ``%`` itself become ``%XX``.  Ordinary ids
-(``wf-123``, ``order:42``) are unchanged.
+Subject: ``cb.<cluster>.events.v<schema>.<token>`` (:func:`subject`) where ``<cluster>`` and
+``<token>`` are the cluster name and the workflow id, each escaped into a single NATS subject
+token (:func:`subject_token`): bytes that NATS gives a meaning to (``.``, ``*``, ``>``,
+whitespace, controls) and ``%`` itself become ``%XX``.  Ordinary names (``prod``, ``wf-123``,
+``order:42``) are unchanged.  The cluster is part of the subject so that several clusters can
+share one NATS account: each cluster's stream captures ``cb.<cluster>.events.>``
+(:func:`stream_subjects`) and each bridge filters ``cb.<cluster>.events.v<N>.>``
+(:func:`subject_filter`), so one cluster never sees another's events.  The publisher, the
+bridge, the stream definition and preflight's publish-permission probe all build their subjects
+with these functions.
 
 ``Nats-Msg-Id`` is ``<event_id>.v<schema>`` for every publish (:func:`msg_id`).  JetStream
 de-duplicates per stream, and during a dual-publish window the same event is stored once per
@@ -60,8 +66,8 @@ from cbctl.core.errors import CbctlError
 
 SUPPORTED_SCHEMA_VERSIONS: Final = (1, 2)
 LATEST_SCHEMA_VERSION: Final = 2
-SUBJECT_PREFIX: Final = "cb.events"
-STREAM_SUBJECTS: Final = f"{SUBJECT_PREFIX}.>"
+SUBJECT_ROOT: Final = "cb"
+SUBJECT_KIND: Final = "events"
 MAX_EVENT_BYTES: Final = 1024 * 1024  # nats-server's default max_payload
 MAX_ID_LENGTH: Final = 256
 
@@ -135,9 +141,9 @@ class Event:
         # does not check the fields again.
         _validate(self)
 
-    def subject(self, schema_version: int) -> str:
-        """The subject this event is published on in ``schema_version``."""
-        return event_subject(self.workflow_id, schema_version)
+    def subject(self, cluster: str, schema_version: int) -> str:
+        """The subject this event is published on in ``cluster`` and ``schema_version``."""
+        return subject(cluster, schema_version, self.workflow_id)
 
 
 # --------------------------------------------------------------------------- ids & subjects
@@ -193,28 +199,46 @@ def unescape_token(token: str) -> str:
         raise BadEvent("malformed", f"subject token {token[:80]!r} does not unescape to UTF-8") from None
 
 
-def event_subject(workflow_id: str, schema_version: int) -> str:
-    """``cb.events.v<schema>.<escaped workflow id>``."""
+def _cluster_token(cluster: str) -> str:
+    if not isinstance(cluster, str) or not cluster:
+        raise ValueError(f"cluster name must be a non-empty string, got {cluster!r}")
+    return subject_token(cluster)
+
+
+def subject(cluster: str, schema_version: int, workflow_id: str) -> str:
+    """``cb.<cluster>.events.v<schema>.<escaped workflow id>``: where ``workflow_id``'s events
+    in ``schema_version`` are published.  Raises ``BadEvent(unknown_version)`` for an unsupported
+    version and ``ValueError`` for an empty cluster name."""
     _check_version(schema_version)
-    return f"{SUBJECT_PREFIX}.v{schema_version}.{subject_token(workflow_id)}"
+    return f"{SUBJECT_ROOT}.{_cluster_token(cluster)}.{SUBJECT_KIND}.v{schema_version}.{subject_token(workflow_id)}"
 
 
-def version_filter(schema_version: int) -> str:
-    """The subject filter of every event in ``schema_version``: ``cb.events.v<N>.>``."""
+def subject_filter(cluster: str, schema_version: int) -> str:
+    """Every event of ``cluster`` in ``schema_version``: ``cb.<cluster>.events.v<N>.>``."""
     _check_version(schema_version)
-    return f"{SUBJECT_PREFIX}.v{schema_version}.>"
+    return f"{SUBJECT_ROOT}.{_cluster_token(cluster)}.{SUBJECT_KIND}.v{schema_version}.>"
 
 
-def parse_subject(subject: str) -> tuple[int, str]:
-    """``(schema_version, workflow_id)`` of an event subject, or ``BadEvent(subject_mismatch)``."""
+def stream_subjects(cluster: str) -> str:
+    """The subjects ``cluster``'s event stream captures: ``cb.<cluster>.events.>``."""
+    return f"{SUBJECT_ROOT}.{_cluster_token(cluster)}.{SUBJECT_KIND}.>"
+
+
+def parse_subject(subject: str) -> tuple[str, int, str]:
+    """``(cluster, schema_version, workflow_id)`` of an event subject, or
+    ``BadEvent(subject_mismatch)``."""
     parts = subject.split(".")
-    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != SUBJECT_PREFIX or not parts[2].startswith("v"):
+    if len(parts) != 5 or parts[0] != SUBJECT_ROOT or parts[2] != SUBJECT_KIND or not parts[3].startswith("v"):
         raise BadEvent("subject_mismatch", f"not an event subject: {subject[:200]!r}")
     try:
-        version = int(parts[2][1:])
+        version = int(parts[3][1:])
     except ValueError:
         raise BadEvent("subject_mismatch", f"bad version token in {subject[:200]!r}") from None
-    return version, unescape_token(parts[3])
+    try:
+        cluster = unescape_token(parts[1])
+    except BadEvent:
+        raise BadEvent("subject_mismatch", f"bad cluster token in {subject[:200]!r}") from None
+    return cluster, version, unescape_token(parts[4])
 
 
 def _check_version(schema_version: int) -> None:
@@ -391,7 +415,7 @@ def decode_event(data: bytes | bytearray | memoryview, *, subject: str | None = 
         attempt=obj["attempt"] if version >= 2 else 1,
     )  # validates the values
     if subject is not None:
-        s_version, s_workflow = parse_subject(subject)
+        _cluster, s_version, s_workflow = parse_subject(subject)
         if s_version != version or s_workflow != ev.workflow_id:
             raise BadEvent(
                 "subject_mismatch",
@@ -401,8 +425,8 @@ def decode_event(data: bytes | bytearray | memoryview, *, subject: str | None = 
 
 
 __all__ = [
-    "BAD_EVENT_REASONS", "EVENT_ID_NAMESPACE", "LATEST_SCHEMA_VERSION", "MAX_EVENT_BYTES", "STREAM_SUBJECTS",
-    "SUBJECT_PREFIX", "SUPPORTED_SCHEMA_VERSIONS", "BadEvent", "Event", "decode_event", "deterministic_event_id",
-    "encode_event", "event_subject", "format_time", "make_event", "msg_id", "parse_subject", "parse_time",
-    "subject_token", "unescape_token", "version_filter",
+    "BAD_EVENT_REASONS", "EVENT_ID_NAMESPACE", "LATEST_SCHEMA_VERSION", "MAX_EVENT_BYTES", "SUBJECT_KIND",
+    "SUBJECT_ROOT", "SUPPORTED_SCHEMA_VERSIONS", "BadEvent", "Event", "decode_event", "deterministic_event_id",
+    "encode_event", "format_time", "make_event", "msg_id", "parse_subject", "parse_time", "stream_subjects",
+    "subject", "subject_filter", "subject_token", "unescape_token",
 ]

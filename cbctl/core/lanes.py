@@ -19,7 +19,44 @@ each task.  Every state write and every ack a lane worker makes goes through ONE
    assigns the workflow's next sequence number (strictly +1, no gaps), writes the state hash and
    appends one entry to the workflow's history stream;
 4. acks (and by default deletes) the stream entry the task came from, in the same call, so a
-   task is either applied *and* acked, or neither.
+   task is either applied *and* acked, or neither;
+5. decides which schema versions of the update's canonical event are published (the *publish
+   marker*, below) and, when the update finishes the workflow, sets the retention TTL.
+
+Publish marker (no holes at a flag transition)
+----------------------------------------------
+The canonical stream promises, per workflow and schema version, every event from the first one
+published for that workflow, with no gap.  Nodes apply a change of ``eventbus.publish`` /
+``eventbus.schema_versions`` at slightly different times, and with competing consumers
+(``cluster.enabled`` false) consecutive seqs of one workflow are applied by different nodes
+within milliseconds: if each node decided from its own flags, seq 3 could be published by a
+node already at ``shadow`` and seq 4 dropped by one still at ``off`` -- a hole nothing can fill.
+So the decision is taken here, where every event of a workflow passes in seq order, atomically
+with the seq assignment: the caller says which versions *it* would publish
+(:attr:`LaneGuard.publish_versions`, from its flags), and the workflow hash keeps ``pub`` =
+``"<version>:<first seq>,..."``: for each version, the seq at which the workflow's publishing
+began.  A fresh apply by a publishing caller starts the versions it publishes that have not
+begun (at this seq).  Every apply -- fresh or a re-apply of an earlier task -- answers with the
+versions whose publishing began at or before the task's seq (:attr:`GuardResult.publish_versions`),
+and the agent publishes exactly those, whatever its own flags say.  Consequences:
+
+* off -> shadow/on: a workflow starts publishing at the first seq applied by a node that has the
+  new flags; every later seq is published, also by nodes still at ``off``.
+* on -> off (or a version dropped from ``eventbus.schema_versions``): a workflow whose
+  publishing began keeps publishing until it ends; only workflows that have not begun stay
+  unpublished.  Chosen over "stop at once" because stopping tears exactly the hole this
+  prevents (and a later ``on`` would resume past it); the cost is that ``off`` takes effect
+  per workflow, not per event.  The marker lives with the workflow's keys and expires with them.
+* a re-applied task (redelivery after a crash) is published iff its seq is at or after the
+  marker: a late re-publish never lands below the point where the workflow's stream begins.
+
+Bounded state
+-------------
+Each workflow's history stream keeps at most ``history_max`` entries (exact ``MAXLEN``), and an
+update that finishes the workflow (its ``finished`` field is true, e.g. the demo workload's last
+transition) gives the workflow's three keys a TTL of ``retention`` seconds, so finished
+workflows leave Redis after the retention period.  A workflow that never finishes keeps its keys
+(the seq counter must never be reset under a live workflow, or event ids would be reused).
 
 Equal tokens are allowed: the current owner writes with the token it raised the fence to.
 
@@ -33,7 +70,8 @@ key                                    type    content
 ``P lane:<lane>:fence``                string  highest fencing token seen for the lane
 ``P wf:<workflow_id>``                 hash    workflow state: the update's fields plus ``seq``,
                                                ``last_task``, ``node``, ``token``, ``lane``,
-                                               ``workflow_id``, ``updated_at`` (ms, Redis clock)
+                                               ``workflow_id``, ``updated_at`` (ms, Redis clock),
+                                               ``pub`` (the publish marker, see above)
 ``P wf:<workflow_id>:applied``         hash    ``task_id -> seq`` of every applied task
 ``P wf:<workflow_id>:history``         stream  one entry per applied update: ``seq, type,
                                                task_id, node, token, lane, at, data`` (JSON)
@@ -59,8 +97,10 @@ module and propagates unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import uuid
 import zlib
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -72,6 +112,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from cbctl.core.config import DEFAULT_REDIS_HISTORY_MAX, DEFAULT_REDIS_RETENTION
 from cbctl.core.errors import AuthFailed, BackendUnavailable, StaleFencingToken
 from cbctl.core.metrics import AgentMetrics
 
@@ -89,7 +130,7 @@ Decision = Literal["allow", "would_deny", "deny"]
 GROUP = "workers"
 """Consumer group of every lane stream."""
 
-RESERVED_FIELDS = frozenset({"seq", "last_task", "node", "token", "lane", "workflow_id", "updated_at"})
+RESERVED_FIELDS = frozenset({"seq", "last_task", "node", "token", "lane", "workflow_id", "updated_at", "pub"})
 """Workflow state fields written by the guard itself; an update may not set them."""
 
 _RESERVED_SUFFIXES = frozenset({"history", "applied"})
@@ -98,14 +139,16 @@ _MAX_TOKEN = 2**53
 # KEYS: 1 fence, 2 lane stream, [3 wf state, 4 wf history, 5 wf applied]  (apply ops only)
 # ARGV: 1 "<op> <mode>"  op: fence|ack|apply|apply_ack, mode: off|observe|enforce
 #       2 token
-#       3 "<group> <delete acked 0|1> <history maxlen, 0 = unbounded> <node id>"  (per guard)
+#       3 "<group> <delete acked 0|1> <history maxlen, 0 = unbounded> <retention s, 0 = none> <node id>"
 #       4 lane, 5 workflow_id, 6 task_id, 7 task type, 8 stream entry id ('' = none)
 #       9 the update as JSON (history 'data', types kept as given)
 #       10 the update as a JSON array of strings [field, value, ...] (state hash fields)
+#       11 "<finished 0|1> <versions the caller publishes, comma-separated, or ->"
 # Constants are packed into ARGV 1 and 3 and the update's fields into one JSON array: every
 # argument costs the Python client encoding work, and the client, not Redis, is what limits
 # guarded writes/s (measured; see bench/guard.py).
-# Returns ONE string "<decision> <seq> <fence> <applied 0|1> <history id or ->": a single bulk
+# Returns ONE string "<decision> <seq> <fence> <applied 0|1> <history id or -> <versions to publish
+# for this seq, comma-separated, or ->": a single bulk
 # reply costs the client a fraction of what parsing a 5-element array does (measured: reply
 # parsing was the largest client-side cost of a guarded write).
 GUARD_LUA = r"""
@@ -121,27 +164,43 @@ if token > fence then
   fence_s = token_s
 end
 if op == 'fence' then
-  return 'allow 0 ' .. fence_s .. ' 0 -'
+  return 'allow 0 ' .. fence_s .. ' 0 - -'
 end
 local decision = 'allow'
 if token < fence and mode ~= 'off' then
   if mode == 'enforce' then
-    return 'deny 0 ' .. fence_s .. ' 0 -'
+    return 'deny 0 ' .. fence_s .. ' 0 - -'
   end
   decision = 'would_deny'
 end
-local group, delete_acked, maxlen, node = string.match(ARGV[3], '^(%S+) ([01]) (%d+) (.*)$')
+local group, delete_acked, maxlen, retention, node = string.match(ARGV[3], '^(%S+) ([01]) (%d+) (%d+) (.*)$')
 local lane, workflow_id, task_id, task_type, entry_id = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local seq = '0'
 local applied = '0'
 local hid = '-'
+local pubv = '-'
 if op == 'apply' or op == 'apply_ack' then
+  local finished, want = string.match(ARGV[11], '^([01]) (%S+)$')
   local prev = redis.call('HGET', KEYS[5], task_id)
+  local pub = redis.call('HGET', KEYS[3], 'pub') or ''
   if prev then
     -- already applied (redelivery, retry after a lost reply): write nothing, report its seq
     seq = prev
   else
     seq = string.format('%d', redis.call('HINCRBY', KEYS[3], 'seq', 1))
+    if want ~= '-' then
+      -- the caller publishes: versions whose publishing has not begun begin at this seq
+      local added = ''
+      for v in string.gmatch(want, '%d+') do
+        if not string.find(',' .. pub, ',' .. v .. ':', 1, true) then
+          added = added .. ',' .. v .. ':' .. seq
+        end
+      end
+      if added ~= '' then
+        if pub == '' then pub = string.sub(added, 2) else pub = pub .. added end
+        redis.call('HSET', KEYS[3], 'pub', pub)
+      end
+    end
     local t = redis.call('TIME')
     local now_ms = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
     local fields = cjson.decode(ARGV[10])
@@ -153,12 +212,26 @@ if op == 'apply' or op == 'apply_ack' then
     local entry = {'seq', seq, 'type', task_type, 'task_id', task_id, 'node', node,
                    'token', token_s, 'lane', lane, 'at', now_ms, 'data', ARGV[9]}
     if maxlen ~= '0' then
-      hid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(entry))
+      hid = redis.call('XADD', KEYS[4], 'MAXLEN', maxlen, '*', unpack(entry))
     else
       hid = redis.call('XADD', KEYS[4], '*', unpack(entry))
     end
     redis.call('HSET', KEYS[5], task_id, seq)
     applied = '1'
+    if finished == '1' and retention ~= '0' then
+      redis.call('EXPIRE', KEYS[3], retention)
+      redis.call('EXPIRE', KEYS[4], retention)
+      redis.call('EXPIRE', KEYS[5], retention)
+    end
+  end
+  if pub ~= '' then
+    -- the versions whose publishing began at or before this seq
+    local n = tonumber(seq)
+    local out = ''
+    for v, from in string.gmatch(pub, '(%d+):(%d+)') do
+      if tonumber(from) <= n then out = out .. ',' .. v end
+    end
+    if out ~= '' then pubv = string.sub(out, 2) end
   end
 end
 if (op == 'ack' or op == 'apply_ack') and entry_id ~= '' then
@@ -167,7 +240,7 @@ if (op == 'ack' or op == 'apply_ack') and entry_id ~= '' then
     redis.call('XDEL', KEYS[2], entry_id)
   end
 end
-return decision .. ' ' .. seq .. ' ' .. fence_s .. ' ' .. applied .. ' ' .. hid
+return decision .. ' ' .. seq .. ' ' .. fence_s .. ' ' .. applied .. ' ' .. hid .. ' ' .. pubv
 """
 
 # ARGV 1 for every (op, mode), encoded once.
@@ -214,6 +287,24 @@ def _s(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return str(value)
+
+
+_NO_VERSIONS: tuple[int, ...] = ()
+
+
+@functools.lru_cache(maxsize=64)
+def _versions(csv: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)`` (cached: a handful of distinct values)."""
+    return tuple(int(v) for v in csv.split(","))
+
+
+def _finishes(update: Mapping[str, Any]) -> bool:
+    """True when ``update`` finishes its workflow (its ``finished`` field is true): the guard
+    then starts the retention TTL of the workflow's keys."""
+    f = update.get("finished")
+    if isinstance(f, str):
+        return f.strip().lower() in ("1", "true", "yes")
+    return f is True or (isinstance(f, int) and f == 1)
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -319,7 +410,8 @@ class GuardResult:
     freshly assigned when ``applied`` is true, the one assigned earlier when the task had already
     been applied (``already_applied``), 0 when nothing was applied (deny, ack-only, fence).
     ``current_token`` is the lane's fence after the call.  ``history_id`` is the id of the
-    history entry written by this call, if any.
+    history entry written by this call, if any.  ``publish_versions``: the schema versions the
+    event of this seq must be published in (the publish marker, module doc); ``()`` = none.
     """
 
     decision: Decision
@@ -327,11 +419,39 @@ class GuardResult:
     current_token: int
     applied: bool
     history_id: str | None = None
+    publish_versions: tuple[int, ...] = ()
 
     @property
     def already_applied(self) -> bool:
         """True when the task had been applied before: nothing was written this time."""
         return self.decision != "deny" and not self.applied and self.seq > 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRecord:
+    """Part of a workflow's record (:meth:`LaneGuard.record`): ``publish_from`` maps each schema
+    version whose publishing has begun to the seq it began at; ``entries`` are history entries
+    (as :meth:`LaneGuard.history` returns them) in seq order; ``oldest`` is the lowest seq the
+    history still holds (``None``: no history, e.g. the workflow's keys expired)."""
+
+    publish_from: dict[int, int]
+    entries: list[dict[str, Any]]
+    oldest: int | None
+
+
+def _history_entry(entry_id: Any, fields: Mapping[Any, Any]) -> dict[str, Any]:
+    f = {_s(k): _s(v) for k, v in fields.items()}
+    return {
+        "id": _s(entry_id),
+        "seq": int(f["seq"]),
+        "type": f.get("type", ""),
+        "task_id": f.get("task_id", ""),
+        "node": f.get("node", ""),
+        "token": int(f.get("token", "0")),
+        "lane": f.get("lane", ""),
+        "at": int(f.get("at", "0")),
+        "data": json.loads(f.get("data", "{}")),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +475,12 @@ class LaneGuard:
     retry policy decides how long a call waits for an unreachable Redis before
     ``BackendUnavailable``.  ``metrics`` may be ``None`` (CLI, tests).  Safe to share between
     coroutines.
+
+    ``history_maxlen``: entries kept per workflow history (``None``/0 = unbounded; default the
+    config default ``redis.history-max``); ``retention``: seconds a finished workflow's keys live
+    (0 = forever; default ``redis.retention``).  :attr:`publish_versions` is what this node
+    publishes under its current flags (``()`` while ``eventbus.publish`` is off); the event bus
+    keeps it current (module doc, "Publish marker").
     """
 
     def __init__(
@@ -366,7 +492,8 @@ class LaneGuard:
         *,
         group: str = GROUP,
         delete_acked: bool = True,
-        history_maxlen: int | None = None,
+        history_maxlen: int | None = DEFAULT_REDIS_HISTORY_MAX,
+        retention: float = DEFAULT_REDIS_RETENTION,
     ) -> None:
         self.redis = redis_client
         self.keys = LaneKeys(cluster)
@@ -377,7 +504,15 @@ class LaneGuard:
             raise ValueError(f"invalid consumer group name {group!r}")
         if history_maxlen is not None and history_maxlen < 0:
             raise ValueError("history_maxlen must be >= 0")
-        self._settings = f"{group} {1 if delete_acked else 0} {history_maxlen or 0} {node_id}".encode()
+        if retention < 0:
+            raise ValueError("retention must be >= 0")
+        self.history_maxlen = history_maxlen or 0
+        # EXPIRE takes whole seconds; a positive retention below 1 s still expires (after 1 s).
+        self.retention = max(1, math.ceil(retention)) if retention > 0 else 0
+        self._settings = (f"{group} {1 if delete_acked else 0} {self.history_maxlen} {self.retention} "
+                          f"{node_id}").encode()
+        self._publish_arg = {False: b"0 -", True: b"1 -"}
+        self._publish_versions: tuple[int, ...] = ()
         self._script = GUARD_LUA
         self._sha: str | None = None
         # Labelled children resolved once: .labels() costs a dict lookup and a lock per call.
@@ -387,6 +522,20 @@ class LaneGuard:
                 self._counters[d] = metrics.lane_decisions.labels(decision=d)
 
     # -- public API --------------------------------------------------------------------------
+
+    @property
+    def publish_versions(self) -> tuple[int, ...]:
+        """The schema versions this node publishes under its flags (``()`` = publish off)."""
+        return self._publish_versions
+
+    @publish_versions.setter
+    def publish_versions(self, versions: Collection[int]) -> None:
+        vs = tuple(sorted({int(v) for v in versions}))
+        if any(v < 1 for v in vs):
+            raise ValueError(f"schema versions must be >= 1, got {vs}")
+        self._publish_versions = vs
+        want = ",".join(map(str, vs)) or "-"
+        self._publish_arg = {False: f"0 {want}".encode(), True: f"1 {want}".encode()}
 
     async def apply(
         self,
@@ -513,23 +662,46 @@ class LaneGuard:
         start = "-" if after == "-" else f"({after}"
         with _redis_edge(f"read the history of workflow {workflow_id!r}"):
             entries = await self.redis.xrange(self.keys.history(workflow_id), min=start, count=count)
-        out: list[dict[str, Any]] = []
-        for entry_id, fields in entries:
-            f = {_s(k): _s(v) for k, v in fields.items()}
-            out.append(
-                {
-                    "id": _s(entry_id),
-                    "seq": int(f["seq"]),
-                    "type": f.get("type", ""),
-                    "task_id": f.get("task_id", ""),
-                    "node": f.get("node", ""),
-                    "token": int(f.get("token", "0")),
-                    "lane": f.get("lane", ""),
-                    "at": int(f.get("at", "0")),
-                    "data": json.loads(f.get("data", "{}")),
-                }
-            )
-        return out
+        return [_history_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def record(self, workflow_id: str, lo: int, hi: int, *, page: int = 64) -> WorkflowRecord:
+        """The workflow's publish marker and its history entries with ``lo <= seq <= hi``.
+
+        Reads the history from its newest end backwards, ``page`` entries per request, and stops
+        below ``lo``: a gap is usually recent, and the whole history is never loaded at once.
+        Raises ``BackendUnavailable`` when Redis cannot be reached.
+        """
+        keys = self.keys
+        with _redis_edge(f"read the record of workflow {workflow_id!r}"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.workflow(workflow_id), "pub")
+                pipe.xrange(keys.history(workflow_id), count=1)
+                pub_raw, first = await pipe.execute()
+            entries: list[dict[str, Any]] = []
+            top = "+"
+            done = False
+            while not done:
+                batch = await self.redis.xrevrange(keys.history(workflow_id), max=top, min="-", count=page)
+                if not batch:
+                    break
+                for entry_id, fields in batch:
+                    e = _history_entry(entry_id, fields)
+                    if e["seq"] < lo:
+                        done = True
+                        break
+                    if e["seq"] <= hi:
+                        entries.append(e)
+                if len(batch) < page:
+                    break
+                top = f"({_s(batch[-1][0])}"
+        marker: dict[int, int] = {}
+        if pub_raw:
+            for part in _s(pub_raw).split(","):
+                v, _, from_seq = part.partition(":")
+                marker[int(v)] = int(from_seq)
+        oldest = _history_entry(first[0][0], first[0][1])["seq"] if first else None
+        entries.reverse()
+        return WorkflowRecord(publish_from=marker, entries=entries, oldest=oldest)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -553,7 +725,8 @@ class LaneGuard:
             pairs.append(name)
             pairs.append(value if isinstance(value, str) else _json_compact(value))
         args = [op_mode, req.token, self._settings, req.lane, wf, req.task_id, req.task_type,
-                req.stream_entry_id or "", _json_compact(req.update), _json_compact(pairs)]
+                req.stream_entry_id or "", _json_compact(req.update), _json_compact(pairs),
+                self._publish_arg[_finishes(req.update)]]
         return k, args
 
     async def _load(self) -> str:
@@ -602,7 +775,7 @@ class LaneGuard:
 
     def _record(self, raw: Any, lane: str, token: int, *, workflow_id: str = "", task_id: str = "") -> GuardResult:
         """Turn a script reply into a GuardResult; count it and log stale tokens."""
-        decision, seq, fence, applied, hid = _s(raw).split(" ")
+        decision, seq, fence, applied, hid, pubv = _s(raw).split(" ")
         current = int(fence)
         result = GuardResult(
             decision=decision,  # type: ignore[arg-type]  # the script only returns Decision values
@@ -610,6 +783,7 @@ class LaneGuard:
             current_token=current,
             applied=applied == "1",
             history_id=None if hid == "-" else hid,
+            publish_versions=_NO_VERSIONS if pubv == "-" else _versions(pubv),
         )
         counter = self._counters.get(decision)
         if counter is not None:

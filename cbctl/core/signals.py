@@ -520,6 +520,7 @@ class SignalRouter:
                 type=SIGNAL_TYPE, seq=applied.seq, update=update,
                 payload={"signal": name, "signal_id": sid, "payload": payload}, occurred_at=time.time(),
                 already_applied=applied.already_applied, decision=applied.decision, history_id=applied.history_id,
+                publish_versions=applied.publish_versions,
             ))
         except CbctlError as exc:
             # Applied but not made durable downstream (e.g. the event outbox failed): no ack, so

@@ -9,7 +9,9 @@ guard's idempotency key)::
 
 All messages of a workflow go to the workflow's lane (:func:`cbctl.core.lanes.lane_for`), in
 order, so the lane owner applies them in order and the guard numbers them ``seq`` 1..N with no
-gap.  Which tasks fail is drawn from a seeded RNG: a run is reproducible.
+gap.  The workflow's last message carries ``final: true``; the handler turns it into the update
+field ``finished: true``, on which the guard starts the retention TTL of the workflow's Redis
+keys (``[contexts.X.redis] retention``).  Which tasks fail is drawn from a seeded RNG: a run is reproducible.
 
 The default task handler (:func:`lifecycle_handler`) turns a message into the workflow state
 update that the guard writes.
@@ -50,6 +52,8 @@ def workflow_transitions(workflow_id: str, tasks_per_workflow: int, rng: random.
                     "payload": {"task": f"t{k}", "state": state, "attempt": attempt},
                 }
             )
+    if out:
+        out[-1]["payload"]["final"] = True  # the workflow ends here: its keys may expire
     return out
 
 
@@ -111,9 +115,12 @@ async def lifecycle_handler(task: Task) -> Mapping[str, Any] | None:
     what the service enqueued, not to second-guess it.
     """
     payload = task.payload
-    return {
+    update: dict[str, Any] = {
         "state": task.type or str(payload.get("state", "")),
         "task": str(payload.get("task", "")),
         "attempt": payload.get("attempt", 1),
         "handled_at": round(time.time(), 6),
     }
+    if payload.get("final") is True:
+        update["finished"] = True  # the guard starts the retention TTL of the workflow's keys
+    return update

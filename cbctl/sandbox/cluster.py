@@ -665,7 +665,7 @@ def _provision_stream(agent_config: Path) -> None:
     async def body() -> None:
         nc = await connect_nats(ctx.nats, name="cbctl-sandbox", reconnect=False)
         try:
-            await ensure_stream(nc.jetstream(), ctx.nats.stream)
+            await ensure_stream(nc.jetstream(), ctx.nats.stream, cluster=ctx.cluster)
         finally:
             await nc.close()
 

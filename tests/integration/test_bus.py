@@ -1,6 +1,6 @@
 """Event bus against a real nats-server: connection, publisher, degraded mode, bridge (no mocks).
 
-Every test gets its own nats-server (``nats`` fixture): the stream covers ``cb.events.>`` and two
+Every test gets its own nats-server (``nats`` fixture): the stream covers ``cb.<cluster>.events.>`` and two
 streams on one server may not overlap, and several tests kill the server.  Waits are conditions
 polled under a deadline (``async_wait_until``), never sleeps.
 """
@@ -32,13 +32,14 @@ from cbctl.core.bus.publisher import Publisher
 from cbctl.core.bus.stream import ensure_stream, verify_stream
 from cbctl.core.config import NatsConfig, SecretRef, StreamConfig, TLSConfig
 from cbctl.core.errors import AuthFailed, BackendUnavailable
-from cbctl.core.events import Event, decode_event, encode_event, event_subject, make_event, msg_id
+from cbctl.core.events import Event, decode_event, encode_event, make_event, msg_id, subject
 from cbctl.core.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, async_wait_until, free_port
 
 pytestmark = pytest.mark.integration
 
 NODE = "node-a"
+CLUSTER = "bt"  # subjects cb.bt.events.v<N>.<workflow>
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ async def js_conn(nats: NatsServer) -> AsyncIterator[tuple[Client, JetStreamCont
 async def publisher_env(nats: NatsServer, tmp_path: Path) -> AsyncIterator[tuple[Publisher, AgentMetrics, Outbox]]:
     m = AgentMetrics(NODE)
     outbox = Outbox(tmp_path / "state" / "outbox.db")
-    pub = Publisher(factory(nats_cfg(nats)), nats_cfg(nats).stream, outbox, m, NODE, publish_mode="on",
+    pub = Publisher(factory(nats_cfg(nats)), nats_cfg(nats).stream, outbox, m, NODE, cluster=CLUSTER, publish_mode="on",
                     ack_timeout=0.5, backoff_initial=0.01)
     await pub.start()
     yield pub, m, outbox
@@ -163,11 +164,11 @@ async def test_connect_tls(tmp_path: Path) -> None:
 async def test_stream_created_then_verified_with_mismatches(js_conn: tuple[Client, JetStreamContext]) -> None:
     _, js = js_conn
     cfg = StreamConfig(name="CB_EVENTS", duplicate_window=30)
-    created = await ensure_stream(js, cfg)
+    created = await ensure_stream(js, cfg, cluster=CLUSTER)
     assert created.created and created.ok
-    again = await ensure_stream(js, cfg)
+    again = await ensure_stream(js, cfg, cluster=CLUSTER)
     assert not again.created and again.ok
-    other = await verify_stream(js, StreamConfig(name="CB_EVENTS", duplicate_window=120, storage="memory"))
+    other = await verify_stream(js, StreamConfig(name="CB_EVENTS", duplicate_window=120, storage="memory"), cluster=CLUSTER)
     assert not other.ok
     assert any("duplicate window" in m for m in other.mismatches)
     assert any("storage" in m for m in other.mismatches)
@@ -185,7 +186,7 @@ async def test_publish_ok_and_duplicate(publisher_env, js_conn) -> None:  # type
     assert metric(m, "event_bus_publish_total", status="ok") == 1
     assert metric(m, "event_bus_publish_total", status="duplicate") == 1
     msgs = await stream_contents(js, "CB_EVENTS")
-    assert [(s, mid) for s, mid, _ in msgs] == [("cb.events.v1.wf-1", msg_id(e.event_id, 1))]
+    assert [(s, mid) for s, mid, _ in msgs] == [(f"cb.{CLUSTER}.events.v1.wf-1", msg_id(e.event_id, 1))]
     assert decode_event(msgs[0][2])[1] == e
     # Many concurrent callers share round trips; each gets its own answer.
     events = [ev(f"wf-{i % 3}", 100 + i) for i in range(300)]
@@ -202,8 +203,8 @@ async def test_dual_publish_shadow_and_off(publisher_env, js_conn) -> None:  # t
     assert await pub.publish(e) == "ok"
     msgs = await stream_contents(js, "CB_EVENTS")
     assert sorted((s, mid) for s, mid, _ in msgs) == [
-        (event_subject("order.42", 1), f"{e.event_id}.v1"),
-        (event_subject("order.42", 2), f"{e.event_id}.v2"),
+        (subject(CLUSTER, 1, "order.42"), f"{e.event_id}.v1"),
+        (subject(CLUSTER, 2, "order.42"), f"{e.event_id}.v2"),
     ]
     versions = sorted(decode_event(data, subject=s)[0] for s, _, data in msgs)
     assert versions == [1, 2]
@@ -232,13 +233,13 @@ async def test_degraded_mode_buffers_and_drains_in_order(nats: NatsServer, tmp_p
     m = AgentMetrics(NODE)
     outbox = Outbox(tmp_path / "outbox.db")
     cfg = nats_cfg(nats)
-    pub = Publisher(factory(cfg), cfg.stream, outbox, m, NODE, publish_mode="on", ack_timeout=0.5,
+    pub = Publisher(factory(cfg), cfg.stream, outbox, m, NODE, cluster=CLUSTER, publish_mode="on", ack_timeout=0.5,
                     backoff_initial=0.01, reconnect_min=0.05, poll_interval=0.05)
     await pub.start()
     # A bridge on its own connection rides through the same outage.
     bm = AgentMetrics(NODE)
     bridge_nc = await connect_nats(cfg, name="bridge", reconnect_time_wait=0.1)
-    bridge = Bridge(bridge_nc, cfg.stream, bm, NODE, mode="streaming", deliver_new=False)
+    bridge = Bridge(bridge_nc, cfg.stream, bm, NODE, cluster=CLUSTER, mode="streaming", deliver_new=False)
     await bridge.start()
     sub = bridge.subscribe(None, "sse")
     try:
@@ -304,7 +305,7 @@ _CRASH_CHILD = textwrap.dedent(
     async def main():
         cfg = NatsConfig(servers=(sys.argv[2],))
         pub = Publisher(lambda: connect_nats(cfg, name="child"), cfg.stream, Outbox(sys.argv[1]),
-                        AgentMetrics("child"), "child", publish_mode="on", schema_versions=[1, 2])
+                        AgentMetrics("child"), "child", cluster="bt", publish_mode="on", schema_versions=[1, 2])
         await pub.start()
         seq = 0
         while True:
@@ -338,7 +339,7 @@ async def test_sigkilled_publisher_loses_no_acknowledged_event(nats: NatsServer,
     outbox = Outbox(path)
     assert outbox.depth >= 2 * acked
     cfg = nats_cfg(nats)
-    pub = Publisher(factory(cfg), cfg.stream, outbox, m, NODE, publish_mode="on", reconnect_min=0.05)
+    pub = Publisher(factory(cfg), cfg.stream, outbox, m, NODE, cluster=CLUSTER, publish_mode="on", reconnect_min=0.05)
     await pub.start()
     try:
         assert metric(m, "event_bus_degraded") == 1  # an outbox left by a crash: degraded from the start
@@ -352,7 +353,7 @@ async def test_sigkilled_publisher_loses_no_acknowledged_event(nats: NatsServer,
     finally:
         await nc.close()
     for version in (1, 2):
-        got = [decode_event(d)[1].seq for s, _, d in msgs if s == f"cb.events.v{version}.wf-crash"]
+        got = [decode_event(d)[1].seq for s, _, d in msgs if s == f"cb.{CLUSTER}.events.v{version}.wf-crash"]
         assert got[:acked] == list(range(1, acked + 1))
         assert got == list(range(1, len(got) + 1))
 
@@ -364,16 +365,18 @@ async def test_sigkilled_publisher_loses_no_acknowledged_event(nats: NatsServer,
 async def bridge_env(nats: NatsServer, js_conn) -> AsyncIterator[tuple[Bridge, AgentMetrics, JetStreamContext]]:  # type: ignore[no-untyped-def]
     nc, js = js_conn
     cfg = StreamConfig(name="CB_EVENTS", duplicate_window=60)
-    await ensure_stream(js, cfg)
+    await ensure_stream(js, cfg, cluster=CLUSTER)
     m = AgentMetrics(NODE)
-    bridge = Bridge(nc, cfg, m, NODE, mode="streaming", deliver_new=False, gap_timeout=0.4)
+    # No gap filler here (no Redis): a gap nothing fills is skipped after give_up_after.
+    bridge = Bridge(nc, cfg, m, NODE, cluster=CLUSTER, mode="streaming", deliver_new=False, gap_timeout=0.4,
+                    give_up_after=0.8)
     await bridge.start()
     yield bridge, m, js
     await bridge.close()
 
 
 async def put(js: JetStreamContext, e: Event, *, version: int = 1, mid: str | None = None) -> None:
-    await js.publish(event_subject(e.workflow_id, version), encode_event(e, version),
+    await js.publish(subject(CLUSTER, version, e.workflow_id), encode_event(e, version),
                      headers={"Nats-Msg-Id": mid or msg_id(e.event_id, version)})
 
 
@@ -388,9 +391,9 @@ async def test_bridge_dedup_reorder_gaps_and_bad_events(bridge_env) -> None:  # 
     # The same event stored twice (a second msg id defeats JetStream's de-dup): suppressed.
     await put(js, a[1], mid="another-id")
     # Garbage and an unknown schema version: counted, acked, skipped; the bridge goes on.
-    await js.publish("cb.events.v1.junk", b"\xff\x00garbage")
-    await js.publish("cb.events.v1.junk", json.dumps({"schema_version": 9}).encode())
-    await js.publish("cb.events.v1.wf-a", b"[1,2,3]")
+    await js.publish(f"cb.{CLUSTER}.events.v1.junk", b"\xff\x00garbage")
+    await js.publish(f"cb.{CLUSTER}.events.v1.junk", json.dumps({"schema_version": 9}).encode())
+    await js.publish(f"cb.{CLUSTER}.events.v1.wf-a", b"[1,2,3]")
     await put(js, a[3])
     got = await sub.next(5)
     assert got.seq == 4 and got.event_id == a[3].event_id
@@ -400,18 +403,21 @@ async def test_bridge_dedup_reorder_gaps_and_bad_events(bridge_env) -> None:  # 
     assert metric(m, "event_bus_bad_events_total", reason="not_object") == 1
     assert metric(m, "event_bus_bridge_ordering_violations_total") == 0
 
-    # A gap that never fills: after gap_timeout the bridge counts a violation and skips ahead.
+    # A gap that never fills and no filler to ask: after give_up_after the bridge counts a
+    # violation (the subscriber really misses seq 2) and skips ahead.
     b1, b2, b3 = ev("wf-b", 1), ev("wf-b", 2), ev("wf-b", 3)
     await put(js, b1)
     assert (await sub.next(5)).seq == 1
     await put(js, b3)
-    assert (await sub.next(5)).seq == 3  # released only by the gap timeout
+    assert (await sub.next(5)).seq == 3  # released only by the give-up
     assert metric(m, "event_bus_bridge_ordering_violations_total") == 1
-    # The missing one arriving late is dropped (seqs per workflow only go up) and counted.
+    # The missing one arriving after that is dropped (seqs per workflow only go up), and its
+    # loss is not counted twice.
     await put(js, b2)
     await put(js, a[4])
     assert (await sub.next(5)).event_id == a[4].event_id
-    assert metric(m, "event_bus_bridge_ordering_violations_total") == 2
+    assert metric(m, "event_bus_bridge_ordering_violations_total") == 1
+    assert bridge.stats.late_dropped == 1
     assert bridge.last_delivered_seq("wf-a") == 5 and bridge.last_delivered_seq("wf-b") == 3
     assert sub.pending() == 0
     assert metric(m, "event_bus_consumer_dedup_mismatch_total") == 0
@@ -469,8 +475,8 @@ async def test_bridge_modes_and_origin(bridge_env) -> None:  # type: ignore[no-u
 async def test_each_node_has_its_own_consumer(nats: NatsServer, js_conn) -> None:  # type: ignore[no-untyped-def]
     nc, js = js_conn
     cfg = StreamConfig(name="CB_EVENTS")
-    await ensure_stream(js, cfg)
-    bridges = [Bridge(nc, cfg, AgentMetrics(n), n, mode="streaming", deliver_new=False) for n in ("n1", "n2")]
+    await ensure_stream(js, cfg, cluster=CLUSTER)
+    bridges = [Bridge(nc, cfg, AgentMetrics(n), n, cluster=CLUSTER, mode="streaming", deliver_new=False) for n in ("n1", "n2")]
     for b in bridges:
         await b.start()
     try:
@@ -517,9 +523,9 @@ async def test_broker_dedup_mismatch_is_detected(nats: NatsServer, js_conn) -> N
     # The stream really has a 0.5 s window but the bridge was told 60 s: copies of one message id
     # stored 0.5-60 s apart are duplicates the broker "should have" suppressed.
     nc, js = js_conn
-    await ensure_stream(js, StreamConfig(name="CB_EVENTS", duplicate_window=0.5))
+    await ensure_stream(js, StreamConfig(name="CB_EVENTS", duplicate_window=0.5), cluster=CLUSTER)
     m = AgentMetrics(NODE)
-    bridge = Bridge(nc, StreamConfig(name="CB_EVENTS", duplicate_window=60), m, NODE, mode="streaming",
+    bridge = Bridge(nc, StreamConfig(name="CB_EVENTS", duplicate_window=60), m, NODE, cluster=CLUSTER, mode="streaming",
                     deliver_new=False)
     await bridge.start()
     try:
@@ -529,7 +535,7 @@ async def test_broker_dedup_mismatch_is_detected(nats: NatsServer, js_conn) -> N
         assert (await sub.next(5)).seq == 1
 
         async def stored_again() -> bool:  # true once the broker's window has passed
-            ack = await js.publish(event_subject("wf-d", 1), encode_event(e, 1),
+            ack = await js.publish(subject(CLUSTER, 1, "wf-d"), encode_event(e, 1),
                                    headers={"Nats-Msg-Id": msg_id(e.event_id, 1)})
             return not ack.duplicate
 
@@ -549,9 +555,9 @@ async def test_outbox_drained_after_the_duplicate_window_reaches_subscribers_onc
     # de-dup must keep subscribers from seeing them twice, and no dedup mismatch is reported.
     nc, js = js_conn
     cfg = StreamConfig(name="CB_EVENTS", duplicate_window=1)
-    await ensure_stream(js, cfg)
+    await ensure_stream(js, cfg, cluster=CLUSTER)
     m = AgentMetrics(NODE)
-    bridge = Bridge(nc, cfg, m, NODE, mode="streaming", deliver_new=False, gap_timeout=0.4)
+    bridge = Bridge(nc, cfg, m, NODE, cluster=CLUSTER, mode="streaming", deliver_new=False, gap_timeout=0.4)
     await bridge.start()
     outbox = Outbox(tmp_path / "outbox.db")
     try:
@@ -560,19 +566,19 @@ async def test_outbox_drained_after_the_duplicate_window_reaches_subscribers_onc
         for e in events:
             await put(js, e)
         assert [e.seq for e in await collect(sub, 20)] == list(range(1, 21))
-        outbox.append([OutboxMessage(event_subject("wf-o", 1), msg_id(e.event_id, 1), "wf-o", encode_event(e, 1))
+        outbox.append([OutboxMessage(subject(CLUSTER, 1, "wf-o"), msg_id(e.event_id, 1), "wf-o", encode_event(e, 1))
                        for e in events])
 
         async def window_passed() -> bool:
-            ack = await js.publish("cb.events.v1.probe", b"x", headers={"Nats-Msg-Id": "probe"})
+            ack = await js.publish(f"cb.{CLUSTER}.events.v1.probe", b"x", headers={"Nats-Msg-Id": "probe"})
             return ack.seq != first_probe
 
-        first_probe = (await js.publish("cb.events.v1.probe", b"x", headers={"Nats-Msg-Id": "probe"})).seq
+        first_probe = (await js.publish(f"cb.{CLUSTER}.events.v1.probe", b"x", headers={"Nats-Msg-Id": "probe"})).seq
         await async_wait_until(window_passed, 10, interval=0.05)
 
         pm = AgentMetrics(NODE)
         pub = Publisher(factory(NatsConfig(servers=(nats.url,), stream=cfg)), cfg, outbox, pm, NODE,
-                        publish_mode="on", reconnect_min=0.05)
+                        cluster=CLUSTER, publish_mode="on", reconnect_min=0.05)
         await pub.start()
         try:
             await async_wait_until(lambda: not pub.degraded, 10, message="outbox drained")

@@ -16,13 +16,14 @@ from cbctl.core.events import (
     decode_event,
     deterministic_event_id,
     encode_event,
-    event_subject,
     make_event,
     msg_id,
     parse_subject,
+    stream_subjects,
+    subject,
+    subject_filter,
     subject_token,
     unescape_token,
-    version_filter,
 )
 
 FIELDS = {"schema_version", "event_id", "workflow_id", "task_id", "lane", "node_id", "seq", "type", "occurred_at",
@@ -48,7 +49,7 @@ def test_round_trip(version: int) -> None:
     assert set(obj) == expected
     assert obj["schema_version"] == version
     assert obj["occurred_at"] == "2024-05-01T12:00:00.123456Z"
-    v, back = decode_event(data, subject=event_subject(ev.workflow_id, version))
+    v, back = decode_event(data, subject=subject("c1", version, ev.workflow_id))
     assert v == version
     if version == 2:
         assert back == ev
@@ -91,14 +92,35 @@ def test_deterministic_ids() -> None:
 
 
 def test_subjects_and_escaping() -> None:
-    assert event_subject("wf-1", 1) == "cb.events.v1.wf-1"
-    assert version_filter(2) == "cb.events.v2.>"
+    assert subject("prod", 1, "wf-1") == "cb.prod.events.v1.wf-1"
+    assert subject_filter("prod", 2) == "cb.prod.events.v2.>"
+    assert stream_subjects("prod") == "cb.prod.events.>"
     for wf in ("order.42", "a b", "x*y>z", "100%", "ünï", "tab\there", "wf:1/2"):
         token = subject_token(wf)
         assert not any(c in token for c in ".*> \t"), token
         assert unescape_token(token) == wf
-        assert parse_subject(event_subject(wf, 2)) == (2, wf)
+        assert parse_subject(subject("c1", 2, wf)) == ("c1", 2, wf)
     assert subject_token("plain-id_1:2") == "plain-id_1:2"
+    with pytest.raises(ValueError):
+        subject("", 1, "wf-1")
+
+
+def test_one_subject_space_per_cluster() -> None:
+    """Two clusters on one NATS account: neither's filter or stream captures the other's events,
+    also when a cluster name holds subject specials (escaped into one token)."""
+    import fnmatch
+
+    def captures(pattern: str, subj: str) -> bool:  # NATS '>' = one or more trailing tokens
+        p, t = pattern.split("."), subj.split(".")
+        return p[-1] == ">" and len(t) >= len(p) and all(fnmatch.fnmatchcase(a, b) if b != "*" else True
+                                                          for a, b in zip(t, p[:-1]))
+
+    a, b = subject("blue", 1, "wf-1"), subject("green", 1, "wf-1")
+    assert captures(stream_subjects("blue"), a) and not captures(stream_subjects("blue"), b)
+    assert captures(subject_filter("green", 1), b) and not captures(subject_filter("green", 1), a)
+    odd = subject("a.b", 1, "wf")
+    assert odd.split(".")[1] == "a%2Eb" and parse_subject(odd) == ("a.b", 1, "wf")
+    assert not captures(stream_subjects("a"), odd)
 
 
 def _valid_obj(version: int = 1) -> dict[str, object]:
@@ -166,10 +188,11 @@ def test_bad_input_is_bad_event(data: bytes, reason: str) -> None:
 
 def test_subject_mismatch() -> None:
     data = encode_event(sample(), 1)
-    decode_event(data, subject="cb.events.v1.wf-1")
-    for subject in ("cb.events.v2.wf-1", "cb.events.v1.wf-2", "other.subject", "cb.events.vx.wf-1", "cb.events.v1"):
+    decode_event(data, subject="cb.c1.events.v1.wf-1")
+    for bad in ("cb.c1.events.v2.wf-1", "cb.c1.events.v1.wf-2", "other.subject", "cb.c1.events.vx.wf-1",
+                "cb.c1.events.v1", "cb.events.v1.wf-1", "cb.c1.other.v1.wf-1"):
         with pytest.raises(BadEvent) as info:
-            decode_event(data, subject=subject)
+            decode_event(data, subject=bad)
         assert info.value.reason == "subject_mismatch"
 
 

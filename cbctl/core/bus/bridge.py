@@ -4,7 +4,8 @@ Consumption
 -----------
 Each node has its own durable pull consumer, ``bridge-<node_id>`` (every node delivers every
 workflow to its own subscribers, so nodes must not share one), filtered to the pinned version's
-subjects ``cb.events.v<N>.>`` (flag ``consumers.schema_version``).  Changing the pinned version
+subjects of this cluster, ``cb.<cluster>.events.v<N>.>`` (flag ``consumers.schema_version``,
+:func:`cbctl.core.events.subject_filter`).  Changing the pinned version
 re-creates the consumer on the new filter, starting ``rewind`` stream messages before where the
 old one had got to; whatever is seen twice that way is removed by the de-duplication below.
 Every message is acked once handled, including undecodable ones, so nothing redelivers forever.
@@ -25,15 +26,25 @@ Per message, in order:
    JetStream's (defaults: 200,000 ids, 1 hour): ``event_bus_bridge_duplicates_suppressed_total``.
    ``event_id`` is the same in every schema version, so this also removes the second copy of a
    dual-published event after a version switch.
-4. Reorder per workflow by ``seq``: seq n+1 is released only after n.  A later seq is held back;
-   if the gap is still open after ``gap_timeout`` the bridge counts
-   ``event_bus_bridge_ordering_violations_total`` once and skips ahead to the lowest held seq.
-   A seq at or below the last one released (with a new event_id) arrived too late: counted as a
-   violation and dropped, because subscribers are promised strictly increasing seqs per
-   workflow.  A workflow first seen at a seq above 1 (the bridge started in the middle of its
-   life, or publishes from two nodes crossed while ownership settled) is held back like a gap:
-   lower seqs arriving within ``gap_timeout`` go first; after it the bridge starts at the lowest
-   held seq, which is not counted as a violation (nothing was released out of order).
+4. Reorder per workflow by ``seq``: seq n+1 is released only after n.  A later seq is held back.
+   A late event is never dropped for being late: if the gap is still open after ``gap_timeout``
+   the bridge asks its *gap filler* (the agent reads the workflow's Redis history, the
+   authoritative record of every applied event, and its publish marker, see
+   :mod:`cbctl.core.lanes`) for the missing seqs and releases them from there, in order; the
+   stream copy that arrives later has the same deterministic ``event_id`` and is suppressed by
+   step 3.  Only a seq that is provably gone (trimmed from the history by ``history-max``, or
+   the workflow's keys expired) is skipped, or -- when there is no filler, or Redis cannot be
+   read -- one still missing after ``give_up_after``: then the bridge counts
+   ``event_bus_bridge_ordering_violations_total`` (subscribers really miss it) and goes on from
+   the lowest held seq.  A copy of a skipped seq that turns up afterwards is dropped (subscribers
+   were promised increasing seqs) and not counted again.
+   A workflow first seen at a seq above 1 starts where its stream starts *for this bridge*: the
+   filler says at which seq the workflow's publishing began, and which of the missing events
+   were applied after this bridge's consumer was created (those are in the part of the stream
+   the consumer reads, so they are filled); events from before the consumer existed are not
+   this bridge's to deliver (a node joining late does not replay history).  Without a filler,
+   lower seqs arriving within ``gap_timeout`` go first and the bridge then starts at the lowest
+   held seq.  Neither case is a violation.
 5. Release: track the workflow's last released seq, keep it in a short per-workflow history (for
    ``after_seq`` replays) and fan out by mode (flag ``eventbus.bridge``):
    ``off`` consumes nothing; ``read-only`` runs steps 1-4 and delivers to nobody; ``canary``
@@ -56,11 +67,12 @@ iterating raises :class:`SubscriberLagged`, carrying the last seq it got, to res
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,8 +91,8 @@ from cbctl.core.events import (
     BadEvent,
     Event,
     decode_event,
-    event_subject,
-    version_filter,
+    subject,
+    subject_filter,
 )
 from cbctl.core.metrics import AgentMetrics
 
@@ -204,6 +216,29 @@ class Subscription:
                     task.exception()  # mark a failure retrieved: nobody is left to be told
 
 
+@dataclass(frozen=True, slots=True)
+class GapFill:
+    """What a :data:`GapFiller` found for one workflow in the authoritative record.
+
+    ``begin``: the seq at which the workflow's publishing began in the asked schema version
+    (``None``: not known, e.g. its keys expired).  ``events``: the record's events with a seq in
+    the asked range that were published in that version (seq >= ``begin``).  ``applied_at``:
+    wall-clock time (epoch seconds) each of those was applied.  ``oldest``: the lowest seq the
+    record still holds (older ones were trimmed), ``None`` if it holds none.
+    """
+
+    begin: int | None
+    events: Mapping[int, Event]
+    applied_at: Mapping[int, float]
+    oldest: int | None
+
+
+GapFiller = Callable[[str, int, int, int], Awaitable[GapFill]]
+"""``await filler(workflow_id, schema_version, lo, hi)``: the workflow's events with
+``lo <= seq <= hi`` from the authoritative record.  Raises ``BackendUnavailable`` when the
+record cannot be read right now (the bridge retries)."""
+
+
 @dataclass(slots=True)
 class _Workflow:
     last_seq: int  # last seq released (or skipped over)
@@ -213,6 +248,8 @@ class _Workflow:
     held: dict[int, Event] = field(default_factory=dict)
     gap_since: float | None = None
     history: deque[Event] = field(default_factory=deque)
+    filling: bool = False  # a gap fill is in flight
+    skipped: set[int] = field(default_factory=set)  # seqs given up on (their late copies are dropped)
 
 
 @dataclass(slots=True)
@@ -228,6 +265,9 @@ class BridgeStats:
     released: int = 0
     delivered: int = 0
     held: int = 0
+    filled: int = 0  # events released from the gap filler (the authoritative record)
+    fills: int = 0  # filler calls
+    fill_errors: int = 0
 
 
 def durable_name(node_id: str) -> str:
@@ -245,17 +285,21 @@ class Bridge:
         metrics: AgentMetrics,
         node_id: str,
         *,
+        cluster: str,
         mode: str = "off",
         schema_version: int = 1,
         canary_subscribers: Iterable[str] = (),
         durable: str | None = None,
         deliver_new: bool = True,
-        gap_timeout: float = 2.0,
+        gap_timeout: float = 0.5,
+        give_up_after: float = 60.0,
+        filler: GapFiller | None = None,
         dedup_max_ids: int = 200_000,
         dedup_max_age: float = 3600.0,
-        max_workflows: int = 100_000,
+        max_workflows: int = 10_000,
         max_held: int = 10_000,
-        history: int = 256,
+        history: int = 16,
+        history_workflows: int = 1_000,
         fetch_batch: int = 256,
         fetch_timeout: float = 0.5,
         max_queue: int = 10_000,
@@ -263,8 +307,18 @@ class Bridge:
         api_timeout: float = 2.0,
     ) -> None:
         """``nc`` is a connected client the caller owns (the bridge never closes it).
+        ``cluster``: whose subjects are consumed (``cb.<cluster>.events.v<N>.>``).
         ``deliver_new``: a consumer created from scratch starts at new messages (a node joining
-        late does not replay the stream's whole history); False starts at the beginning."""
+        late does not replay the stream's whole history); False starts at the beginning.
+        ``filler``: reads missing events from the authoritative record (module doc, step 4);
+        ``gap_timeout``: how long a gap stays open before the filler is asked;
+        ``give_up_after``: how long a gap nothing can fill is waited for before it is skipped.
+
+        Memory is bounded by these settings, not by uptime: ``max_workflows`` workflows'
+        ordering state (least recently active forgotten first), ``history`` released events kept
+        for ``after_seq`` replays for each of the ``history_workflows`` most recently active
+        workflows, ``dedup_max_ids`` event ids, ``max_held`` held events per workflow, and
+        ``max_queue`` events per subscriber."""
         if dedup_max_age <= stream_cfg.duplicate_window:
             raise BadInput(
                 f"bridge de-dup age {dedup_max_age}s must exceed the stream's duplicate window "
@@ -276,9 +330,20 @@ class Bridge:
         self.stream_cfg = stream_cfg
         self.metrics = metrics
         self.node_id = node_id
+        self.cluster = cluster
         self.durable = durable or durable_name(node_id)
         self.deliver_new = deliver_new
         self.gap_timeout = gap_timeout
+        self.give_up_after = give_up_after
+        self.filler = filler
+        self.history_workflows = history_workflows
+        # Wall-clock time the consumer began reading (events applied before it are not ours to
+        # fill for a workflow first seen mid-life); a margin covers clock skew between nodes.
+        self._consumer_since: float | None = None
+        self.skew_margin = 5.0
+        self._with_history: OrderedDict[str, None] = OrderedDict()
+        self._fill_tasks: set[asyncio.Task[None]] = set()
+        self.max_concurrent_fills = 16
         self.dedup_max_ids = dedup_max_ids
         self.dedup_max_age = dedup_max_age
         self.max_workflows = max_workflows
@@ -361,6 +426,14 @@ class Bridge:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        for t in list(self._fill_tasks):
+            t.cancel()
+        for t in list(self._fill_tasks):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a fill's error is moot at close
+                pass
+        self._fill_tasks.clear()
         await self._unsubscribe()
         for sub in list(self._all) + [s for subs in self._by_workflow.values() for s in subs]:
             sub.close()
@@ -421,12 +494,12 @@ class Bridge:
         """Read the workflow's subject back from the stream (one request per message); ``upto``
         None = to the end of the stream.  All or nothing: a transient NATS error raises
         ``BackendUnavailable`` (never a partial list, which would be a silent seq hole)."""
-        subject = event_subject(workflow_id, self._version)
+        subject_name = subject(self.cluster, self._version, workflow_id)
         found: dict[int, Event] = {}
         stream_seq = 1
         while True:
             try:
-                raw = await self.js.get_msg(self.stream_cfg.name, seq=stream_seq, subject=subject, next=True)
+                raw = await self.js.get_msg(self.stream_cfg.name, seq=stream_seq, subject=subject_name, next=True)
             except nats.js.errors.NotFoundError:
                 break
             except _TRANSIENT as exc:
@@ -440,7 +513,7 @@ class Bridge:
                 ) from exc
             stream_seq = (raw.seq or stream_seq) + 1
             try:
-                _, ev = decode_event(raw.data or b"", subject=subject)
+                _, ev = decode_event(raw.data or b"", subject=subject_name)
             except BadEvent:
                 continue  # counted when the live consumer saw it
             if after_seq < ev.seq and (upto is None or ev.seq <= upto):
@@ -519,7 +592,7 @@ class Bridge:
         """Create (or re-create for another version) the durable consumer and bind to it."""
         await self._unsubscribe()
         stream = self.stream_cfg.name
-        want = version_filter(self._version)
+        want = subject_filter(self.cluster, self._version)
         start_seq: int | None = None
         try:
             info = await self.js.consumer_info(stream, self.durable)
@@ -557,6 +630,12 @@ class Bridge:
             )
         self._psub = await self.js.pull_subscribe_bind(self.durable, stream)
         self._consumer_version = self._version
+        if self._consumer_since is None:
+            # Fills for a workflow first seen mid-life reach back to here (minus the skew
+            # margin): what was applied before this bridge began is not its to deliver.  The
+            # earliest bind counts (a re-bind resumes where the consumer was); a consumer that
+            # reads the stream from its start (deliver_new=False) owns everything.
+            self._consumer_since = time.time() if self.deliver_new else 0.0
 
     # ------------------------------------------------------------------ per message
 
@@ -626,24 +705,23 @@ class Bridge:
     def _order(self, ev: Event, now: float) -> None:
         wf = self._workflows.get(ev.workflow_id)
         if wf is None:
-            # A workflow first seen at seq 1 starts here. One first seen later (the bridge
-            # started mid-workflow, or two nodes' publishes crossed while ownership settled, e.g.
-            # at cluster.enabled=true) is held back like any gap: lower seqs arriving within the
-            # gap timeout are released first, in order; past it, the bridge starts at the lowest
-            # seq it holds — not a violation, since nothing was released out of order.
+            # A workflow first seen at seq 1 starts here.  One first seen later is held back
+            # like any gap until the filler (or, without one, the gap timeout) says where its
+            # stream starts for this bridge (module doc, step 4).
             wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
             self._evict_workflows()
         else:
             self._workflows.move_to_end(ev.workflow_id)
         if ev.seq <= wf.last_seq:
-            # A new event for a seq already released or skipped: too late to deliver in order.
+            # A copy of a seq released already or given up on: never delivered out of order.
+            # Its loss was counted when the gap was skipped (if it was one), not again here.
             self.stats.late_dropped += 1
-            self.stats.ordering_violations += 1
-            self.metrics.bridge_ordering_violations.inc()
-            log.warning("bridge: workflow %s seq %d arrived after seq %d was released; dropped",
-                        ev.workflow_id, ev.seq, wf.last_seq)
+            if ev.seq in wf.skipped:
+                wf.skipped.discard(ev.seq)
+                log.warning("bridge: workflow %s seq %d arrived after it was given up on; dropped",
+                            ev.workflow_id, ev.seq)
             return
-        if ev.seq == wf.last_seq + 1:
+        if ev.seq == wf.last_seq + 1 and wf.baseline_known:
             self._release(wf, ev)
             self._release_run(ev.workflow_id, wf, now)
             return
@@ -654,7 +732,8 @@ class Bridge:
             wf.gap_since = now
             self._gapped.add(ev.workflow_id)
         if len(wf.held) > self.max_held:
-            self._skip_gap(ev.workflow_id, wf, now)
+            # Memory bound: stop waiting for what is missing below the held events.
+            self._skip_gap(ev.workflow_id, wf, now, why=f"more than {self.max_held} events held")
 
     def _release_run(self, workflow_id: str, wf: _Workflow, now: float) -> None:
         """Release held events that are now contiguous; restart the gap clock if some remain."""
@@ -667,28 +746,119 @@ class Bridge:
             wf.gap_since = None
             self._gapped.discard(workflow_id)
 
-    def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float) -> None:
+    def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float, *, why: str) -> None:
+        """Give up on the seqs missing below the lowest held one (they are really missing for
+        subscribers: counted once) and go on from there."""
         nxt = min(wf.held)
         if wf.baseline_known:
             self.stats.ordering_violations += 1
             self.metrics.bridge_ordering_violations.inc()
-            log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs; skipping ahead",
-                        workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now))
+            log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs (%s); skipping ahead",
+                        workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now), why)
+            wf.skipped.update(range(max(wf.last_seq + 1, nxt - 100), nxt))  # bounded: recent ones only
+            while len(wf.skipped) > 1000:
+                wf.skipped.discard(min(wf.skipped))
         else:
             log.debug("bridge: workflow %s first seen at seq %d; starting there", workflow_id, nxt)
-        wf.last_seq = nxt - 1
+        self._start_at(wf, nxt)
         self._release_run(workflow_id, wf, now)
 
+    @staticmethod
+    def _start_at(wf: _Workflow, seq: int) -> None:
+        wf.last_seq = seq - 1
+        wf.baseline_known = True
+
     def tick(self, now: float | None = None) -> None:
-        """Close gaps older than ``gap_timeout`` (runs periodically by itself after start)."""
+        """Deal with gaps older than ``gap_timeout``: ask the filler, or (without one) skip
+        (runs periodically by itself after start)."""
         now = time.monotonic() if now is None else now
         for workflow_id in list(self._gapped):
             wf = self._workflows.get(workflow_id)
             if wf is None or not wf.held:
                 self._gapped.discard(workflow_id)
                 continue
-            if wf.gap_since is not None and now - wf.gap_since >= self.gap_timeout:
-                self._skip_gap(workflow_id, wf, now)
+            if wf.gap_since is None or now - wf.gap_since < self.gap_timeout or wf.filling:
+                continue
+            if self.filler is None:
+                if not wf.baseline_known:
+                    self._skip_gap(workflow_id, wf, now, why="first seen mid-workflow")
+                elif now - wf.gap_since >= self.give_up_after:
+                    self._skip_gap(workflow_id, wf, now, why="no gap filler")
+                continue
+            if len(self._fill_tasks) >= self.max_concurrent_fills:
+                continue  # the next tick gets it
+            wf.filling = True
+            task = asyncio.ensure_future(self._fill(workflow_id, wf))
+            self._fill_tasks.add(task)
+            task.add_done_callback(self._fill_tasks.discard)
+
+    async def _fill(self, workflow_id: str, wf: _Workflow) -> None:
+        """Fill the gap below the lowest held seq of ``workflow_id`` from the filler."""
+        assert self.filler is not None
+        version = self._version
+        try:
+            lo = wf.last_seq + 1 if wf.baseline_known else 1
+            hi = min(wf.held) - 1 if wf.held else wf.last_seq
+            if hi < lo:
+                return
+            self.stats.fills += 1
+            try:
+                got = await self.filler(workflow_id, version, lo, hi)
+            except (CbctlError, OSError, asyncio.TimeoutError) as exc:
+                self.stats.fill_errors += 1
+                log.warning("bridge: cannot read workflow %s's record to fill seq %d..%d: %s", workflow_id, lo,
+                            hi, exc)
+                now = time.monotonic()
+                if wf.gap_since is not None and now - wf.gap_since >= self.give_up_after and wf.held:
+                    self._skip_gap(workflow_id, wf, now, why=f"record unreadable for {self.give_up_after:g}s")
+                return
+            if self._workflows.get(workflow_id) is not wf or version != self._version:
+                return  # forgotten or re-pinned meanwhile: the next gap starts afresh
+            self._apply_fill(workflow_id, wf, got, lo, hi)
+        finally:
+            wf.filling = False
+
+    def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int) -> None:
+        now = time.monotonic()
+        if not wf.held:
+            return
+        if not wf.baseline_known:
+            # Where does this workflow's stream start for this bridge?  At the seq its publishing
+            # began, or later: events applied before our consumer existed are not ours to fill.
+            start = min(wf.held)
+            since = (self._consumer_since or 0.0) - self.skew_margin
+            floor = got.begin if got.begin is not None else start
+            seq = start - 1
+            while seq >= max(floor, lo) and seq in got.events and got.applied_at.get(seq, 0.0) >= since:
+                seq -= 1
+            self._start_at(wf, seq + 1)
+        for seq in range(wf.last_seq + 1, hi + 1):
+            if seq in wf.held:
+                continue
+            ev = got.events.get(seq)
+            if ev is None:
+                continue
+            if ev.event_id in self._seen_ids:
+                continue  # the stream copy got here first (and was released or is held)
+            self._seen_ids[ev.event_id] = now
+            wf.held[seq] = ev
+            self.stats.filled += 1
+        self._evict(self._seen_ids, self.dedup_max_ids, self.dedup_max_age, now)
+        self._release_run(workflow_id, wf, now)
+        if not wf.held:
+            return
+        # Still a gap: is what is missing provably gone (before the publishing began, trimmed
+        # from the history, or the workflow's keys expired)?  Then skip; else keep waiting.
+        missing = wf.last_seq + 1
+        if got.begin is not None and missing < got.begin:
+            self._start_at(wf, got.begin)  # never published in this version: not a gap
+            self._release_run(workflow_id, wf, now)
+        elif got.begin is None or (got.oldest is not None and missing < got.oldest) or got.oldest is None:
+            self._skip_gap(workflow_id, wf, now, why="not in the workflow's record (trimmed or expired)")
+        elif wf.gap_since is not None and now - wf.gap_since >= self.give_up_after:
+            self._skip_gap(workflow_id, wf, now, why=f"still missing after {self.give_up_after:g}s")
+        else:
+            wf.gap_since = now  # applied but its event not in the record yet: ask again later
 
     async def _tick_loop(self) -> None:
         while True:
@@ -701,11 +871,12 @@ class Bridge:
         excess = len(self._workflows) - self.max_workflows
         if excess <= 0:
             return
-        for workflow_id in list(self._workflows)[: excess * 2]:
+        for workflow_id in list(itertools.islice(self._workflows, excess * 2)):
             if excess <= 0:
                 break
             if not self._workflows[workflow_id].held:
                 del self._workflows[workflow_id]
+                self._with_history.pop(workflow_id, None)
                 excess -= 1
 
     def _release(self, wf: _Workflow, ev: Event) -> None:
@@ -715,6 +886,14 @@ class Bridge:
         wf.history.append(ev)
         if len(wf.history) > self.history:
             wf.history.popleft()
+        # Only the most recently active workflows keep a replay history (memory bound).
+        self._with_history[ev.workflow_id] = None
+        self._with_history.move_to_end(ev.workflow_id)
+        if len(self._with_history) > self.history_workflows:
+            old_id, _ = self._with_history.popitem(last=False)
+            old = self._workflows.get(old_id)
+            if old is not None:
+                old.history.clear()
         if self._mode not in ("canary", "streaming"):
             return  # read-only: verified, delivered to nobody
         delivered = False
@@ -726,4 +905,5 @@ class Bridge:
             self.metrics.bridge_delivered.labels(origin="local" if ev.node_id == self.node_id else "remote").inc()
 
 
-__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "BridgeStats", "SubscriberLagged", "Subscription", "durable_name"]
+__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "BridgeStats", "GapFill", "GapFiller", "SubscriberLagged",
+           "Subscription", "durable_name"]

@@ -65,7 +65,7 @@ from cbctl.core.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.bus.stream import StreamStatus, ensure_stream
 from cbctl.core.config import StreamConfig
 from cbctl.core.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, CheckFailed
-from cbctl.core.events import SUPPORTED_SCHEMA_VERSIONS, Event, encode_event, event_subject, msg_id
+from cbctl.core.events import SUPPORTED_SCHEMA_VERSIONS, Event, encode_event, msg_id, subject
 from cbctl.core.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class Publisher:
         metrics: AgentMetrics,
         node_id: str,
         *,
+        cluster: str,
         publish_mode: str = "off",
         schema_versions: Sequence[int] = (1,),
         retries: int = 3,
@@ -158,8 +159,11 @@ class Publisher:
         """``nc_factory`` opens a connection (typically ``lambda: connect_nats(cfg, name=...)``);
         it is called at start and again whenever the current connection is closed for good.
         The publisher closes connections it opened; it never closes ``outbox`` (the owner does).
+        ``cluster``: events go to ``cb.<cluster>.events.v<N>.<workflow>`` (one subject space and
+        one stream per cluster, :func:`cbctl.core.events.subject`).
         """
         self._nc_factory = nc_factory
+        self.cluster = cluster
         self.stream_cfg = stream_cfg
         self.outbox = outbox
         self.metrics = metrics
@@ -292,12 +296,18 @@ class Publisher:
 
     # ------------------------------------------------------------------ publishing API
 
-    async def publish(self, event: Event) -> PublishStatus:
+    async def publish(self, event: Event, versions: Sequence[int] | None = None) -> PublishStatus:
         """Publish ``event`` per the current flags; see the module docstring for the contract.
+
+        ``versions`` overrides the flags for this event: publish exactly these schema versions
+        (``()`` = nothing, returns ``off``), whatever ``eventbus.publish`` says.  The agent passes
+        what the fencing guard decided for the event's workflow (a workflow whose publishing has
+        begun keeps publishing every later event, see :mod:`cbctl.core.lanes`), so a node that
+        has not applied a flag change yet cannot tear a hole in the workflow's stream.
 
         Raises ``BadEvent`` (invalid event, nothing done) or :class:`PublishFailed`.
         """
-        pendings = self._enqueue([event])
+        pendings = self._enqueue([event], versions)
         if not pendings:
             return "off"
         return (await pendings[0].future)[0]
@@ -314,19 +324,29 @@ class Publisher:
             out.extend(chunk)
         return out
 
-    def _enqueue(self, events: Sequence[Event]) -> list[_Pending]:
+    def _enqueue(self, events: Sequence[Event], override: Sequence[int] | None = None) -> list[_Pending]:
         if self._closing or self._worker is None or self._worker.done():
             raise PublishFailed("publisher is not running (not started, closed, or its worker failed)")
-        if self._mode == "off":
-            return []
-        versions = self._versions
+        if override is None:
+            if self._mode == "off":
+                return []
+            versions = self._versions
+        else:
+            versions = tuple(override)
+            if not versions:
+                return []
+            for v in versions:
+                if v not in SUPPORTED_SCHEMA_VERSIONS or isinstance(v, bool):
+                    raise BadInput(f"cannot publish schema version {v!r} (supported: "
+                                   f"{list(SUPPORTED_SCHEMA_VERSIONS)})")
+        cluster = self.cluster
         loop = asyncio.get_running_loop()
         # Encode everything first, under the flags in effect now: a bad event raises here,
         # before any event of the call is sent.
         encoded: list[list[OutboxMessage]] = []
         for event in events:
             encoded.append([
-                OutboxMessage(event_subject(event.workflow_id, v), msg_id(event.event_id, v), event.workflow_id,
+                OutboxMessage(subject(cluster, v, event.workflow_id), msg_id(event.event_id, v), event.workflow_id,
                               encode_event(event, v))
                 for v in versions
             ])
@@ -597,7 +617,7 @@ class Publisher:
             self._js = nc.jetstream(timeout=self.ack_timeout, publish_async_max_pending=max_pending)
             self._last_connect_error = None
         if not self._stream_verified and self._nc.is_connected and self._js is not None:
-            status = await ensure_stream(self._js, self.stream_cfg)
+            status = await ensure_stream(self._js, self.stream_cfg, cluster=self.cluster)
             self.stream_status = status
             self._stream_verified = True
             if status.created:

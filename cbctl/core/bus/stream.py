@@ -1,9 +1,10 @@
-"""The JetStream stream that holds every canonical event (subjects ``cb.events.>``).
+"""The JetStream stream that holds every canonical event of one cluster (subjects
+``cb.<cluster>.events.>``, :func:`cbctl.core.events.stream_subjects`).
 
 :func:`ensure_stream` creates the stream from :class:`~cbctl.core.config.StreamConfig` when it
 is missing, and otherwise verifies the existing one against it.  It never changes an existing
 stream: a mismatch (another duplicate window, memory instead of file storage, a subject list not
-covering ``cb.events.>``) is reported in :class:`StreamStatus.mismatches` for the caller to
+covering ``cb.<cluster>.events.>``) is reported in :class:`StreamStatus.mismatches` for the caller to
 log, count or fail a preflight check on.  :func:`verify_stream` only verifies.
 
 Errors are converted here: JetStream not reachable/enabled -> ``BackendUnavailable``; the server
@@ -23,7 +24,7 @@ from nats.js import JetStreamContext
 
 from cbctl.core.config import StreamConfig
 from cbctl.core.errors import BackendUnavailable, CheckFailed, NotFound
-from cbctl.core.events import STREAM_SUBJECTS
+from cbctl.core.events import stream_subjects
 
 # JetStream not answering (not enabled, not reachable right now).  TimeoutError covers
 # nats.errors.TimeoutError and asyncio's.
@@ -49,23 +50,25 @@ class StreamStatus:
         return not self.mismatches
 
 
-def desired_config(cfg: StreamConfig) -> jsapi.StreamConfig:
-    """The nats-py stream config for ``cfg``."""
+def desired_config(cfg: StreamConfig, *, cluster: str) -> jsapi.StreamConfig:
+    """The nats-py stream config for ``cfg``, capturing ``cluster``'s subjects."""
     return jsapi.StreamConfig(
         name=cfg.name,
-        subjects=[STREAM_SUBJECTS],
+        subjects=[stream_subjects(cluster)],
         storage=jsapi.StorageType.FILE if cfg.storage == "file" else jsapi.StorageType.MEMORY,
         num_replicas=cfg.replicas,
         duplicate_window=cfg.duplicate_window,
     )
 
 
-def stream_mismatches(actual: jsapi.StreamConfig, cfg: StreamConfig) -> list[str]:
-    """Human-readable differences between an existing stream's config and ``cfg`` (pure)."""
+def stream_mismatches(actual: jsapi.StreamConfig, cfg: StreamConfig, *, cluster: str) -> list[str]:
+    """Human-readable differences between an existing stream's config and ``cfg`` (pure).
+    ``cluster``: whose subjects (``cb.<cluster>.events.>``) the stream must capture."""
     out: list[str] = []
     subjects = list(actual.subjects or [])
-    if STREAM_SUBJECTS not in subjects and ">" not in subjects:
-        out.append(f"subjects {subjects} do not include {STREAM_SUBJECTS!r}")
+    want_subjects = stream_subjects(cluster)
+    if want_subjects not in subjects:
+        out.append(f"subjects {subjects} are not {want_subjects!r}")
     storage = actual.storage.value if isinstance(actual.storage, jsapi.StorageType) else str(actual.storage)
     if storage != cfg.storage:
         out.append(f"storage is {storage!r}, configured {cfg.storage!r}")
@@ -96,23 +99,23 @@ async def _info(js: JetStreamContext, cfg: StreamConfig) -> jsapi.StreamInfo | N
         raise CheckFailed(f"stream {cfg.name}: JetStream refused the info request: {exc}") from None
 
 
-def _status(info: jsapi.StreamInfo, cfg: StreamConfig, created: bool) -> StreamStatus:
+def _status(info: jsapi.StreamInfo, cfg: StreamConfig, created: bool, cluster: str) -> StreamStatus:
     state: Any = info.state
     return StreamStatus(
         name=cfg.name,
         created=created,
-        mismatches=tuple(stream_mismatches(info.config, cfg)),
+        mismatches=tuple(stream_mismatches(info.config, cfg, cluster=cluster)),
         messages=int(getattr(state, "messages", 0) or 0),
     )
 
 
-async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> StreamStatus:
-    """Create the stream if missing, else verify it (never modifies an existing stream)."""
+async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, cluster: str) -> StreamStatus:
+    """Create ``cluster``'s stream if missing, else verify it (never modifies an existing stream)."""
     info = await _info(js, cfg)
     if info is not None:
-        return _status(info, cfg, created=False)
+        return _status(info, cfg, False, cluster)
     try:
-        info = await js.add_stream(desired_config(cfg))
+        info = await js.add_stream(desired_config(cfg, cluster=cluster))
     except _UNAVAILABLE as exc:
         raise _unavailable(cfg, exc) from None
     except nats.js.errors.APIError as exc:
@@ -122,16 +125,16 @@ async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> StreamStatus
         info2 = await _info(js, cfg)
         if info2 is None:
             raise CheckFailed(f"cannot create stream {cfg.name}: {exc.description or exc}") from None
-        return _status(info2, cfg, created=False)
-    return _status(info, cfg, created=True)
+        return _status(info2, cfg, False, cluster)
+    return _status(info, cfg, True, cluster)
 
 
-async def verify_stream(js: JetStreamContext, cfg: StreamConfig) -> StreamStatus:
-    """Verify the existing stream; ``NotFound`` if it does not exist."""
+async def verify_stream(js: JetStreamContext, cfg: StreamConfig, *, cluster: str) -> StreamStatus:
+    """Verify ``cluster``'s existing stream; ``NotFound`` if it does not exist."""
     info = await _info(js, cfg)
     if info is None:
         raise NotFound(f"JetStream stream {cfg.name} does not exist")
-    return _status(info, cfg, created=False)
+    return _status(info, cfg, False, cluster)
 
 
 __all__ = ["StreamStatus", "desired_config", "ensure_stream", "stream_mismatches", "verify_stream"]
