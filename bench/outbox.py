@@ -31,11 +31,12 @@ from cbctl.core.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.bus.publisher import Publisher
 from cbctl.core.bus.stream import ensure_stream
 from cbctl.core.config import NatsConfig, StreamConfig
-from cbctl.core.events import Event, encode_event, event_subject, make_event, msg_id
+from cbctl.core.events import Event, encode_event, make_event, msg_id, subject
 from cbctl.core.metrics import AgentMetrics
 from cbctl.sandbox import free_port
 
 STREAM = StreamConfig(name="CB_BENCH")
+CLUSTER = "bench"  # subjects cb.bench.events.v<N>.<workflow>
 
 
 def make_events(n: int, run: str) -> list[Event]:
@@ -48,7 +49,7 @@ def make_events(n: int, run: str) -> list[Event]:
 
 
 def messages(events: list[Event]) -> list[OutboxMessage]:
-    return [OutboxMessage(event_subject(e.workflow_id, 1), msg_id(e.event_id, 1), e.workflow_id, encode_event(e, 1))
+    return [OutboxMessage(subject(CLUSTER, 1, e.workflow_id), msg_id(e.event_id, 1), e.workflow_id, encode_event(e, 1))
             for e in events]
 
 
@@ -72,7 +73,7 @@ def bench_append(state: Path, n: int) -> None:
 async def bench_buffered(state: Path, n: int) -> None:
     down = NatsConfig(servers=(f"nats://127.0.0.1:{free_port()}",), stream=STREAM)  # nothing listens
     ob = Outbox(state / "buffered.db")
-    pub = Publisher(lambda: connect_nats(down, name="bench"), STREAM, ob, AgentMetrics("bench"), "bench",
+    pub = Publisher(lambda: connect_nats(down, name="bench"), STREAM, ob, AgentMetrics("bench"), "bench", cluster=CLUSTER,
                     publish_mode="on")
     await pub.start()
     events = make_events(n, "buf")
@@ -99,7 +100,7 @@ async def bench_drain(url: str, state: Path, n: int) -> float:
     cfg = NatsConfig(servers=(url,), stream=STREAM)
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=n + 10)
-    await ensure_stream(js, STREAM)
+    await ensure_stream(js, STREAM, cluster=CLUSTER)
     # Raw baseline: the same kind of messages, publish_async + publish_async_completed.
     raw_msgs = messages(make_events(n, f"raw-{uuid.uuid4().hex[:6]}"))
     start = time.perf_counter()
@@ -111,7 +112,7 @@ async def bench_drain(url: str, state: Path, n: int) -> float:
     ob = Outbox(state / "drain.db")
     ob.append(messages(make_events(n, f"drain-{uuid.uuid4().hex[:6]}")))
     m = AgentMetrics("bench")
-    pub = Publisher(lambda: connect_nats(cfg, name="bench"), STREAM, ob, m, "bench", publish_mode="on")
+    pub = Publisher(lambda: connect_nats(cfg, name="bench"), STREAM, ob, m, "bench", cluster=CLUSTER, publish_mode="on")
     start = time.perf_counter()
     await pub.start()  # starts degraded: the outbox is not empty
     while pub.degraded:

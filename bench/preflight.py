@@ -58,7 +58,7 @@ async def setup_store(cfg: Path, nats_url: str) -> None:
 
     ctx = load_config(cfg).context()
     nc = await connect_nats(ctx.nats, name="bench")
-    await ensure_stream(nc.jetstream(), ctx.nats.stream)
+    await ensure_stream(nc.jetstream(), ctx.nats.stream, cluster=ctx.cluster)
     await nc.close()
     coord = make_coordinator(ctx)
     await coord.connect()

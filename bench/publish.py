@@ -35,10 +35,11 @@ from cbctl.core.bus.outbox import Outbox
 from cbctl.core.bus.publisher import Publisher
 from cbctl.core.bus.stream import ensure_stream
 from cbctl.core.config import NatsConfig, StreamConfig
-from cbctl.core.events import Event, encode_event, event_subject, make_event, msg_id
+from cbctl.core.events import Event, encode_event, make_event, msg_id, subject
 from cbctl.core.metrics import AgentMetrics
 
 STREAM = StreamConfig(name="CB_BENCH")
+CLUSTER = "bench"  # subjects cb.bench.events.v<N>.<workflow>
 
 
 def make_events(n: int, run: str) -> list[Event]:
@@ -51,7 +52,7 @@ def make_events(n: int, run: str) -> list[Event]:
 
 
 async def raw(js, events: list[Event]) -> float:  # type: ignore[no-untyped-def]
-    msgs = [(event_subject(e.workflow_id, 1), encode_event(e, 1), msg_id(e.event_id, 1)) for e in events]
+    msgs = [(subject(CLUSTER, 1, e.workflow_id), encode_event(e, 1), msg_id(e.event_id, 1)) for e in events]
     start = time.perf_counter()
     for subject, data, mid in msgs:
         await js.publish_async(subject, data, headers={"Nats-Msg-Id": mid})
@@ -88,9 +89,9 @@ async def bench(url: str, n: int, rounds: int, state: Path) -> None:
     cfg = NatsConfig(servers=(url,), stream=STREAM)
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=max(4096, n * 2))
-    await ensure_stream(js, STREAM)
+    await ensure_stream(js, STREAM, cluster=CLUSTER)
     outbox = Outbox(state / "outbox.db")
-    pub = Publisher(lambda: connect_nats(cfg, name="bench"), STREAM, outbox, AgentMetrics("bench"), "bench",
+    pub = Publisher(lambda: connect_nats(cfg, name="bench"), STREAM, outbox, AgentMetrics("bench"), "bench", cluster=CLUSTER,
                     publish_mode="on", schema_versions=[1])
     await pub.start()
     results: dict[str, list[float]] = {"raw": [], "publish_many": [], "concurrent": [], "sequential": [],
