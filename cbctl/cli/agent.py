@@ -72,11 +72,42 @@ def run_agent(
             attach_bus(agent)  # canonical events: publisher, outbox, bridge, SSE
             attach_signals(agent)  # signal routing to lane owners (NATS request/reply)
         loop = asyncio.get_running_loop()
+
+        signalled: list[bool] = []
+
+        def on_signal() -> None:
+            if not signalled:
+                signalled.append(True)
+                _exit_watchdog(agent.stop_timeout + 1.5)
+            agent.request_stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.request_stop)
+            loop.add_signal_handler(sig, on_signal)
         await agent.run()
 
     run(body)
+
+
+def _exit_watchdog(after: float) -> None:
+    """Backstop of the 10 s stop promise: end the process ``after`` seconds from now.
+
+    The agent's stop is bounded by itself; what is left after it is asyncio's shutdown, which
+    waits for every task it cancels, and a task stuck in a library call against a frozen server
+    could hold the process there.  A daemon timer thread (it runs even if the loop is stuck)
+    then exits 0 — the lease was revoked or the log said it gave up — with a message.
+    """
+    import os
+    import sys
+    import threading
+
+    def fire() -> None:
+        sys.stderr.write(f"cbctl: agent shutdown still waiting on a library call after {after:g}s; exiting now\n")
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(after, fire)
+    timer.daemon = True
+    timer.start()
 
 
 @app.command("load")

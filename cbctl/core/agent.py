@@ -3,11 +3,23 @@
 One agent, one asyncio event loop task tree:
 
 * **registration** (:mod:`cbctl.core.registration`): a leased record per node, created with
-  create-if-absent; a node id held by another live instance makes :meth:`NodeAgent.start` raise
-  :class:`~cbctl.core.registration.NodeIdConflict` (and leaves a conflict record).
+  create-if-absent.  Refuse first: the node id is checked and the record created before anything
+  else starts (no event bus, no HTTP server, no machine-id file, no identity binding); a node id
+  held by another live instance makes :meth:`NodeAgent.start` raise
+  :class:`~cbctl.core.registration.NodeIdConflict` with nothing started and the holder's records
+  untouched (the refusal is reported on a lease of its own that expires).
 * **live flags**: the rollout document is watched; each revision is applied without restart and
   the applied revision is written into the record (``applied_revision``), which is what
-  ``cbctl stage advance --wait`` waits for.
+  ``cbctl stage advance --wait`` waits for.  A revision is applied all or nothing: the flags
+  listeners see it first and may refuse it; a refused revision is rolled back everywhere, logged
+  once, reported by ``/readyz`` and not retried until a newer revision arrives.  A deleted
+  rollout document means stage 0 (everything off), also when the delete is found on a resync.
+* **stop** (:meth:`NodeAgent.stop`): exception-safe and bounded by ``stop_timeout``: every step
+  runs under its own budget, an error or a timeout in one (a frozen NATS in the bus's stop, a
+  frozen Redis under a worker) is logged and the next step still runs, so the lease is revoked
+  (or the log says that the revoke gave up and the lease expires on its own) and the HTTP server
+  and the clients are always closed.  A second ``stop()`` waits for the first one, with the
+  same bound.
 * **lanes** (with ``cluster.enabled``): the lane inventory is shared among the live agents by
   rendezvous hashing (:mod:`cbctl.core.assignment`).  Each owned lane is an owner key on the
   node's lease (:mod:`cbctl.core.ownership`) whose create_revision is the fencing token; the
@@ -58,7 +70,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cbctl import __version__
 from cbctl.core import keys
@@ -73,10 +85,13 @@ from cbctl.core.registration import (
     NodeIdConflict,
     check_identity,
     default_state_dir,
+    holder_conflict,
     holder_is_dead_local,
-    load_machine_id,
-    record_conflict,
+    peek_machine_id,
+    read_holder,
+    record_refusal,
     register,
+    save_machine_id,
     validate_node_id,
 )
 from cbctl.core.rollout import RolloutDocument, initial_document
@@ -171,7 +186,8 @@ class NodeAgent:
     lifecycle handler).  ``http_port``: 0 = a free port, ``None`` = no HTTP server.
     ``lease_ttl`` / ``keepalive_interval`` override the config; keep-alive * 3 > TTL raises
     ``BadInput``.  ``state_dir`` holds the machine identity.  ``coordinator`` / ``redis_client``
-    may be passed in (then they are not closed by :meth:`stop`).
+    may be passed in (then they are not closed by :meth:`stop`).  ``stop_timeout``: the bound
+    of :meth:`stop` in seconds (``cbctl agent run`` must exit within 10 s of SIGTERM).
     """
 
     def __init__(
@@ -194,11 +210,15 @@ class NodeAgent:
         read_block_ms: int = 500,
         reclaim_idle: float | None = None,
         probes: bool = True,
+        stop_timeout: float = 8.0,
     ) -> None:
         self.ctx = config
         # Periodic reachability probes (etcd, NATS with this node's credentials, Redis) and the
         # clock offset against ctx.ntp_servers, written into the record for `cbctl preflight`.
         self._probes_enabled = probes
+        if stop_timeout <= 0:
+            raise BadInput(f"stop timeout must be positive, got {stop_timeout!r}")
+        self.stop_timeout = float(stop_timeout)
         self.node_id = validate_node_id(node_id)
         self.lease_ttl = float(lease_ttl if lease_ttl is not None else config.coordination.lease_ttl)
         self.keepalive_interval = float(
@@ -214,7 +234,7 @@ class NodeAgent:
         self.instance_id = uuid.uuid4().hex
         self.machine_id: str | None = None
         self.version = __version__
-        self.metrics = metrics or AgentMetrics(node_id)
+        self.metrics = metrics or AgentMetrics(node_id, cluster=config.cluster)
         self.extra_record_fields: dict[str, Any] = {"probes": {}, "clock": {}}
         self.fatal_error: CbctlError | None = None
 
@@ -244,10 +264,15 @@ class NodeAgent:
         self._applied_revision = 0
         self._flags_applied = False
         self._apply_error: str | None = None
+        # A revision the agent refused (bad document, or a listener refused it): not retried
+        # until a newer one arrives (re-reads after store trouble would otherwise loop on it).
+        self._refused_revision = 0
+        self._doc_deleted = False
         self._applied_hooks: list[AppliedHook] = []
         self._flag_listeners: list[FlagsListener] = []
         self._start_hooks: list[Callable[[], Awaitable[None]]] = []
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._hooks_started = False
 
         self._owned: dict[str, _LaneRun] = {}
         self._local: dict[str, _LaneRun] = {}
@@ -261,6 +286,7 @@ class NodeAgent:
         self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._stop_outcome: list[str] = []  # what the teardown gave up on (for the log and tests)
         self._stop_requested = asyncio.Event()
         self._bg: list[asyncio.Task[None]] = []
         self.tasks_processed = 0
@@ -377,6 +403,11 @@ class NodeAgent:
     async def start(self) -> None:
         """Connect, register, apply the current flags and start working; return when running.
 
+        Refuse first: the only things done before the node's record exists are connecting to
+        the store, reading the rollout document and the node's key, and granting the lease the
+        record hangs on.  Everything else (machine-id file, identity binding, start hooks such
+        as the event bus, HTTP, Redis, lane work) starts only once the record is ours.
+
         Raises ``NodeIdConflict`` (exit 3) if another live instance holds the node id,
         ``BackendUnavailable`` (exit 4) if the store or Redis cannot be reached, ``BadInput``
         for a bad state dir.  On failure nothing is left running.
@@ -386,41 +417,63 @@ class NodeAgent:
         self._started = True
         self._started_at = time.time()
         try:
-            self.machine_id = load_machine_id(self.state_dir)
+            # Read-only: the machine-id file is written only once the node id is ours.
+            known_machine_id = peek_machine_id(self.state_dir)
+            self.machine_id = known_machine_id or str(uuid.uuid4())
+            if self._coord is None:
+                from cbctl.core.coord import make_coordinator
+
+                self._coord = make_coordinator(self.ctx)
+                await self._coord.connect()
+
+            # The current flags first, so the record is created with them.
+            start_rev = await self._coord.current_revision()
+            kv = await self._coord.get(keys.rollout(self.ctx.cluster))
+            # Registered with stage 0 flags; the document's flags are taken once every listener
+            # accepted them (below), and the record is rewritten then.
+            doc, revision = self._parse(kv.value if kv else None, kv.mod_revision if kv else 0)
+            if doc is None and kv is not None:
+                self._refused_revision = kv.mod_revision
+
+            await self._open_session(first=True, start_tasks=False)
+
+            # The node id is ours from here on: bind the identity, then start the rest.
+            if known_machine_id is None:
+                self.machine_id = await asyncio.to_thread(save_machine_id, self.state_dir, self.machine_id)
+            await check_identity(
+                self._coord, self.ctx.cluster, self.node_id,
+                machine_id=self.machine_id, host=self.host, instance_id=self.instance_id,
+            )
+            self._hooks_started = True
             for start_hook in self._start_hooks:
                 await start_hook()
             if self._http is not None:
                 bound_host, port = await self._http.start()
                 adv = self._advertise_host or (bound_host if bound_host not in ("0.0.0.0", "::", "") else self.host)
                 self.http_address = f"{adv}:{port}"
-            if self._coord is None:
-                from cbctl.core.coord import make_coordinator
-
-                self._coord = make_coordinator(self.ctx)
-                await self._coord.connect()
             if self._redis is None:
                 self._redis = redis_client_for(self.ctx, self._block_ms)
-            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id,
-                                   history_maxlen=self.ctx.redis.history_max, retention=self.ctx.redis.retention)
+            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id)
             self.queue = LaneQueue(self._redis, self.ctx.cluster, self.ctx.lanes)
 
-            # The current flags first, so the record is created with them.
-            start_rev = await self._coord.current_revision()
-            kv = await self._coord.get(keys.rollout(self.ctx.cluster))
-            doc, revision = self._parse(kv.value if kv else None, kv.mod_revision if kv else 0)
-            if doc is not None:
+            if doc is not None and await self._notify_flags(dict(doc.flags), revision):
                 self._flags = dict(doc.flags)
                 self._applied_revision = revision
-            await check_identity(
-                self._coord, self.ctx.cluster, self.node_id,
-                machine_id=self.machine_id, host=self.host, instance_id=self.instance_id,
-            )
-            await self._open_session(first=True)
+                self._doc_deleted = kv is None
+                self._flags_applied = True
+            else:
+                # Unreadable, or a listener refused it: run with stage 0 flags (everything off)
+                # and report not ready until a revision that is accepted arrives.
+                if doc is not None:
+                    self._refused_revision = revision
+                await self._notify_flags(dict(self._flags), 0)
+                self._flags_applied = False
             await self._enter_mode(self.cluster_enabled)
-            await self._notify_flags(self._applied_revision)
-            self._flags_applied = doc is not None
             self.metrics.applied_revision.set(self._applied_revision)
             await self._write_record()
+            session = self._session
+            if session is not None:
+                self._start_session_tasks(session)
             watch_from = max(start_rev, kv.mod_revision if kv else 0) + 1
             self._bg.append(self._spawn(self._rollout_loop(watch_from), "rollout-watch"))
             self._bg.append(self._spawn(self._supervise(), "supervisor"))
@@ -459,9 +512,16 @@ class NodeAgent:
             raise self.fatal_error
 
     async def stop(self) -> None:
-        """Graceful stop: stop workers, revoke the lease (record and lanes freed at once)."""
+        """Graceful stop: stop workers, revoke the lease (record and lanes freed at once).
+
+        Bounded by ``stop_timeout`` and exception-safe (module doc): returns when done or when
+        the bound is reached, and never raises for a subsystem that failed to stop.  A second
+        call waits for the first one's completion, with the same bound.
+        """
         if self._stopping:
-            await self._stopped.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.stop_timeout + 1.0):
+                    await self._stopped.wait()
             return
         await self._teardown(revoke=True)
 
@@ -471,16 +531,33 @@ class NodeAgent:
 
     # -- sessions (registration + lease) ---------------------------------------------------
 
-    async def _open_session(self, *, first: bool) -> None:
+    async def _open_session(self, *, first: bool, start_tasks: bool = True) -> None:
         """Grant a new lease and create the record on it; start the session's tasks.
+
+        The node's key is read first: a live holder that is not us is refused without a single
+        write (:meth:`_refuse`).  The create-if-absent that follows is the atomic check (two
+        starts racing both pass the read).  ``start_tasks=False`` leaves the session's tasks to
+        :meth:`_start_session_tasks` (the first start creates the record before anything else).
 
         Raises ``NodeIdConflict`` if another instance holds the node id, ``BackendUnavailable``
         if the store cannot be reached.
         """
         coord = self.coordinator
+        loop = asyncio.get_running_loop()
         waited_for_stale = False
+        key = keys.node(self.ctx.cluster, self.node_id)
         while True:
+            holder = await read_holder(coord, self.ctx.cluster, self.node_id)
+            if holder is not None and holder.get("instance_id") != self.instance_id:
+                if first and not waited_for_stale and self._holder_is_stale(holder):
+                    await self._wait_stale_holder(holder, key)
+                    waited_for_stale = True
+                    continue
+                await self._refuse(holder_conflict(self.node_id, key, holder))
+            requested = loop.time()
             lease = await coord.grant_lease(self.lease_ttl)
+            if lease.granted_at is None:  # a backend that does not stamp it: our request time
+                lease.granted_at = requested
             session = _Session(number=self._sessions + 1, lease=lease)
             try:
                 session.record_rev = await register(
@@ -498,31 +575,11 @@ class NodeAgent:
                         await self._revoke(old)
                     await asyncio.sleep(0.1)
                     continue
-                if first and not waited_for_stale and self.machine_id and holder_is_dead_local(
-                    holder, machine_id=self.machine_id, host=self.host
-                ):
-                    log.warning(
-                        "node id %s is still registered by a dead process of this machine (pid %s); "
-                        "waiting for its lease to expire", self.node_id, holder.get("pid"),
-                    )
-                    await self._wait_key_gone(keys.node(self.ctx.cluster, self.node_id), 2 * self.lease_ttl + 15)
+                if first and not waited_for_stale and self._holder_is_stale(holder):
+                    await self._wait_stale_holder(holder, key)
                     waited_for_stale = True
                     continue
-                with contextlib.suppress(BackendUnavailable):
-                    await record_conflict(
-                        coord, self.ctx.cluster, self.node_id, self.instance_id,
-                        {
-                            "kind": "duplicate-node-id",
-                            "host": self.host,
-                            "machine_id": self.machine_id,
-                            "pid": os.getpid(),
-                            "holder_instance_id": holder.get("instance_id"),
-                            "holder_host": holder.get("host"),
-                            "holder_machine_id": holder.get("machine_id"),
-                            "holder_pid": holder.get("pid"),
-                        },
-                    )
-                raise
+                await self._refuse(exc)
             except BaseException:
                 await self._revoke(lease)
                 raise
@@ -531,6 +588,12 @@ class NodeAgent:
         session.keeper = coord.keep_alive(
             lease, interval=self.keepalive_interval, on_lost=lambda exc, s=session: self._on_lease_lost(s, exc)
         )
+        if start_tasks:
+            self._start_session_tasks(session)
+        if not first:
+            log.info("agent %s registered again: session %d, lease %s", self.node_id, session.number, _lease_hex(lease))
+
+    def _start_session_tasks(self, session: _Session) -> None:
         session.tasks = [
             self._spawn(self._heartbeat_loop(session), "heartbeat"),
             self._spawn(self._members_loop(session), "members-watch"),
@@ -538,8 +601,40 @@ class NodeAgent:
             self._spawn(self._reconcile_loop(session), "reconcile"),
         ]
         self._wake.set()
-        if not first:
-            log.info("agent %s registered again: session %d, lease %s", self.node_id, session.number, _lease_hex(lease))
+
+    def _holder_is_stale(self, holder: dict[str, Any]) -> bool:
+        """A record left by a dead process of this machine (a crash, then a restart)."""
+        return bool(self.machine_id) and holder_is_dead_local(holder, machine_id=self.machine_id or "", host=self.host)
+
+    async def _wait_stale_holder(self, holder: dict[str, Any], key: str) -> None:
+        log.warning(
+            "node id %s is still registered by a dead process of this machine (pid %s); "
+            "waiting for its lease to expire", self.node_id, holder.get("pid"),
+        )
+        await self._wait_key_gone(key, 2 * self.lease_ttl + 15)
+
+    async def _refuse(self, exc: NodeIdConflict) -> NoReturn:
+        """Refuse a duplicate start: report it on an expiring lease of its own, then raise.
+
+        Nothing of the holder's is written (record, identity binding, conflicts), so its
+        preflight rows and the exit criteria stay as they were (see cbctl/core/registration.py).
+        """
+        holder = exc.holder
+        log.error("agent %s: %s", self.node_id, exc)
+        with contextlib.suppress(BackendUnavailable, TimeoutError):
+            async with asyncio.timeout(max(1.0, self.keepalive_interval)):
+                await record_refusal(
+                    self.coordinator, self.ctx.cluster, self.node_id, self.instance_id,
+                    {
+                        "kind": "duplicate-node-id",
+                        "host": self.host,
+                        "pid": os.getpid(),
+                        "holder_instance_id": holder.get("instance_id"),
+                        "holder_host": holder.get("host"),
+                        "holder_pid": holder.get("pid"),
+                    },
+                )
+        raise exc
 
     def _on_lease_lost(self, session: _Session, exc: LeaseLost | BackendUnavailable) -> None:
         """Synchronous on purpose: every lane stops in this very callback, before any await."""
@@ -580,21 +675,36 @@ class NodeAgent:
                     backoff = min(backoff * 2, 2.0)
 
     async def _end_session(self, session: _Session, *, revoke: bool) -> None:
-        """Stop everything that belongs to ``session``; revoke its lease (best effort)."""
+        """Stop everything that belongs to ``session``; revoke its lease (best effort).
+
+        Bounded: each wait has a limit, and the lanes lock is not waited for longer than a
+        second (a step stuck on a frozen store may hold it; the workers' "still owner" flags
+        are dropped either way), so a stuck task can never keep the revoke from happening.
+        """
         session.lost = True
-        await _cancel_all(session.tasks)
+        await _cancel_all(session.tasks, timeout=1.0)
         if session.keeper is not None:
-            await session.keeper.stop()
-        async with self._lanes_lock:
+            await session.keeper.stop(timeout=1.0)
+        locked = False
+        try:
+            async with asyncio.timeout(1.0):
+                await self._lanes_lock.acquire()
+                locked = True
+        except TimeoutError:
+            log.warning("agent %s: lanes lock busy; ending session %d without it", self.node_id, session.number)
+        try:
             runs = list(self._owned.values())
             self._owned.clear()
             self._to_release.clear()  # their keys die with the lease
             for run in runs:
                 run.active = False
-            await _cancel_all([r.task for r in runs])
+            await _cancel_all([r.task for r in runs], timeout=1.0)
             for run in runs:
                 self.metrics.ownership_changes.labels(lane=run.lane).inc()
             self.metrics.owned_lanes.set(0)
+        finally:
+            if locked:
+                self._lanes_lock.release()
         if revoke:
             await self._revoke(session.lease)
         if self._session is session:
@@ -604,11 +714,17 @@ class NodeAgent:
         """Revoke ``lease``; never raises (a lease we cannot revoke expires on its own)."""
         if self._coord is None:
             return
+        budget = max(1.0, self.keepalive_interval)
         try:
-            async with asyncio.timeout(max(1.0, self.keepalive_interval)):
+            async with asyncio.timeout(budget):
                 await self._coord.revoke_lease(lease)
         except (BackendUnavailable, LeaseLost, TimeoutError) as exc:
-            log.info("could not revoke lease %s (%s); it expires on its own", _lease_hex(lease), exc)
+            why = str(exc) or f"no answer within {budget:g}s"
+            if self._stopping:
+                self._stop_outcome.append(f"lease {_lease_hex(lease)} not revoked ({why}); it expires on its own "
+                                          f"within {self.lease_ttl:g}s")
+            log.warning("gave up revoking lease %s (%s); it expires on its own within %gs",
+                        _lease_hex(lease), why, self.lease_ttl)
 
     async def _wait_key_gone(self, key: str, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -696,6 +812,10 @@ class NodeAgent:
                     kv = await self.coordinator.get(key)
                     if kv is not None:
                         await self._apply(kv.value, kv.mod_revision)
+                    elif not self._doc_deleted and (self._applied_revision or self._refused_revision):
+                        # Deleted while we were not watching: the delete event is gone, but a
+                        # missing document means stage 0 (everything off), as in the watch.
+                        await self._apply(None, start_rev)
                     watch_from = max(start_rev, kv.mod_revision if kv else 0) + 1
                     resync = False
                 async for ev in self.coordinator.watch(key, start_revision=watch_from):
@@ -711,31 +831,66 @@ class NodeAgent:
                 backoff = min(backoff * 2, 2.0)
 
     async def _apply(self, value: bytes | None, revision: int) -> None:
-        """Apply one rollout revision and report it in the record."""
+        """Apply one rollout revision, all or nothing, and report it in the record.
+
+        ``value`` None is a deleted document: stage 0 flags.  Order: parse; hand the new flags
+        to every listener (they may refuse: then the ones already told are given the running
+        flags back and nothing else changed); only then switch this agent's own state and mode.
+        A refused revision is logged once and skipped until a newer revision arrives.
+        """
+        if revision == self._refused_revision:
+            return
         if revision < self._applied_revision or (revision == self._applied_revision and self._flags_applied):
             return
         doc, _ = self._parse(value, revision)
         if doc is None:
+            self._refused_revision = revision
+            return
+        new_flags = dict(doc.flags)
+        if not await self._notify_flags(new_flags, revision):
+            self._refused_revision = revision
             return
         was_enabled = self.cluster_enabled
-        self._flags = dict(doc.flags)
+        self._flags = new_flags
+        self._doc_deleted = value is None
         if self.cluster_enabled != was_enabled:
             await self._enter_mode(self.cluster_enabled)
-        await self._notify_flags(revision)
         self._applied_revision = revision
+        self._refused_revision = 0
         self._flags_applied = True
         self._apply_error = None
         self.metrics.applied_revision.set(revision)
         self._wake.set()
-        log.info("agent %s applied rollout revision %d (stage %d)", self.node_id, revision, doc.stage)
+        log.info("agent %s applied rollout revision %d (stage %d%s)", self.node_id, revision, doc.stage,
+                 ", document deleted" if value is None else "")
         try:
             await self._write_record()
         except BackendUnavailable as exc:
             log.warning("agent %s could not report revision %d yet: %s", self.node_id, revision, exc)
 
-    async def _notify_flags(self, revision: int) -> None:
-        for listener in self._flag_listeners:
-            await listener(self.flags, revision)
+    async def _notify_flags(self, flags: Mapping[str, Any], revision: int) -> bool:
+        """Hand ``flags`` to every listener; False (and listeners rolled back) if one refused.
+
+        A listener refuses by raising.  The listeners that had already taken the new flags get
+        the running ones again, so no subsystem is left half on the refused revision.
+        """
+        told = 0
+        try:
+            for listener in self._flag_listeners:
+                await listener(dict(flags), revision)
+                told += 1
+        except Exception as exc:  # any refusal, also a listener's bug: the revision is not applied
+            self._apply_error = f"revision {revision}: {exc}"
+            log.error("agent %s refused rollout revision %d (%s); keeping revision %d until a newer one arrives",
+                      self.node_id, revision, exc, self._applied_revision, exc_info=not isinstance(exc, CbctlError))
+            for listener in self._flag_listeners[:told + 1]:
+                try:
+                    await listener(dict(self._flags), self._applied_revision)
+                except Exception as back:  # noqa: BLE001 - logged; the refusal stands either way
+                    log.error("agent %s: restoring revision %d in a flags listener failed: %s",
+                              self.node_id, self._applied_revision, back)
+            return False
+        return True
 
     async def _enter_mode(self, enabled: bool) -> None:
         """Switch between coordinated ownership and local competing consumers."""
@@ -1022,7 +1177,7 @@ class NodeAgent:
                 node_id=self.node_id, lane=lane, token=token, workflow_id=task.workflow_id,
                 task_id=task.task_id, type=task.type, seq=result.seq, update=update, payload=task.payload,
                 occurred_at=time.time(), already_applied=result.already_applied, decision=result.decision,
-                history_id=result.history_id, publish_versions=result.publish_versions,
+                history_id=result.history_id,
             )
             for hook in self._applied_hooks:
                 await hook(applied)
@@ -1052,43 +1207,102 @@ class NodeAgent:
             self.request_stop()
 
     async def _teardown(self, *, revoke: bool) -> None:
+        """Stop everything, each step under its own budget inside ``stop_timeout``.
+
+        No step can skip a later one: an error is logged, a step that overruns its budget is
+        abandoned (cancelled, not awaited) with a log line saying what was given up.  Budgets
+        keep time in reserve for the lease revoke and for closing HTTP and the clients.
+        Unpublished events are never lost here: the event bus's stop settles them into its
+        outbox, and a task whose event was not made durable was not acked, so it is delivered
+        again after the restart.
+        """
         self._stopping = True
-        await _cancel_all(self._bg)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout
+        reserve_revoke = min(2.0, 0.25 * self.stop_timeout)
+        reserve_close = min(1.5, 0.2 * self.stop_timeout)
+
+        def until(reserved: float) -> float:
+            return max(0.05, deadline - reserved - loop.time())
+
+        try:
+            # 1. Background and session tasks, then the lane workers: no more work.
+            await self._bounded("background tasks", self._cancel_bg(), until(reserve_revoke + reserve_close + 1.0))
+            await self._bounded("lane workers", self._stop_all_runs(), until(reserve_revoke + reserve_close + 0.5))
+            # 2. Subsystems (the event bus settles its queue into the outbox), only if started.
+            if self._hooks_started:
+                for stop_hook in self._stop_hooks:
+                    name = getattr(stop_hook, "__qualname__", "stop hook")
+                    await self._bounded(f"stop hook {name}", stop_hook(), until(reserve_revoke + reserve_close))
+            # 3. The lease: revoked (record and lanes freed at once) or left to expire.
+            session = self._session
+            if session is not None:
+                if revoke:
+                    await self._bounded("lease revoke", self._end_session(session, revoke=True),
+                                        until(reserve_close), gave_up=(
+                                            f"lease {_lease_hex(session.lease)} not revoked; it expires on its own "
+                                            f"within {self.lease_ttl:g}s"))
+                else:
+                    session.lost = True
+                    await self._bounded("session tasks", _cancel_all(session.tasks, timeout=1.0), until(reserve_close))
+                    if session.keeper is not None:
+                        await self._bounded("lease keeper", session.keeper.stop(), until(reserve_close))
+                self._owned.clear()
+                self._session = None
+            # 4. HTTP and the clients: always closed.
+            if self._http is not None:
+                await self._bounded("HTTP server", self._http.stop(), until(reserve_close * 0.5))
+            if self._own_redis and self._redis is not None:
+                redis, self._redis = self._redis, None
+                await self._bounded("Redis client", redis.aclose(), until(reserve_close * 0.25))
+            if self._own_coord and self._coord is not None:
+                coord, self._coord = self._coord, None
+                await self._bounded("coordinator", coord.close(), max(0.2, deadline - loop.time()))
+        finally:
+            self._stopped.set()
+            gave_up = "; gave up on: " + "; ".join(self._stop_outcome) if self._stop_outcome else ""
+            log.info("agent %s stopped (%s)%s", self.node_id,
+                     "lease revoked" if revoke and not any("lease" in g for g in self._stop_outcome)
+                     else "lease left to expire", gave_up)
+
+    async def _cancel_bg(self) -> None:
+        await _cancel_all(self._bg, timeout=1.0)
         self._bg.clear()
         if self._session is not None:
             # First, so that a reconciliation waiting on the store does not hold the lanes lock.
             self._session.lost = True
-            await _cancel_all(self._session.tasks)
-        async with self._lanes_lock:
-            runs = list(self._local.values()) + list(self._owned.values())
-            self._local.clear()
-            await self._stop_runs(runs)
-        for stop_hook in self._stop_hooks:
-            try:
-                await stop_hook()
-            except CbctlError as exc:  # a subsystem's failed stop must not keep the lease alive
-                log.error("agent %s: stop hook failed: %s", self.node_id, exc)
-        session = self._session
-        if session is not None:
-            if revoke:
-                await self._end_session(session, revoke=True)
-            else:
-                session.lost = True
-                await _cancel_all(session.tasks)
-                if session.keeper is not None:
-                    await session.keeper.stop()
-                self._owned.clear()
-                self._session = None
-        if self._http is not None:
-            await self._http.stop()
-        if self._own_redis and self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-        if self._own_coord and self._coord is not None:
-            await self._coord.close()
-            self._coord = None
-        self._stopped.set()
-        log.info("agent %s stopped (%s)", self.node_id, "lease revoked" if revoke else "lease left to expire")
+            await _cancel_all(self._session.tasks, timeout=1.0)
+
+    async def _stop_all_runs(self) -> None:
+        runs = list(self._local.values()) + list(self._owned.values())
+        for run in runs:
+            run.active = False  # the "still owner" flag: no guarded write after this
+        self._local.clear()
+        left = await _cancel_all([r.task for r in runs], timeout=1.5)
+        if left:
+            log.warning("agent %s: %d lane workers did not end within 1.5s (a command in flight); "
+                        "their tasks are not acked and will be delivered again", self.node_id, left)
+
+    async def _bounded(self, what: str, aw: Awaitable[Any], budget: float, *, gave_up: str | None = None) -> None:
+        """Run ``aw`` as its own task for at most ``budget`` s; log (never raise) what failed.
+
+        A separate task and ``asyncio.wait`` rather than ``asyncio.timeout``: a library that
+        swallows a cancellation mid-command (redis-py 8.1) would make a timeout wait for the
+        command; here the step is abandoned at its deadline and the teardown goes on.
+        """
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, budget))
+        if not done:
+            task.cancel()
+            msg = gave_up or f"{what} did not finish within {budget:.1f}s"
+            self._stop_outcome.append(msg)
+            log.warning("agent %s stop: %s; going on", self.node_id, msg)
+            return
+        exc = task.exception() if not task.cancelled() else None
+        if exc is not None:
+            self._stop_outcome.append(f"{what} failed: {exc}")
+            log.error("agent %s stop: %s failed: %s; going on", self.node_id, what, exc,
+                      exc_info=not isinstance(exc, CbctlError))
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -1110,19 +1324,27 @@ def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
     )
 
 
-async def _cancel_all(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
-    """Cancel tasks and wait until they have finished; errors were logged by done callbacks.
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any] | None], timeout: float | None = None) -> int:
+    """Cancel tasks and wait until they have finished (at most ``timeout`` s when given);
+    return how many are still running.  Errors were logged by done callbacks.
 
     The cancel is repeated every 50 ms: redis-py 8.1's asyncio client swallows a cancel that
     arrives while a command is in flight (measured: 200 of 200 cancels during ``GET`` were
     lost — the command completed and the task went on), so one ``cancel()`` is not enough.
+    Without ``timeout`` this waits as long as a task takes to give in: a command against a
+    frozen server can take its whole socket timeout, so teardown paths always pass one.
     """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     current = asyncio.current_task()
     pending = {t for t in tasks if t is not None and t is not current and not t.done()}
     while pending:
+        if deadline is not None and loop.time() >= deadline:
+            return len(pending)
         for t in pending:
             t.cancel()
         _done, pending = await asyncio.wait(pending, timeout=0.05)
+    return 0
 
 
 def _enabled(value: bytes) -> bool:

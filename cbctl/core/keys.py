@@ -9,7 +9,8 @@ Everything lives under ``/cbctl/<cluster>/``:
                            so its own ``mod_revision`` is the new document revision
 ``nodes/<node-id>``        a node's registration record, attached to the node's lease
 ``identity/<node-id>``     last machine identity seen for a node id (unleased, for stability)
-``conflicts/<node-id>/..`` refused starts (duplicate node id) and unstable node ids
+``conflicts/<node-id>/..`` unstable node ids (evidence, unleased)
+``refused/<node-id>/<id>`` refused duplicate starts (leased: they expire on their own)
 ``lanes/<lane>``           the lane's owner record, attached to the owner's lease; its
                            ``create_revision`` is the lane's fencing token
 ``runbooks/<run-id>``      runbook run records (drills)
@@ -60,6 +61,14 @@ def conflicts_prefix(cluster: str) -> str:
 
 def conflict(cluster: str, node_id: str, instance_id: str) -> str:
     return f"{conflicts_prefix(cluster)}{node_id}/{instance_id}"
+
+
+def refusals_prefix(cluster: str) -> str:
+    return f"/cbctl/{cluster}/refused/"
+
+
+def refusal(cluster: str, node_id: str, instance_id: str) -> str:
+    return f"{refusals_prefix(cluster)}{node_id}/{instance_id}"
 
 
 def lanes_prefix(cluster: str) -> str:

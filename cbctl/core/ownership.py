@@ -43,20 +43,44 @@ class LaneClaim:
 async def acquire_lane(
     coord: Coordinator, cluster: str, lane: str, *, node_id: str, instance_id: str, lease: Lease
 ) -> LaneClaim | None:
-    """Create the lane's owner key on ``lease``; None if someone (maybe us) already holds it.
+    """Create the lane's owner key on ``lease``; None if someone else already holds it.
+
+    A create that timed out may still have been applied (``BackendUnavailable`` says "maybe").
+    The retry then finds the key present: if it is on OUR ``lease`` and names our
+    ``instance_id``, it is ours — the claim is returned with the key's create_revision as the
+    token.  (Returning None there would leave the lane stuck: nobody else can take a key on our
+    live lease, and we would wait for a delete that never comes.)
 
     Raises ``BackendUnavailable`` when the store cannot be reached (the key may or may not have
-    been created; if it was, it dies with the lease or is found by the next attempt's
-    :func:`read_lanes`).
+    been created; the next attempt finds out as above, or the key dies with the lease).
     """
     since = time.time()
+    key = keys.lane(cluster, lane)
     body = json.dumps({"lane": lane, "owner": node_id, "instance_id": instance_id, "since": since},
                       sort_keys=True, separators=(",", ":")).encode("utf-8")
     try:
-        token = await coord.create(keys.lane(cluster, lane), body, lease=lease)
+        token = await coord.create(key, body, lease=lease)
     except Conflict:
-        return None
+        kv = await coord.get(key)
+        if kv is None or not _on_lease(kv.lease, lease):
+            return None  # someone else's (or gone since: its delete event wakes the caller)
+        try:
+            held = kv.json()
+        except ValueError:
+            held = None
+        if not isinstance(held, dict) or held.get("instance_id") != instance_id:
+            return None
+        held_since = held.get("since")
+        return LaneClaim(lane=lane, token=kv.create_revision,
+                         since=float(held_since) if isinstance(held_since, (int, float)) else since)
     return LaneClaim(lane=lane, token=token, since=since)
+
+
+def _on_lease(key_lease: int | str | None, lease: Lease) -> bool:
+    """Whether a key's lease (as the backend reports it) is ``lease``."""
+    if key_lease is None:
+        return False
+    return str(key_lease) == str(lease.id)
 
 
 async def release_lane(coord: Coordinator, cluster: str, claim: LaneClaim) -> bool:

@@ -20,14 +20,23 @@ when the agent dies or is cut off for longer than the lease TTL)::
       "probes": {}, "clock": {}       # filled by preflight probes (NodeAgent.update_record)
     }
 
-Duplicate node ids: the record is created with create-if-absent.  If another *live* instance
-holds it, the start is refused (:class:`NodeIdConflict`, exit 3) and a conflict record is left
-at ``keys.conflict(cluster, node_id, instance_id)`` so ``cbctl preflight`` and ``cbctl nodes``
-can report it.  A node id seen on a different machine than last time (``keys.identity``) is
-recorded the same way with ``kind = "unstable-node-id"`` — allowed, but reported.
+Duplicate node ids are refused FIRST.  The agent reads the node's key before anything else
+starts, and creates its record with create-if-absent before it starts the event bus, binds its
+machine identity or writes anything else.  If another *live* instance holds the id, the start is
+refused (:class:`NodeIdConflict`, exit 3) with nothing started and none of the holder's records
+touched: its record, its identity binding (``keys.identity``) and the conflict records stay as
+they were, so the live node's preflight rows and the exit criteria do not change.  The refusal is
+reported by the refused process itself (its exit status and message name the holder) and by a
+*leased* report at ``keys.refusal(cluster, node_id, instance_id)`` (:func:`record_refusal`) that
+expires on its own after :data:`REFUSAL_TTL` seconds: an operator sees a duplicate that a
+supervisor keeps restarting (:func:`read_refusals`), and nothing needs clearing afterwards.  It
+is deliberately not a conflict record: the holder did nothing wrong.
 
-Conflict records are not leased on purpose: they are evidence for the operator and outlive the
-refused process.
+A node id seen on a different machine than last time (``keys.identity``) is recorded at
+``keys.conflict(cluster, node_id, instance_id)`` with ``kind = "unstable-node-id"`` — allowed,
+but reported; only an instance that has registered (and so holds the id) writes it.  Conflict
+records are not leased: they are evidence for the operator and outlive the process;
+:func:`clear_conflicts` removes them once resolved.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from cbctl.core.errors import BadInput, Conflict
 log = logging.getLogger(__name__)
 
 MACHINE_ID_FILE = "machine-id"
+REFUSAL_TTL = 900.0
+"""Seconds a refused duplicate start stays reported (:func:`record_refusal`)."""
 
 __all__ = [
     "NodeIdConflict",
@@ -57,7 +68,14 @@ __all__ = [
     "register",
     "record_conflict",
     "check_identity",
+    "clear_conflicts",
+    "holder_conflict",
+    "peek_machine_id",
     "read_conflicts",
+    "read_holder",
+    "read_refusals",
+    "record_refusal",
+    "save_machine_id",
     "read_nodes",
     "validate_node_id",
 ]
@@ -84,28 +102,41 @@ def default_state_dir() -> Path:
     return Path(base) / "cbctl"
 
 
-def load_machine_id(state_dir: Path) -> str:
-    """The machine identity persisted in ``state_dir`` (created on first use).
+def peek_machine_id(state_dir: Path) -> str | None:
+    """The machine identity persisted in ``state_dir``, or None if there is none yet.
 
-    The file is written to a temporary name and renamed, so a crash never leaves a half id; two
-    agents racing on first use may each write one, but both then read back the same winner.
+    Reads only: a start that may still be refused must not create the file.  Raises
+    ``BadInput`` when the file is unreadable or not an identity.
     """
     path = state_dir / MACHINE_ID_FILE
     try:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        text = ""
+        return None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read the machine identity: {exc.strerror}") from None
-    if text:
-        try:
-            return str(uuid.UUID(text))
-        except ValueError:
-            raise BadInput(f"{path}: not a machine identity (uuid): {text[:40]!r}") from None
+    if not text:
+        return None
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise BadInput(f"{path}: not a machine identity (uuid): {text[:40]!r}") from None
+
+
+def save_machine_id(state_dir: Path, machine_id: str) -> str:
+    """Persist ``machine_id`` in ``state_dir`` unless one is there already; return the one kept.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a half id; two
+    agents racing on first use may each write one, but both then read back the same winner.
+    """
+    path = state_dir / MACHINE_ID_FILE
+    existing = peek_machine_id(state_dir)
+    if existing is not None:
+        return existing
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{MACHINE_ID_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(str(uuid.uuid4()) + "\n", encoding="utf-8")
+        tmp.write_text(str(uuid.UUID(machine_id)) + "\n", encoding="utf-8")
         if not path.exists():
             os.replace(tmp, path)
         else:
@@ -113,6 +144,11 @@ def load_machine_id(state_dir: Path) -> str:
         return str(uuid.UUID(path.read_text(encoding="utf-8").strip()))
     except OSError as exc:
         raise BadInput(f"{state_dir}: cannot persist the machine identity: {exc.strerror}") from None
+
+
+def load_machine_id(state_dir: Path) -> str:
+    """The machine identity persisted in ``state_dir`` (created on first use)."""
+    return peek_machine_id(state_dir) or save_machine_id(state_dir, str(uuid.uuid4()))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -148,21 +184,69 @@ async def register(coord: Coordinator, cluster: str, node_id: str, record: dict[
     try:
         return await coord.create(key, _dump(record), lease=lease)
     except Conflict:
-        kv = await coord.get(key)
-        holder: dict[str, Any] = {}
-        if kv is not None:
-            try:
-                decoded = kv.json()
-                holder = decoded if isinstance(decoded, dict) else {}
-            except ValueError:
-                holder = {}
-        raise NodeIdConflict(
-            f"node id {node_id!r} is already registered by a live instance: host {holder.get('host', '?')}, "
-            f"instance {holder.get('instance_id', '?')}, pid {holder.get('pid', '?')} "
-            f"(since {_fmt_time(holder.get('started_at'))}); refusing to start a second one",
-            key=key,
-            holder=holder,
-        ) from None
+        holder = await read_holder(coord, cluster, node_id)
+        raise holder_conflict(node_id, key, holder or {}) from None
+
+
+def holder_conflict(node_id: str, key: str, holder: dict[str, Any]) -> NodeIdConflict:
+    """The refusal for ``node_id`` held by ``holder`` (its record), naming host and instance."""
+    return NodeIdConflict(
+        f"node id {node_id!r} is already registered by a live instance: host {holder.get('host', '?')}, "
+        f"instance {holder.get('instance_id', '?')}, pid {holder.get('pid', '?')} "
+        f"(since {_fmt_time(holder.get('started_at'))}); refusing to start a second one",
+        key=key,
+        holder=holder,
+    )
+
+
+async def read_holder(coord: Coordinator, cluster: str, node_id: str) -> dict[str, Any] | None:
+    """The record currently registered under ``node_id`` ({} if unreadable), or None."""
+    kv = await coord.get(keys.node(cluster, node_id))
+    if kv is None:
+        return None
+    try:
+        decoded = kv.json()
+    except ValueError:
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+async def record_refusal(coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: dict[str, Any],
+                         *, ttl: float = REFUSAL_TTL) -> None:
+    """Report a refused duplicate start on a lease of its own that expires after ``ttl`` s.
+
+    Touches none of the holder's keys and is not a conflict record (module doc).  The lease is
+    never kept alive, so the report disappears by itself.  Raises ``BackendUnavailable``.
+    """
+    lease = await coord.grant_lease(ttl)
+    body = {"node_id": node_id, "instance_id": instance_id, "at": time.time(), "expires_in": ttl, **info}
+    await coord.put(keys.refusal(cluster, node_id, instance_id), _dump(body), lease=lease)
+
+
+async def read_refusals(coord: Coordinator, cluster: str) -> dict[str, list[dict[str, Any]]]:
+    """Refused duplicate starts of the last :data:`REFUSAL_TTL` seconds, by node id, oldest first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    prefix = keys.refusals_prefix(cluster)
+    for kv in await coord.list(prefix):
+        try:
+            body = kv.json()
+        except ValueError:
+            continue
+        if isinstance(body, dict):
+            out.setdefault(kv.key[len(prefix):].split("/", 1)[0], []).append(body)
+    for items in out.values():
+        items.sort(key=lambda b: b.get("at", 0) if isinstance(b.get("at"), (int, float)) else 0)
+    return out
+
+
+async def clear_conflicts(coord: Coordinator, cluster: str, node_id: str | None = None) -> list[str]:
+    """Delete the conflict records (of ``node_id``, or all); return the keys deleted."""
+    prefix = keys.conflicts_prefix(cluster) + (f"{node_id}/" if node_id else "")
+    deleted = []
+    for kv in await coord.list(prefix):
+        if await coord.delete(kv.key, expected_revision=kv.mod_revision):
+            deleted.append(kv.key)
+    return deleted
 
 
 async def record_conflict(

@@ -30,6 +30,7 @@ from cbctl.core.coord.base import Coordinator
 from cbctl.core.errors import BadInput
 from cbctl.core.lanes import LaneGuard, LaneQueue
 from cbctl.core.ownership import read_lanes
+from cbctl.core.registration import read_refusals
 from cbctl.core.workload import WorkloadReport, generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import CBCTL, cbctl_proc, write_config
@@ -309,19 +310,21 @@ def test_duplicate_node_id_refused(config_path: Path, ctx: Context, tmp_path: Pa
         assert nodes.exit_code == 0, nodes.stderr
         rows = nodes.json()["nodes"]
         assert [r["node_id"] for r in rows] == ["dup"]
-        assert rows[0]["instance_id"] == rec["instance_id"] and rows[0]["conflicts"] == 1
+        # Refused first: the holder gets no conflict record (the refusal is reported on an
+        # expiring lease instead, see tests/integration/test_agent_refuse.py).
+        assert rows[0]["instance_id"] == rec["instance_id"] and rows[0]["conflicts"] == 0
         assert set(rows[0]) == {"node_id", "host", "instance_id", "applied_revision", "lag", "lanes", "heartbeat",
                                 "conflicts"}
 
-        async def conflicts() -> list[dict[str, Any]]:
+        async def refusals() -> dict[str, list[dict[str, Any]]]:
             c = make_coordinator(ctx)
             await c.connect()
             try:
-                return [kv.json() for kv in await c.list(keys.conflicts_prefix(ctx.cluster) + "dup/")]
+                return await read_refusals(c, ctx.cluster)
             finally:
                 await c.close()
 
-        found = asyncio.run(conflicts())
+        found = asyncio.run(refusals())["dup"]
         assert len(found) == 1 and found[0]["kind"] == "duplicate-node-id"
         assert found[0]["holder_instance_id"] == rec["instance_id"]
         assert holder.proc.poll() is None, "the holder must keep running"

@@ -63,10 +63,18 @@ class WatchEvent:
 
 @dataclass(slots=True)
 class Lease:
-    """A granted lease. ``id`` is the backend's lease/session id; ``ttl`` the granted seconds."""
+    """A granted lease. ``id`` is the backend's lease/session id; ``ttl`` the granted seconds.
+
+    ``granted_at``: the event loop's clock (``loop.time()``) when the grant request was *sent*,
+    or None when unknown.  The store starts the TTL at some point after that, so counting the
+    TTL from ``granted_at`` never overestimates how long the lease lives: :class:`LeaseKeeper`
+    counts its deadline from here, not from when it started (registering in between can take a
+    while on a slow store).
+    """
 
     id: int | str
     ttl: float
+    granted_at: float | None = None
 
 
 class Coordinator(ABC):
@@ -193,6 +201,11 @@ class LeaseKeeper:
     * no refresh has succeeded for longer than ``ttl - interval`` — that is, before the store
       itself could expire it, so the holder stops work *before* anyone else can own the lease.
 
+    The clock of that deadline starts at the lease's grant (``Lease.granted_at``, else when the
+    keeper starts) and is moved forward only to the moment a successful refresh was *sent*:
+    the store renewed the TTL no earlier than that, so counting from the reply (or from after
+    the registration that follows the grant) would let the holder work past the real expiry.
+
     Transient ``BackendUnavailable`` errors are retried until that deadline.
     """
 
@@ -209,15 +222,17 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_ok = loop.time()
+        granted = self.lease.granted_at
+        last_ok = granted if granted is not None and granted <= loop.time() else loop.time()
         # Stop strictly before the store can expire the lease: one interval of margin.
         deadline_span = max(self.lease.ttl - self.interval, self.interval)
         while True:
+            sent = loop.time()
             try:
                 ttl = await asyncio.wait_for(self.coord.refresh_lease(self.lease), timeout=self.interval)
                 if ttl <= 0:
                     raise LeaseLost(f"lease {self.lease.id} expired (TTL 0)", lease_id=None)
-                last_ok = loop.time()
+                last_ok = sent  # the store renewed the TTL no earlier than this
             except LeaseLost as exc:
                 self._declare_lost(exc)
                 return
@@ -236,12 +251,14 @@ class LeaseKeeper:
         if self.on_lost is not None:
             self.on_lost(exc)
 
-    async def stop(self) -> None:
-        """Stop refreshing (does not revoke)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Stop refreshing (does not revoke); waits at most ``timeout`` seconds for the task.
+
+        Bounded because a refresh in flight against a frozen store may not end at once; the
+        task is cancelled either way and left to finish on its own.
+        """
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=timeout)

@@ -562,8 +562,9 @@ class EtcdCoordinator(Coordinator):
     async def grant_lease(self, ttl: float) -> Lease:
         """Grant ``ceil(ttl)`` seconds; the returned ``ttl`` is what etcd granted (it may raise a
         TTL below its minimum).  Retried like a read: a lease granted twice just expires unused."""
+        sent = asyncio.get_running_loop().time()  # the TTL starts no earlier (see Lease.granted_at)
         granted = await self._call("grant lease", lambda c: c.lease(max(1, math.ceil(ttl))), idempotent=True)
-        return Lease(id=int(granted.id), ttl=float(granted.ttl))
+        return Lease(id=int(granted.id), ttl=float(granted.ttl), granted_at=sent)
 
     async def refresh_lease(self, lease: Lease) -> float:
         lease_id = int(lease.id)
