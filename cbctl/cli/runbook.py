@@ -12,7 +12,8 @@ import io
 import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -87,6 +88,80 @@ def _dir(directory: Path | None) -> Path:
     from cbctl.core.runbook import default_runbooks_dir
 
     return directory if directory is not None else default_runbooks_dir()
+
+
+# -- interrupts ------------------------------------------------------------------------------
+
+
+class Interrupts:
+    """SIGINT and SIGTERM while ``runbook run`` runs, shared by nested runs in this process.
+
+    The first signal is remembered (:meth:`reason`) and, while a step is running, raised as
+    ``KeyboardInterrupt`` into it so the step stops (a command maps that to its own exit code;
+    the executor asks :meth:`reason` and records the step as interrupted). Between steps —
+    while the run record is being written — a signal is only remembered, so the record is never
+    left half-written; the executor stops before the next step. A third signal raises anyway
+    (an escape hatch when writing the record hangs).
+    """
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+        self._count = 0
+        self.depth: list[bool] = []  # per nested run: is one of its steps running?
+
+    def reason(self) -> str | None:
+        return self._reason
+
+    def handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self._reason = self._reason or signal.Signals(signum).name
+        self._count += 1
+        if (self.depth and self.depth[-1]) or self._count >= 3:
+            raise KeyboardInterrupt
+
+    def step(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` wrapped so that a signal during it interrupts it."""
+        def wrapped(*args: Any, **kwargs: Any) -> T:
+            level = len(self.depth) - 1
+            self.depth[level] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth[level] = False
+
+        return wrapped
+
+
+_INTERRUPTS: Interrupts | None = None
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[Interrupts]:
+    """Install the SIGINT/SIGTERM handlers for a run (the outermost run installs and restores
+    them; a nested run in the same process shares them)."""
+    import signal
+    import threading
+
+    global _INTERRUPTS
+    outer = _INTERRUPTS is None
+    if outer:
+        _INTERRUPTS = Interrupts()
+    guard = _INTERRUPTS
+    assert guard is not None
+    saved: dict[int, Any] = {}
+    if outer and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, guard.handle)
+    guard.depth.append(False)
+    try:
+        yield guard
+    finally:
+        guard.depth.pop()
+        if outer:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            _INTERRUPTS = None
 
 
 # -- running cbctl in-process ----------------------------------------------------------------
@@ -296,6 +371,7 @@ def run_(
     name: NameArg,
     var: Annotated[list[str] | None, typer.Option("--var", help="NAME=VALUE for a runbook variable (repeatable). Passed as one literal argument: never parsed by a shell.")] = None,
     from_step: Annotated[int, typer.Option("--from-step", min=1, help="Resume at step N (steps before it are not run).")] = 1,
+    resumes: Annotated[str | None, typer.Option("--resumes", metavar="RUN", help="The stopped run this one continues (printed in its resume line); links the runs into one chain, as a drill needs.")] = None,
     yes: YesOpt = False,
     dry_run: DryRunOpt = False,
     directory: DirOpt = None,
@@ -305,9 +381,11 @@ def run_(
 
     Each step is shown (stderr) before it runs and asked about unless --yes (a step's own
     `confirm:` question is asked instead). Every command line is checked against the command
-    tree before anything runs. The run is recorded in the coordination store (runbooks/<run-id>);
-    a completed run of a rollback runbook is its confirmed drill. --dry-run shows the steps with
-    variables substituted and runs and records nothing.
+    tree before anything runs. The run is recorded in the coordination store (runbooks/<run-id>),
+    with the store revisions around each step, so `cbctl exit-criteria` can check a drill
+    (`drill: CAPABILITY`) against the audit log. Ctrl-C or SIGTERM ends the run as interrupted:
+    recorded, with the step reached, the resume line and any rollback left in place. --dry-run
+    shows the steps with variables substituted and runs and records nothing.
     """
     from cbctl.core.errors import BadInput
     from cbctl.core.runbook import (
@@ -358,68 +436,158 @@ def run_(
         err("cbctl: error: runbook run asks before each step — no terminal to ask on; pass --yes")
         raise typer.Exit(BadInput.exit_code)
 
+    if resumes is not None:
+        _call(lambda: _check_resumes(st, rb, resumes, from_step))
+
     record = _recorder(st)
     prefix = ["cbctl", *global_args(st, [])]
     extra = ["--dir", str(directory)] if directory is not None else []
-    executor = RunbookExecutor(
-        rb,
-        values,
-        run_cbctl=in_process_runner(st, secrets=[values[n] for n, v in rb.vars.items() if v.secret]),
-        query=_call(lambda: _prom_query(st)) if any(s.check for s in rb.steps) else None,
-        run_external=_run_external,
-        confirm=None if yes else ask,
-        announce=err,
-        record=record,
-        from_step=from_step,
-        resume_prefix=prefix,
-        resume_extra=extra,
-    )
-    # A step may run another runbook (`cbctl runbook run X`): it must look in the same directory.
-    saved_dir = os.environ.get(ENV_DIR)
-    if directory is not None:
-        os.environ[ENV_DIR] = str(directory.resolve())
-    try:
-        result = _call(executor.execute)
-    finally:
+    with interrupt_guard() as guard:
+        executor = RunbookExecutor(
+            rb,
+            values,
+            run_cbctl=guard.step(in_process_runner(st, secrets=[values[n] for n, v in rb.vars.items() if v.secret])),
+            query=guard.step(_call(lambda: _prom_query(st))) if any(s.check for s in rb.steps) else None,
+            run_external=guard.step(_run_external),
+            confirm=None if yes else guard.step(ask),
+            announce=err,
+            record=record,
+            interrupted=guard.reason,
+            overrides=_overrides_reader(st),
+            from_step=from_step,
+            cluster=_call(lambda: st.context().cluster),
+            resumes=resumes,
+            resume_prefix=prefix,
+            resume_extra=extra,
+            sleep=guard.step(time.sleep),
+        )
+        # A step may run another runbook (`cbctl runbook run X`): it must look in the same directory.
+        saved_dir = os.environ.get(ENV_DIR)
         if directory is not None:
-            if saved_dir is None:
-                os.environ.pop(ENV_DIR, None)
-            else:
-                os.environ[ENV_DIR] = saved_dir
+            os.environ[ENV_DIR] = str(directory.resolve())
+        try:
+            result = _call(executor.execute)
+        finally:
+            if directory is not None:
+                if saved_dir is None:
+                    os.environ.pop(ENV_DIR, None)
+                else:
+                    os.environ[ENV_DIR] = saved_dir
 
     data = result.to_json()
     if fmt is OutputFormat.json:
         emit_json(data)
-    _report(result)
+    _report(result, prefix)
+    if result.status == "completed" and rb.drill:
+        _report_drill(st, result)
     if result.record_error is not None:
         err(f"cbctl: error: the run record could not be written: {result.record_error}")
         raise typer.Exit(4 if result.status == "completed" else 1)
+    if result.status == "interrupted":
+        raise typer.Exit(143 if result.interrupted_by == "SIGTERM" else 130)
     raise typer.Exit(0 if result.status == "completed" else 1)
 
 
-def _report(result: Any) -> None:
-    """What failed, what was already done, and the exact command to resume."""
+def _report(result: Any, prefix: Sequence[str] = ("cbctl",)) -> None:
+    """What failed, what was already done, the exact command to resume, and any rollback
+    override left in force (with the command that lifts it)."""
     if result.status == "completed":
         err(f"runbook {result.runbook}: completed ({len(result.done_steps)} steps run) — run {result.run_id}")
-        if result.kind == "rollback":
-            err("recorded as this rollback's confirmed drill")
+        if result.from_step > 1 and not result.resumes:
+            err(f"note: started at step {result.from_step} without --resumes: recorded, but not a drill")
         return
     failed = result.failed_step
-    err(f"runbook {result.runbook}: {result.status} at step {failed.index}: {failed.text}")
+    if result.status == "interrupted":
+        err(f"runbook {result.runbook}: interrupted by {result.interrupted_by} at step {failed.index}: {failed.text}")
+    else:
+        err(f"runbook {result.runbook}: {result.status} at step {failed.index}: {failed.text}")
     if failed.detail:
         err(f"  {failed.detail}")
     done = result.done_steps
     err("already done: " + (", ".join(f"{s.index}" for s in done) if done else "nothing"))
     for s in done:
         err(f"  {s.index}. {s.text}")
+    for o in result.overrides or ():
+        who = f"applied by this run (revision {o['revision']})" if o["by_this_run"] else "in force before this run"
+        flags = ", ".join(f"{k}={v}" for k, v in sorted(o["flags"].items()))
+        err(f"rollback left in place: {o['capability']} ({flags}), {who}")
+        err(f"  lift it with: {shlex.join([*prefix, 'rollback', o['capability'], '--clear', '--reason', 'REASON'])}")
+    if result.overrides == []:
+        err("rollback overrides in force: none")
     err(f"resume with: {result.resume}")
     err(f"run {result.run_id}")
+
+
+def _report_drill(st: AppState, result: Any) -> None:
+    """A completed run of a declared drill: say at once whether it proves the rollback."""
+    import asyncio
+
+    from cbctl.core.drills import judge_run, read_audit
+    from cbctl.core.errors import CbctlError
+    from cbctl.core.runbook import list_runs
+
+    async def judge() -> Any:
+        async def inner(c: Any, coord: Any) -> Any:
+            runs = await list_runs(coord, c.cluster)
+            by_id = {str(r.get("run_id")): r for r in runs}
+            data = by_id.get(result.run_id, result.to_json())
+            return judge_run(data, by_id, await read_audit(coord, c.cluster), result.drill)
+
+        return await with_coordinator(st, inner)
+
+    try:
+        verdict = asyncio.run(judge())
+    except CbctlError as exc:
+        err(f"warning: could not check the drill evidence: {exc}")
+        return
+    if verdict.ok:
+        err(f"drill of {result.drill}: proven — {verdict.reason} (runs {', '.join(verdict.runs)})")
+    else:
+        err(f"drill of {result.drill}: NOT proven — {verdict.reason}")
+
+
+def _check_resumes(st: AppState, rb: Runbook, run_id: str, from_step: int) -> None:
+    import asyncio
+
+    from cbctl.core.runbook import check_resumable, get_run
+
+    async def read() -> Any:
+        async def inner(c: Any, coord: Any) -> Any:
+            return await get_run(coord, c.cluster, run_id)
+
+        return await with_coordinator(st, inner)
+
+    check_resumable(asyncio.run(read()), rb, run_id, from_step)
+
+
+def _overrides_reader(st: AppState) -> Callable[[Any], list[dict[str, Any]]]:
+    import asyncio
+
+    from cbctl.core.drills import overrides_in_force
+
+    def read(record: Any) -> list[dict[str, Any]]:
+        async def inner(c: Any, coord: Any) -> list[dict[str, Any]]:
+            return await overrides_in_force(coord, c.cluster, record.to_json())
+
+        return asyncio.run(with_coordinator(st, inner))
+
+    return read
 
 
 def _run_external(argv: Sequence[str]) -> int:
     """An ``argv`` step's program, no shell; its stdout goes to our stderr (it is progress)."""
     import subprocess
 
+    try:
+        sys.stderr.fileno()
+    except (OSError, ValueError):  # stderr is not a file (embedded, tests): relay the output
+        try:
+            done = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        except OSError as exc:
+            err(f"cannot run {argv[0]}: {exc.strerror}")
+            return 127
+        sys.stderr.write(done.stdout.decode("utf-8", "replace"))
+        return done.returncode
     try:
         return subprocess.run(list(argv), stdout=sys.stderr, check=False).returncode
     except OSError as exc:
@@ -434,14 +602,14 @@ def _recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
 
     from cbctl.core.runbook import save_run
 
-    def record(data: dict[str, Any]) -> None:
-        async def write() -> None:
-            async def inner(c: Any, coord: Any) -> None:
-                await save_run(coord, c.cluster, data)
+    def record(data: dict[str, Any]) -> int:
+        async def write() -> int:
+            async def inner(c: Any, coord: Any) -> int:
+                return await save_run(coord, c.cluster, data)
 
-            await with_coordinator(st, inner)
+            return await with_coordinator(st, inner)
 
-        asyncio.run(write())
+        return asyncio.run(write())
 
     return record
 

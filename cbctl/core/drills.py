@@ -231,6 +231,31 @@ async def drill_verdicts(coord: Coordinator, cluster: str) -> dict[str, Verdict 
     return out
 
 
+async def overrides_in_force(coord: Coordinator, cluster: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rollback overrides recorded in the rollout document now, each with ``by_this_run``
+    (an audit entry written during one of ``record``'s steps applied it) and that entry's
+    revision. For a run that stopped: what it leaves in place. Raises ``BackendUnavailable``."""
+    from cbctl.core.rollout import RolloutDocument
+
+    kv = await coord.get(keys.rollout(cluster))
+    if kv is None:
+        return []
+    doc = RolloutDocument.from_json(kv.value)
+    if not doc.rollbacks:
+        return []
+    windows = [s.get("revisions") for s in record.get("steps") or ()
+               if isinstance(s, Mapping) and isinstance(s.get("revisions"), list) and len(s["revisions"]) == 2]
+    audit = [e for e in await read_audit(coord, cluster) if e.kind == "rollback" and e.to_revision is not None]
+    out: list[dict[str, Any]] = []
+    for capability, flags in sorted(doc.rollbacks.items()):
+        applied = [e for e in audit
+                   if any(lo < (e.to_revision or 0) < hi for lo, hi in windows)
+                   and _is_rollback(capability, _changes(e, rollout.ROLLBACKS[capability].flags))]
+        out.append({"capability": capability, "flags": dict(flags), "by_this_run": bool(applied),
+                    "revision": applied[-1].to_revision if applied else None})
+    return out
+
+
 async def criterion_drills(ctx: Context, coord: Coordinator) -> Criterion:
     """The ``rollback-runbooks`` exit criterion: every capability has a drill (module doc).
     Evidence per shipped runbook name: ``"no record"``, or the verdict with run ids and the
@@ -256,4 +281,5 @@ async def criterion_drills(ctx: Context, coord: Coordinator) -> Criterion:
     return Criterion("rollback-runbooks", "pass", evidence)
 
 
-__all__ = ["SHIPPED", "Verdict", "chain_of", "criterion_drills", "drill_verdicts", "judge_run", "read_audit"]
+__all__ = ["SHIPPED", "Verdict", "chain_of", "criterion_drills", "drill_verdicts", "judge_run", "overrides_in_force",
+           "read_audit"]

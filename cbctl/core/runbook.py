@@ -983,6 +983,8 @@ class RunbookExecutor:
         deadline = self.monotonic() + check.within
         last = "no answer"
         while True:
+            if self.interrupted() is not None:  # a signal between two polls: stop polling now
+                raise KeyboardInterrupt
             try:
                 values = list(self.query(promql))
             except BadInput as exc:

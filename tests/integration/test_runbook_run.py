@@ -1,6 +1,6 @@
 """`cbctl runbook run` against a real etcd: steps run in-process, the run is recorded at
 runbooks/<run-id>, a failing run is recorded as failed with its resume command, and a completed
-rollback runbook is its drill (latest_drills)."""
+declared drill is judged from the audit log (cbctl/core/drills.py; more in test_drills.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 
 from cbctl.core.config import load_config
 from cbctl.core.coord import make_coordinator
-from cbctl.core.runbook import latest_drills, list_runs
+from cbctl.core.drills import drill_verdicts
+from cbctl.core.runbook import list_runs
 from cbctl.sandbox import free_port
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 
@@ -49,11 +50,12 @@ def stored_runs(cfg: Path) -> list[dict[str, Any]]:
     return asyncio.run(read())
 
 
-def drills(cfg: Path) -> dict[str, dict[str, Any]]:
-    async def read() -> dict[str, dict[str, Any]]:
+def drills(cfg: Path) -> dict[str, Any]:
+    """Capability -> the verdict on its latest candidate drill (None: no candidate)."""
+    async def read() -> dict[str, Any]:
         ctx = load_config(str(cfg)).context(None)
         async with make_coordinator(ctx) as coord:
-            return await latest_drills(coord, ctx.cluster)
+            return await drill_verdicts(coord, ctx.cluster)
 
     return asyncio.run(read())
 
@@ -111,7 +113,9 @@ def test_a_failing_run_is_recorded_as_failed_with_the_resume_command(cfg: Path, 
         """)
     r = cbctl_run(cfg, "runbook", "run", "breaks", "--dir", str(books), "--yes", "--var", "reason=why not")
     assert r.exit_code == 1
-    resume = f"cbctl --config {cfg} runbook run breaks --from-step 2 --dir {books} --var 'reason=why not'"
+    (rec,) = stored_runs(cfg)
+    resume = (f"cbctl --config {cfg} runbook run breaks --from-step 2 --resumes {rec['run_id']} --dir {books} "
+              "--var 'reason=why not'")
     assert f"resume with: {resume}" in r.stderr
     assert "failed at step 2: cbctl rollback consumers" in r.stderr
     assert "already done: 1" in r.stderr
@@ -140,10 +144,11 @@ def test_a_failing_run_is_recorded_as_failed_with_the_resume_command(cfg: Path, 
     assert len(stored_runs(cfg)) == 2
 
 
-def test_a_completed_rollback_runbook_is_its_drill(cfg: Path, books: Path) -> None:
+def test_a_completed_declared_drill_is_proven_and_a_failed_one_is_not(cfg: Path, books: Path) -> None:
     book(books, "rollback-event-bus", """
         name: rollback-event-bus
         summary: bridge off, source local, then lift
+        drill: event-bus
         vars: {reason: {required: true}}
         steps:
           - run: cbctl rollback event-bus --reason "{{reason}}" --yes --no-wait
@@ -153,23 +158,29 @@ def test_a_completed_rollback_runbook_is_its_drill(cfg: Path, books: Path) -> No
     book(books, "rollback-coordination", """
         name: rollback-coordination
         summary: fails half-way
+        drill: coordination
         steps:
           - run: cbctl rollback coordination --yes --no-wait
           - run: cbctl rollback coordination --schema-version 3 --yes --no-wait
         """)
+    # Stage 0 has the bridge off and the guard off: turn them on so the rollbacks change something.
+    setup = cbctl_run(cfg, "flags", "set", "eventbus.bridge=read-only", "ownership.guard=observe", "--yes",
+                      "--no-wait")
+    assert setup.exit_code == 0, setup.stderr
     ok = cbctl_run(cfg, "runbook", "run", "rollback-event-bus", "--dir", str(books), "--yes", "--var", "reason=drill")
     assert ok.exit_code == 0, ok.stderr
-    assert "recorded as this rollback's confirmed drill" in ok.stderr
+    assert "drill of event-bus: proven" in ok.stderr
     bad = cbctl_run(cfg, "runbook", "run", "rollback-coordination", "--dir", str(books), "--yes")
     assert bad.exit_code == 1
 
     found = drills(cfg)
-    assert set(found) == {"rollback-event-bus"}  # a failed drill is no drill
-    assert found["rollback-event-bus"]["status"] == "completed"
-    assert found["rollback-event-bus"]["kind"] == "rollback"
+    assert found["event-bus"].ok and found["event-bus"].rollback["step"] == 1
+    assert found["coordination"] is None  # a failed run is no candidate at all
+    assert found["consumers"] is None
     status = cbctl_run(cfg, "stage", "status", "-o", "json").json()
     assert "event-bus" not in status["rollbacks"]  # cleared by the last step
     assert "coordination" in status["rollbacks"]  # the failed run's step 1 stays done
+    assert "rollback left in place: coordination (ownership.guard=off), applied by this run" in bad.stderr
 
     listed = cbctl_run(cfg, "runbook", "runs", "-o", "json")
     assert listed.exit_code == 0
