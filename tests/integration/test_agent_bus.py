@@ -331,7 +331,9 @@ async def test_bad_events_counted_and_skipped(
     await wait_applied([a], rev)
     await async_wait_until(lambda: bus_a.bridge is not None, 10, interval=0.05)
     reader = await SseReader(a.http_address or "", "/v1/events", "ops").start()
-    await asyncio.sleep(0.5)  # the bridge's consumer exists (deliver-new) before the garbage goes in
+    # The bridge's consumer exists (deliver-new) before the garbage goes in.
+    await async_wait_until(lambda: bus_a.bridge is not None and bus_a.bridge._psub is not None, 10, interval=0.02,
+                           message="bridge consumer bound")
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
     junk = subject(bus_ctx.cluster, 1, "junk")
@@ -437,7 +439,8 @@ async def test_local_stream_orders_concurrent_publishers() -> None:
     ls.reserve("wf-1", 8)
     ls.reserve("wf-1", 9)
     ls.publish(_ev(9))
-    await asyncio.sleep(0.4)  # seq 8 never comes within gap_timeout: 9 goes out, counted
+    # seq 8 never comes within gap_timeout: 9 goes out, counted
+    await async_wait_until(lambda: ls.stats.ordering_violations == 1, 5, interval=0.02, message="gave up on 8")
     assert _drain(one) == [9] and ls.stats.ordering_violations == 1
     ls.publish(_ev(8))  # too late now: dropped (never out of order), its loss not counted twice
     assert _drain(one) == [] and ls.stats.ordering_violations == 1
