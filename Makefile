@@ -10,6 +10,12 @@ test: setup
 demo: setup
 	bash scripts/demo.sh
 
+# `make demo-repeat N=10 [BUSY=1]`: the demo N times, each run's result and time, the pass rate.
+.PHONY: demo-repeat
+N ?= 10
+demo-repeat: setup
+	.venv/bin/python bench/demo_repeat.py $(N) $(if $(BUSY),--busy)
+
 bench: setup
 	.venv/bin/python -m bench
 

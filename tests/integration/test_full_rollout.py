@@ -57,6 +57,22 @@ def test_full_rollout_runs_green_on_the_sandbox(sandbox: tuple[Path, Path]) -> N
     assert criteria.exit_code == 0, criteria.stdout + criteria.stderr
     assert {c["name"]: c["status"] for c in criteria.json()["criteria"]} == {
         "no-degraded": "pass", "ownership": "pass", "ordered-streaming": "pass", "rollback-runbooks": "pass"}
+    # Each drill is proven by the audit log: the rollback step's revision and flag diff, and a
+    # later step's revision that restored every flag it changed.
+    (drills,) = [c["evidence"] for c in criteria.json()["criteria"] if c["name"] == "rollback-runbooks"]
+    changed = {"rollback-coordination": "ownership.guard", "rollback-event-bus": "eventbus.bridge",
+               "rollback-consumers": "consumers.schema_version"}
+    for name, flag in changed.items():
+        ev = drills[name]
+        assert ev["drill"] is True and ev["runs"], ev
+        assert ev["restore"]["revision"] > ev["rollback"]["revision"]
+        (change,) = [d for d in ev["rollback"]["diff"] if d["flag"] == flag]
+        (back,) = [d for d in ev["restore"]["diff"] if d["flag"] == flag]
+        assert back["new"] == change["old"] and back["old"] == change["new"], ev
+    assert [d for d in drills["rollback-consumers"]["rollback"]["diff"]
+            if d["flag"] == "consumers.schema_version"] == [{"flag": "consumers.schema_version", "old": 2, "new": 1}]
+    # The drill's dual-publish window is closed again.
+    assert status["flags"]["eventbus.schema_versions"] == [1] and status["flags"]["consumers.schema_version"] == 1
 
     nodes = cbctl_proc(cfg, "nodes", "-o", "json").json()["nodes"]
     assert len(nodes) == 3 and all(n["lag"] == 0 for n in nodes)
