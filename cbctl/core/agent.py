@@ -234,7 +234,7 @@ class NodeAgent:
         self.instance_id = uuid.uuid4().hex
         self.machine_id: str | None = None
         self.version = __version__
-        self.metrics = metrics or AgentMetrics(node_id, cluster=config.cluster)
+        self.metrics = metrics or AgentMetrics(node_id)
         self.extra_record_fields: dict[str, Any] = {"probes": {}, "clock": {}}
         self.fatal_error: CbctlError | None = None
 
@@ -1231,9 +1231,12 @@ class NodeAgent:
             await self._bounded("lane workers", self._stop_all_runs(), until(reserve_revoke + reserve_close + 0.5))
             # 2. Subsystems (the event bus settles its queue into the outbox), only if started.
             if self._hooks_started:
-                for stop_hook in self._stop_hooks:
+                for i, stop_hook in enumerate(self._stop_hooks):
                     name = getattr(stop_hook, "__qualname__", "stop hook")
-                    await self._bounded(f"stop hook {name}", stop_hook(), until(reserve_revoke + reserve_close))
+                    # A fair share each: one hook stuck on a frozen server must not leave the
+                    # next one (the signal router after the event bus) no time at all.
+                    share = until(reserve_revoke + reserve_close) / (len(self._stop_hooks) - i)
+                    await self._bounded(f"stop hook {name}", stop_hook(), share)
             # 3. The lease: revoked (record and lanes freed at once) or left to expire.
             session = self._session
             if session is not None:
