@@ -444,7 +444,16 @@ def test_partitioned_owner_stops_before_anyone_else_owns_and_does_not_resume(
 
                 old_tokens = {lane: tok for lane, (_o, tok) in (await lane_owners(env.coord, env.ctx)).items()}
                 feeder = asyncio.create_task(feed())
-                await asyncio.sleep(0.5)
+
+                async def applied_by(node: str, at_least: int) -> bool:
+                    n = 0
+                    for wf in list(enqueued.workflows):
+                        n += sum(1 for e in await env.guard.history(wf) if e["node"] == node)
+                    return n >= at_least
+
+                # p0 is working its lanes before the cut (a condition, not a fixed pause).
+                await async_wait_until(lambda: applied_by("p0", 3), 20, interval=0.05,
+                                       message="p0 applied work before the partition")
                 netns.drop_tcp_to(netns.host_ip, etcd.port)
 
                 async def taken() -> bool:
@@ -453,7 +462,9 @@ def test_partitioned_owner_stops_before_anyone_else_owns_and_does_not_resume(
 
                 await async_wait_until(taken, TTL + 5, interval=0.05, message="q0 owns p0's lanes")
                 views = {v.lane: v for v in await read_lanes(env.coord, env.ctx.cluster, env.ctx.lanes)}
-                await asyncio.sleep(0.5)
+                # q0 really works the taken lanes while p0 is still cut off, then the link heals.
+                await async_wait_until(lambda: applied_by("q0", 1), 20, interval=0.05,
+                                       message="q0 applied work on p0's old lanes during the partition")
                 netns.heal()
 
                 # It notices its lease is gone and registers with a new one (never the old).

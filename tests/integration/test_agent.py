@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -66,12 +67,21 @@ def http_get(address: str, path: str, timeout: float = 2.0) -> tuple[int, str]:
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in Prometheus text (0 if absent)."""
-    want = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    return 0.0
+    """The value of one sample in Prometheus text (0 if absent).
+
+    ``labels`` (``'decision="deny"'``) must all match; labels it does not name (every series
+    also carries ``cluster``, and some ``node``) are ignored.  Sums the matching samples.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
+                total += sample.value
+                found = True
+    return total if found else 0.0
 
 
 class AgentProcess:

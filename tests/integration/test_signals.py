@@ -322,7 +322,8 @@ async def test_router_waits_for_nats_and_the_agent_keeps_running(
         await set_flags(ControlPlane(ctx, coord), cluster__enabled=True, signals__routing="all")
         agent = await c.add("node-a", wait=False)
         router = c.routers["node-a"]
-        await asyncio.sleep(0.5)
+        await async_wait_until(lambda: bool(router.last_error), 15, interval=0.05,
+                               message="the router reports that it cannot reach NATS")
         assert not router.connected and router.last_error and "cannot reach NATS" in router.last_error
         await c.settled(coord)
         assert agent.registered and len(agent.owned_lanes) == LANE_COUNT
