@@ -13,7 +13,8 @@ Checks (names are what ``--only`` takes):
 ``nats``        connect with the configured auth (refused credentials reported as ``auth``),
                 server version, JetStream, the event stream's settings, and publish permission on
                 the event subjects proven by a round trip to the stream (see :func:`_publish_probe`)
-``redis``       PING, version, the fencing script loads
+``redis``       PING, version, the fencing script loads; persistence: AOF on (fail if off),
+                ``appendfsync`` not ``no`` (warn)
 ``prometheus``  ready, every target up, the metrics the gates need exist
 ``credentials`` every secret/key/creds file is readable by its owner only
 ``nodes``       every expected node is registered; each node's own reachability reports
@@ -299,7 +300,8 @@ async def check_nats(ctx: Context, snap: StoreSnapshot | None, timeout: float) -
 
 
 async def _stream_row(ctx: Context, js: Any) -> CheckResult:
-    """The event stream exists with the configured storage, replicas, duplicate window, subjects."""
+    """The event stream exists with the configured storage, replicas, duplicate window, subjects
+    and limits (a stream without limits fails: it grows without bound)."""
     import nats.errors
     import nats.js.errors
 
@@ -320,7 +322,9 @@ async def _stream_row(ctx: Context, js: Any) -> CheckResult:
         return _row("nats", target, "fail", "; ".join(problems))
     return _row("nats", target, "pass",
                 f"{storage}, {cfg.num_replicas or 1} replica(s), dup window {cfg.duplicate_window:g}s, "
-                f"{si.state.messages} messages")
+                f"limits max-age {cfg.max_age:g}s / max-bytes {_size(cfg.max_bytes)} / "
+                f"{cfg.max_msgs_per_subject} msgs per subject; {si.state.messages} messages, "
+                f"{_size(si.state.bytes)}")
 
 
 async def _publish_probe(js: Any, version: int, async_errors: list[Exception], timeout: float,
@@ -378,6 +382,8 @@ async def check_redis(ctx: Context, timeout: float) -> list[CheckResult]:
         await redis_call("PING", client.ping())
         info = await redis_call("INFO server", client.info("server"))
         sha = await redis_call("SCRIPT LOAD", client.script_load(GUARD_LUA))
+        persistence = await redis_call("INFO persistence", client.info("persistence"))
+        config = await _redis_config(client, ("appendonly", "appendfsync"))
     except AuthFailed as exc:
         return [_row("redis", target, "fail", f"auth: {exc}")]
     except BackendUnavailable as exc:
@@ -385,7 +391,55 @@ async def check_redis(ctx: Context, timeout: float) -> list[CheckResult]:
     finally:
         await client.aclose()
     sha_text = sha.decode() if isinstance(sha, bytes) else str(sha)
-    return [_row("redis", target, "pass", f"redis {info.get('redis_version', '?')}, guard script {sha_text[:12]} loaded")]
+    return [
+        _row("redis", target, "pass", f"redis {info.get('redis_version', '?')}, guard script {sha_text[:12]} loaded"),
+        redis_persistence_row(persistence, config),
+    ]
+
+
+async def _redis_config(client: Any, names: tuple[str, ...]) -> dict[str, str] | str:
+    """``CONFIG GET`` of ``names``, or why it could not be read (a managed Redis may rename or
+    deny CONFIG; INFO persistence still tells whether AOF is on)."""
+    from redis import exceptions as rexc
+
+    try:
+        raw = await client.config_get(*names)
+    except (rexc.ResponseError, rexc.NoPermissionError) as exc:
+        return f"CONFIG GET refused: {exc}"
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def redis_persistence_row(persistence: Mapping[str, Any], config: Mapping[str, str] | str) -> CheckResult:
+    """Judge Redis durability (pure): fences, per-workflow seqs and applied markers live in Redis,
+    and a restart that forgets them lets a stale owner write again and reuses event ids.
+
+    ``fail`` when AOF is off (``aof_enabled:0`` in INFO persistence) or its last write failed;
+    ``warn`` on ``appendfsync no`` (the kernel flushes when it likes: a host crash can lose tens
+    of seconds of acknowledged writes) or when ``appendfsync`` cannot be read; ``pass`` otherwise.
+    """
+    target = "persistence"
+    aof = str(persistence.get("aof_enabled", "")).strip()
+    if aof != "1":
+        return _row("redis", target, "fail",
+                    "AOF is off (appendonly no): a restart forgets fencing tokens, workflow seqs and applied "
+                    "markers, so stale owners can write again and event ids are reused; set appendonly yes")
+    status = str(persistence.get("aof_last_write_status", "ok"))
+    if status != "ok":
+        return _row("redis", target, "fail", f"AOF on but its last write failed (aof_last_write_status {status})")
+    fsync = config_value(config, "appendfsync")
+    if fsync is None:
+        why = config if isinstance(config, str) else "appendfsync not reported"
+        return _row("redis", target, "warn", f"AOF on; fsync policy unknown ({why})")
+    if fsync == "no":
+        return _row("redis", target, "warn",
+                    "AOF on with appendfsync no: the kernel decides when to flush, so a host crash can lose "
+                    "acknowledged writes; use everysec (at most ~1 s lost) or always")
+    return _row("redis", target, "pass", f"AOF on, appendfsync {fsync}")
+
+
+def config_value(config: Mapping[str, str] | str, name: str) -> str | None:
+    """One value from a ``CONFIG GET`` result (None when unknown or refused)."""
+    return None if isinstance(config, str) else config.get(name)
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
@@ -691,5 +745,6 @@ __all__ = [
     "CHECK_NAMES", "CheckResult", "PreflightOptions", "PreflightReport", "REQUIRED_METRICS", "StoreSnapshot",
     "check_clock", "check_credentials", "check_etcd", "check_lease_timing", "check_nats", "check_node_ids",
     "check_nodes", "check_prometheus", "check_redis", "credential_files", "read_snapshot", "record_preflight",
+    "redis_persistence_row",
     "run_preflight",
 ]

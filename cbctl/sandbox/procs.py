@@ -776,6 +776,11 @@ class NatsServer(Service):
     mapping with ``cert``, ``key`` and optional ``ca`` paths (``verify`` to require client
     certificates). With ``extra_listen_hosts`` the client port listens on all interfaces
     (nats-server binds one address only) while monitoring stays on ``host``.
+
+    ``max_file_store`` is a ceiling, not an allocation: JetStream reserves each stream's
+    ``max_bytes`` against it when the stream is created, while the disk holds only what is
+    stored.  Event streams carry a ``max_bytes`` limit (1 GiB by default) and the tests create
+    one stream per cluster on a shared server, so the default ceiling is 1 TiB.
     """
 
     binary = "nats-server"
@@ -796,7 +801,7 @@ class NatsServer(Service):
         tls: Mapping[str, Any] | None = None,
         extra_listen_hosts: Sequence[str] = (),
         max_memory_store: int = 256 * 1024 * 1024,
-        max_file_store: int = 1024 * 1024 * 1024,
+        max_file_store: int = 1 << 40,
         extra_args: Sequence[str] = (),
         wrapper: Sequence[str] = (),
         stop_at_exit: bool = True,
@@ -897,8 +902,12 @@ def _redis_quote(value: str) -> str:
 class RedisServer(Service):
     """redis-server configured by a generated file; ``url`` is redis://host:port/0.
 
-    No persistence by default (a restart starts empty); ``appendonly=True`` keeps data across
-    restarts (fsync every write). ``requirepass`` goes only into the mode-0600 config file.
+    Persistent by default, as production must be: ``appendonly yes`` with ``appendfsync
+    everysec`` (the AOF in the data dir, which a restart keeps), so a restart keeps the fences,
+    seqs and applied markers (preflight fails on a Redis without AOF, see
+    :func:`cbctl.core.checks.check_redis`).  ``appendonly=False`` (a restart starts empty) and
+    ``appendfsync`` (``always`` / ``everysec`` / ``no``) exist for tests of exactly those
+    settings.  RDB snapshots are off.  ``requirepass`` goes only into the mode-0600 config file.
     """
 
     binary = "redis-server"
@@ -912,7 +921,8 @@ class RedisServer(Service):
         port: int | None = None,
         extra_bind_hosts: Sequence[str] = (),
         requirepass: str | None = None,
-        appendonly: bool = False,
+        appendonly: bool = True,
+        appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
         wrapper: Sequence[str] = (),
         stop_at_exit: bool = True,
@@ -921,7 +931,10 @@ class RedisServer(Service):
                          wrapper=wrapper, stop_at_exit=stop_at_exit)
         self.extra_bind_hosts = list(extra_bind_hosts)
         self.requirepass = requirepass
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync {appendfsync!r}: must be always, everysec or no")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.config_path = self.data_dir / "redis.conf"
 
     @property
@@ -947,7 +960,7 @@ class RedisServer(Service):
             f"dir {_redis_quote(str(self.data_dir))}",
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
-            "appendfsync always",
+            f"appendfsync {self.appendfsync}",
         ]
         if self.requirepass is not None:
             lines.append(f"requirepass {_redis_quote(self.requirepass)}")

@@ -48,7 +48,6 @@ class Env:
     def start(self) -> None:
         self.nats.start()
         self.prom.start()
-        asyncio.run(self._stream())
         import httpx
 
         def scraped() -> bool:
@@ -58,16 +57,26 @@ class Env:
 
         wait_until(scraped, 20, interval=0.1, message="prometheus scraped the exporter")
 
-    async def _stream(self) -> None:
+    def make_stream(self, cfg: Path, **overrides: Any) -> None:
+        """The context's event stream (one per cluster), as ``ensure_stream`` creates it;
+        ``overrides`` replace fields of the nats-py stream config (e.g. ``max_age=0``)."""
+        asyncio.run(self._stream(cfg, overrides))
+
+    async def _stream(self, cfg: Path, overrides: dict[str, Any]) -> None:
+        from dataclasses import replace
+
         from cbctl.core.bus.natsconn import connect_nats
-        from cbctl.core.bus.stream import ensure_stream
-        from cbctl.core.config import NatsConfig, SecretRef
+        from cbctl.core.bus.stream import desired_config, ensure_stream
 
         os.environ["CBCTL_TEST_NATS_PW"] = NATS_PASSWORD
-        nc = await connect_nats(NatsConfig(servers=(self.nats.url,), user=NATS_USER,
-                                           password=SecretRef(env="CBCTL_TEST_NATS_PW")), name="test")
+        ctx = load_config(cfg).context()
+        nc = await connect_nats(ctx.nats, name="test")
         try:
-            await ensure_stream(nc.jetstream(), NatsConfig().stream)
+            js = nc.jetstream()
+            if overrides:
+                await js.add_stream(replace(desired_config(ctx.nats.stream, cluster=ctx.cluster), **overrides))
+            else:
+                await ensure_stream(js, ctx.nats.stream, cluster=ctx.cluster)
         finally:
             await nc.close()
 
@@ -148,7 +157,9 @@ def rows(data: dict[str, Any], name: str, status: str | None = None) -> list[dic
 
 @pytest.fixture
 def cfg(tmp_path: Path, env: Env, shared_etcd, shared_redis, unique_cluster: str) -> Path:
-    return make_config(tmp_path / "config.toml", env, shared_etcd.client_url, shared_redis.url, unique_cluster)
+    path = make_config(tmp_path / "config.toml", env, shared_etcd.client_url, shared_redis.url, unique_cluster)
+    env.make_stream(path)
+    return path
 
 
 def test_healthy_cluster_passes_and_is_recorded(cfg: Path, unique_cluster: str) -> None:
@@ -161,7 +172,9 @@ def test_healthy_cluster_passes_and_is_recorded(cfg: Path, unique_cluster: str) 
     names = {c["name"] for c in data["checks"]}
     assert names == {"etcd", "nats", "redis", "prometheus", "credentials", "nodes", "node-ids", "clock", "lease-timing"}
     assert not rows(data, "nats", "fail")
-    assert any("publish cb.events.v1" in c["target"] for c in rows(data, "nats", "pass"))
+    assert any(f"publish cb.{unique_cluster}.events.v1" in c["target"] for c in rows(data, "nats", "pass"))
+    (persistence,) = [c for c in rows(data, "redis") if c["target"] == "persistence"]
+    assert persistence["status"] == "pass" and "appendfsync everysec" in persistence["detail"]
     assert len(rows(data, "nodes", "pass")) == 3 * len(NODES)
     assert set(data["checks"][0]) == {"name", "target", "node", "status", "detail"}
     assert elapsed < 5
@@ -194,6 +207,71 @@ def test_wrong_nats_password_is_an_auth_failure(cfg: Path, unique_cluster: str) 
     assert not rows(data, "etcd", "fail") and not rows(data, "redis", "fail")
 
 
+# -- stream limits ---------------------------------------------------------------------------------
+
+
+def _stream_row(data: dict[str, Any]) -> dict[str, Any]:
+    (row,) = [c for c in rows(data, "nats") if c["target"].startswith("stream ")]
+    return row
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    ({"max_age": 0, "max_bytes": -1, "max_msgs_per_subject": -1},
+     ["max-age is unlimited", "max-bytes is unlimited", "max-msgs-per-subject is unlimited"]),
+    ({"max_bytes": 1 << 20}, ["max-bytes is 1048576, configured 1073741824"]),
+    ({"max_age": 3600.0}, ["max-age is 3600s, configured 604800s"]),
+], ids=["no-limits", "other-max-bytes", "other-max-age"])
+def test_stream_without_the_configured_limits_fails(tmp_path: Path, env: Env, shared_etcd, shared_redis,
+                                                    unique_cluster: str, overrides: dict[str, Any],
+                                                    expect: list[str]) -> None:
+    cfg = make_config(tmp_path / "c.toml", env, shared_etcd.client_url, shared_redis.url, unique_cluster)
+    env.make_stream(cfg, **overrides)  # as an operator might have created it by hand
+    register(cfg, unique_cluster)
+    code, data, _ = preflight(cfg)
+    assert code == 1 and "nats" in {c["name"] for c in data["checks"] if c["status"] == "fail"}
+    row = _stream_row(data)
+    assert row["status"] == "fail"
+    for text in expect:
+        assert text in row["detail"], row["detail"]
+    # Nothing else about the stream is wrong, and nothing else fails because of it.
+    assert "storage" not in row["detail"] and "subjects" not in row["detail"]
+    assert [c for c in data["checks"] if c["status"] == "fail"] == [row]
+
+
+def test_stream_limits_from_the_config_pass(tmp_path: Path, env: Env, shared_etcd, shared_redis,
+                                            unique_cluster: str) -> None:
+    cfg = make_config(tmp_path / "c.toml", env, shared_etcd.client_url, shared_redis.url, unique_cluster,
+                      nats_extra={"stream": {"max-age": "2h", "max-bytes": 64 << 20, "max-msgs-per-subject": 500}})
+    env.make_stream(cfg)
+    register(cfg, unique_cluster)
+    code, data, err = preflight(cfg, "--only", "nats")
+    assert code == 0, err + json.dumps(data, indent=1)
+    row = _stream_row(data)
+    assert "max-age 7200s" in row["detail"] and "64.0 MiB" in row["detail"] and "500 msgs per subject" in row["detail"]
+
+
+# -- Redis durability ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("redis_args, status, text", [
+    ({"appendonly": False}, "fail", "AOF is off"),
+    ({"appendfsync": "no"}, "warn", "appendfsync no"),
+    ({"appendfsync": "always"}, "pass", "AOF on, appendfsync always"),
+], ids=["aof-off", "appendfsync-no", "appendfsync-always"])
+def test_redis_persistence_is_checked(tmp_path: Path, env: Env, shared_etcd, unique_cluster: str,
+                                      redis_args: dict[str, Any], status: str, text: str) -> None:
+    from cbctl.sandbox import RedisServer
+
+    with RedisServer(tmp_path / "redis", **redis_args) as server:
+        cfg = make_config(tmp_path / "c.toml", env, shared_etcd.client_url, server.url, unique_cluster)
+        code, data, err = preflight(cfg, "--only", "redis")
+    (row,) = [c for c in rows(data, "redis") if c["target"] == "persistence"]
+    assert row["status"] == status and text in row["detail"], row
+    # The rest of the Redis check is unaffected: reachable, script loaded.
+    assert [c["status"] for c in rows(data, "redis") if c["target"] != "persistence"] == ["pass"]
+    assert code == (1 if status == "fail" else 0), err
+
+
 def test_nats_down_is_unreachable(tmp_path: Path, env: Env, shared_etcd, shared_redis, unique_cluster: str) -> None:
     other = NatsServer(tmp_path / "nats2", user=NATS_USER, password=NATS_PASSWORD)
     other.start()
@@ -217,6 +295,8 @@ def test_world_readable_password_file_fails_credentials(tmp_path: Path, env: Env
         redis=shared_redis.url, prometheus=env.prom.url,
         extra={"nats": {"user": NATS_USER, "password-file": str(pw)}, "expected-nodes": list(NODES)},
     )
+    env.make_stream(make_config(tmp_path / "stream.toml", env, shared_etcd.client_url, shared_redis.url,
+                                unique_cluster))
     register(cfg, unique_cluster)
     code, data, _ = preflight(cfg)
     assert code == 1

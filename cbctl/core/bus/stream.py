@@ -4,7 +4,8 @@
 :func:`ensure_stream` creates the stream from :class:`~cbctl.core.config.StreamConfig` when it
 is missing, and otherwise verifies the existing one against it.  It never changes an existing
 stream: a mismatch (another duplicate window, memory instead of file storage, a subject list not
-covering ``cb.<cluster>.events.>``) is reported in :class:`StreamStatus.mismatches` for the caller to
+covering ``cb.<cluster>.events.>``, limits (``max-age``, ``max-bytes``, ``max-msgs-per-subject``)
+other than configured or none at all) is reported in :class:`StreamStatus.mismatches` for the caller to
 log, count or fail a preflight check on.  :func:`verify_stream` only verifies.
 
 Errors are converted here: JetStream not reachable/enabled -> ``BackendUnavailable``; the server
@@ -58,6 +59,11 @@ def desired_config(cfg: StreamConfig, *, cluster: str) -> jsapi.StreamConfig:
         storage=jsapi.StorageType.FILE if cfg.storage == "file" else jsapi.StorageType.MEMORY,
         num_replicas=cfg.replicas,
         duplicate_window=cfg.duplicate_window,
+        # The limits bound the stream's disk use; past any of them JetStream discards the
+        # oldest messages (DiscardPolicy.OLD, the default), so publishing never stalls on them.
+        max_age=cfg.max_age,
+        max_bytes=cfg.max_bytes,
+        max_msgs_per_subject=cfg.max_msgs_per_subject,
     )
 
 
@@ -78,6 +84,31 @@ def stream_mismatches(actual: jsapi.StreamConfig, cfg: StreamConfig, *, cluster:
     window = float(actual.duplicate_window or 0)
     if abs(window - cfg.duplicate_window) > _WINDOW_TOLERANCE:
         out.append(f"duplicate window is {window:g}s, configured {cfg.duplicate_window:g}s")
+    out.extend(limit_mismatches(actual, cfg))
+    return out
+
+
+def limit_mismatches(actual: jsapi.StreamConfig, cfg: StreamConfig) -> list[str]:
+    """Differences between an existing stream's limits and the configured ones (pure).
+
+    JetStream spells "no limit" as 0 (``max_age``) or -1 (the others).  A stream without a
+    limit grows without bound, so that is reported as ``unlimited``, never accepted.
+    """
+    out: list[str] = []
+    age = float(actual.max_age or 0)
+    if age <= 0:
+        out.append(f"max-age is unlimited, configured {cfg.max_age:g}s")
+    elif abs(age - cfg.max_age) > _WINDOW_TOLERANCE:
+        out.append(f"max-age is {age:g}s, configured {cfg.max_age:g}s")
+    for label, have, want in (
+        ("max-bytes", actual.max_bytes, cfg.max_bytes),
+        ("max-msgs-per-subject", actual.max_msgs_per_subject, cfg.max_msgs_per_subject),
+    ):
+        n = int(have) if have is not None else -1
+        if n <= 0:
+            out.append(f"{label} is unlimited, configured {want}")
+        elif n != want:
+            out.append(f"{label} is {n}, configured {want}")
     return out
 
 
@@ -137,4 +168,4 @@ async def verify_stream(js: JetStreamContext, cfg: StreamConfig, *, cluster: str
     return _status(info, cfg, False, cluster)
 
 
-__all__ = ["StreamStatus", "desired_config", "ensure_stream", "stream_mismatches", "verify_stream"]
+__all__ = ["StreamStatus", "desired_config", "ensure_stream", "limit_mismatches", "stream_mismatches", "verify_stream"]
