@@ -325,25 +325,51 @@ async def _flush_scenario(guard: LaneGuard, client: aredis.Redis) -> None:
 
 @pytest.mark.chaos
 async def test_guard_survives_a_real_redis_restart(redis_server, cluster) -> None:
+    """The harness runs Redis as production must (AOF, appendfsync everysec): a restart loses
+    the script cache but keeps the fence, the workflow's seq, its applied markers and the lane
+    queue, so a stale owner stays fenced off and no seq (hence no event id) is reused."""
+    assert redis_server.appendonly and redis_server.appendfsync == "everysec"
     client = redis_client(redis_server.url)
     try:
         guard = LaneGuard(client, cluster, None, "node-a")
         queue = LaneQueue(client, cluster, LANES)
-        assert (await guard.apply("lane-0", 5, "enforce", "wf-r", "t1", {"state": "a"})).applied
-        assert await queue.read("lane-0", "node-a") == []
-        redis_server.restart()  # same port, empty memory: script cache, fence and data are gone
-        assert await client.script_exists(guard._sha) == [False]
-        r = await guard.apply("lane-0", 5, "enforce", "wf-r", "t2", {"state": "b"})
-        assert r.applied and r.current_token == 5
-        await guard.raise_fence("lane-0", 6)
-        with pytest.raises(StaleFencingToken):
-            await guard.apply("lane-0", 5, "enforce", "wf-r", "t3", {"state": "c"})
-        # the consumer group was lost with the stream: read() re-creates it
+        first = await guard.apply("lane-0", 5, "enforce", "wf-r", "t1", {"state": "a"})
+        assert first.applied and first.seq == 1
         await queue.enqueue("wf-r2", {"task_id": "x"})
         lane = queue.lane_of("wf-r2")
-        assert [t.task_id for t in await queue.read(lane, "node-a")] == ["x"]
+        assert (await client.info("persistence"))["aof_enabled"] == 1
+        # restart = SIGTERM (Redis fsyncs its AOF on shutdown), then a new process on the same
+        # port and data dir; off the event loop, since it blocks.
+        await asyncio.to_thread(redis_server.restart)
+        assert await client.script_exists(guard._sha) == [False]  # the script cache is gone...
+        assert await guard.current_fence("lane-0") == 5  # ...the fence is not
+        with pytest.raises(StaleFencingToken):
+            await guard.apply("lane-0", 4, "enforce", "wf-r", "t2", {"state": "stale"})
+        again = await guard.apply("lane-0", 5, "enforce", "wf-r", "t1", {"state": "a"})
+        assert not again.applied and again.seq == 1  # the applied marker survived: no second seq
+        nxt = await guard.apply("lane-0", 5, "enforce", "wf-r", "t2", {"state": "b"})
+        assert nxt.applied and nxt.seq == 2  # the seq continues: seq 1 (and its event id) not reused
+        assert [t.task_id for t in await queue.read(lane, "node-a")] == ["x"]  # the queued task too
     finally:
         await client.aclose()
+
+
+@pytest.mark.chaos
+async def test_a_restart_without_aof_forgets_the_fence(tmp_path, cluster) -> None:
+    """Why preflight fails on a Redis without AOF: the same restart forgets the fence and the
+    seq, so a stale owner's write is accepted and a seq (and its event id) is assigned again."""
+    from cbctl.sandbox import RedisServer
+
+    with RedisServer(tmp_path / "redis", appendonly=False) as server:
+        client = redis_client(server.url)
+        try:
+            guard = LaneGuard(client, cluster, None, "node-a")
+            assert (await guard.apply("lane-0", 5, "enforce", "wf-n", "t1", {"state": "a"})).seq == 1
+            await asyncio.to_thread(server.restart)
+            stale = await guard.apply("lane-0", 4, "enforce", "wf-n", "t9", {"state": "stale"})
+            assert stale.applied and stale.seq == 1
+        finally:
+            await client.aclose()
 
 
 # -- Redis unreachable ----------------------------------------------------------------------
