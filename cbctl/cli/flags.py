@@ -26,6 +26,7 @@ from cbctl.cli.common import (
     state,
     with_coordinator,
 )
+from cbctl.cli.mutate import IgnoreMissingOpt
 
 app = new_app("Read and set individual rollout flags (validated, audited, compare-and-swap).")
 
@@ -73,6 +74,7 @@ def set_(
     yes: YesOpt = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
+    ignore_missing: IgnoreMissingOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Set flags explicitly (overrides the stage plan until the next stage transition)."""
@@ -90,7 +92,7 @@ def set_(
             cp = ControlPlane(c, coord)
             plan = await cp.plan_flags(parsed, command=command_line(ctx))
             return await apply_plan(cp, plan, output=fmt, reason=reason, yes=yes, dry_run=dry_run, wait=wait,
-                                    timeout=timeout, question="Set these flags?")
+                                    timeout=timeout, question="Set these flags?", ignore_missing=ignore_missing)
 
         return await with_coordinator(st, inner)
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 from cbctl.cli.common import OutputFormat, confirm, emit_json, err, show_diff
 
 if TYPE_CHECKING:
     from cbctl.core.controlplane import ControlPlane, Plan, WaitResult
+
+#: ``--ignore-missing NODE`` of every mutating command that waits.
+IgnoreMissingOpt = Annotated[
+    list[str] | None,
+    typer.Option("--ignore-missing", metavar="NODE",
+                 help="Do not wait for this expected node while it is not live (repeatable; recorded in the audit log)."),
+]
 
 
 async def apply_plan(
@@ -24,8 +33,16 @@ async def apply_plan(
     question: str,
     forced: bool = False,
     gates: list[dict[str, Any]] | None = None,
+    ignore_missing: list[str] | None = None,
 ) -> int:
-    """Show, ask, write by CAS on the revision shown, optionally wait. Returns the exit code."""
+    """Show, ask, write by CAS on the revision shown, optionally wait. Returns the exit code.
+
+    ``ignore_missing``: expected nodes not to wait for (checked against ``expected-nodes``,
+    recorded in the audit entry).  A dry run writes nothing but reports what the wait would
+    find: expected nodes that are not live now.
+    """
+    ignored = sorted(set(ignore_missing or ()))
+    cp.check_ignore_missing(ignored)
     result: dict[str, Any] = {
         "kind": plan.kind,
         "from_stage": plan.old.stage,
@@ -44,18 +61,26 @@ async def apply_plan(
             emit_json(result)
         return 0
     if dry_run:
+        if wait:
+            live = await cp.live_nodes()
+            absent = [n for n in cp.ctx.expected_nodes if n not in live and n not in ignored]
+            if absent:
+                err(f"dry run: expected node(s) not live: {', '.join(absent)}; the real command's --wait would "
+                    f"fail on them (unless --ignore-missing {' --ignore-missing '.join(absent)})")
+                result["missing"] = absent
         err("dry run: nothing written")
         if output is OutputFormat.json:
             emit_json(result)
         return 0
     confirm(question, yes)
-    revision = await cp.commit(plan, reason=reason, forced=forced, gates=gates)
+    revision = await cp.commit(plan, reason=reason, forced=forced, gates=gates, ignore_missing=ignored)
     result["revision"] = revision
     err(f"written: revision {revision}")
     code = 0
     if wait:
-        res = await wait_for_agents(cp, revision, timeout)
-        result["wait"] = {"applied": res.applied, "pending": res.pending, "seconds": round(res.elapsed, 3)}
+        res = await wait_for_agents(cp, revision, timeout, ignore_missing=ignored)
+        result["wait"] = {"applied": res.applied, "pending": res.pending, "seconds": round(res.elapsed, 3),
+                          "missing": res.missing, "ignored": res.ignored}
         if not res.ok:
             code = 1
     if output is OutputFormat.json:
@@ -63,8 +88,22 @@ async def apply_plan(
     return code
 
 
-async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float) -> WaitResult:
-    """Wait with a progress line on stderr; name the agents that did not apply in time."""
+def _who(res: WaitResult) -> str:
+    """``node-2, node-3 (expected, not live)``."""
+    return ", ".join([*res.pending, *(f"{n} (expected, not live)" for n in res.missing)])
+
+
+async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
+                          ignore_missing: list[str] | None = None) -> WaitResult:
+    """Wait with a progress line on stderr; name the agents that did not apply in time,
+    expected nodes that are not live included.
+
+    Ctrl-C or SIGTERM during the wait: says that ``revision`` IS written (it stays) and who
+    had not applied it yet, then ends the command (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    import asyncio
+    import signal
+
     from rich.console import Console
 
     console = Console(stderr=True, markup=False, highlight=False)
@@ -72,23 +111,61 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float) -> Wa
     status = console.status(f"waiting for agents to apply revision {revision}") if live else None
     if status:
         status.start()
+    last: WaitResult | None = None
 
     def progress(res: WaitResult) -> None:
-        total = len(res.applied) + len(res.pending)
+        nonlocal last
+        last = res
+        total = len(res.applied) + len(res.pending) + len(res.missing)
         if status:
             status.update(f"revision {revision}: {len(res.applied)}/{total} agents applied")
 
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
     try:
-        res = await cp.wait_applied(revision, timeout=timeout, progress=progress)
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        handler = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / no signals here
+        handler = False
+    try:
+        res = await cp.wait_applied(revision, timeout=timeout, progress=progress, ignore_missing=ignore_missing or ())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if status:
+            status.stop()
+            status = None
+        why = "terminated (SIGTERM)" if terminated else "interrupted"
+        if last is None:
+            err(f"cbctl: {why} while waiting: revision {revision} IS written and stays; "
+                "no agent state was read yet (see `cbctl nodes`)")
+        elif last.ok:
+            err(f"cbctl: {why} while waiting: revision {revision} IS written and stays; every agent had applied it")
+        else:
+            err(f"cbctl: {why} while waiting: revision {revision} IS written and stays; not yet applied by: "
+                f"{_who(last)} (follow with `cbctl nodes`)")
+        if terminated:
+            raise typer.Exit(143) from None
+        raise
     finally:
         if status:
             status.stop()
-    total = len(res.applied) + len(res.pending)
+        if handler:
+            loop.remove_signal_handler(signal.SIGTERM)
+    total = len(res.applied) + len(res.pending) + len(res.missing)
+    excused = f" ({', '.join(res.ignored)} not live, ignored by --ignore-missing)" if res.ignored else ""
     if res.ok:
-        err(f"applied by {len(res.applied)}/{total} live agents in {res.elapsed:.2f}s")
+        err(f"applied by {len(res.applied)}/{total} agents in {res.elapsed:.2f}s{excused}")
     else:
         err(
-            f"cbctl: error: {len(res.pending)}/{total} agents did not apply revision {revision} within "
-            f"{timeout:g}s: {', '.join(res.pending)}"
+            f"cbctl: error: {len(res.pending) + len(res.missing)}/{total} agents did not apply revision {revision} "
+            f"within {timeout:g}s: {_who(res)}{excused}"
+            + (f"; to go on without a node that is down, pass --ignore-missing NODE" if res.missing else "")
         )
     return res

@@ -19,7 +19,8 @@ def _ago(ts: float | None) -> str:
 
 def nodes(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Live nodes: host, instance, applied revision, lag behind the rollout, owned lanes,
-    last heartbeat, recorded conflicts (duplicate or unstable node ids)."""
+    last heartbeat, recorded conflicts (duplicate or unstable node ids); and every expected
+    node (`expected-nodes`) that is not live, as missing: it has not applied the rollout."""
     from cbctl.core.registration import read_nodes
 
     st = state(ctx)
@@ -28,20 +29,34 @@ def nodes(ctx: typer.Context, output: OutputOpt = None) -> None:
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> None:
             views, current = await read_nodes(coord, c.cluster)
+            live = {v.node_id for v in views if v.live}
+            missing = [n for n in c.expected_nodes if n not in live]
             if fmt is OutputFormat.json:
-                emit_json({"nodes": [v.public() for v in views]})
+                items = [{**v.public(), "state": "live" if v.live else "gone"} for v in views]
+                known = {v.node_id for v in views}
+                items += [{"node_id": n, "host": None, "instance_id": None, "applied_revision": None, "lag": None,
+                           "lanes": 0, "heartbeat": None, "conflicts": 0, "state": "missing"}
+                          for n in missing if n not in known]
+                for item in items:
+                    if item["node_id"] in missing:
+                        item["state"] = "missing"
+                emit_json({"nodes": items, "missing": missing})
                 return
-            if not views:
+            if not views and not missing:
                 err(f"no live nodes in cluster {c.cluster}")
                 return
             rows = [
                 (v.node_id, v.host or "-", (v.instance_id or "-")[:12], v.applied_revision if v.applied_revision is not None else "-",
                  v.lag if v.lag is not None else "-", v.lanes, _ago(v.heartbeat), v.conflicts or "-",
-                 "live" if v.live else "gone")
+                 "live" if v.live else "missing" if v.node_id in missing else "gone")
                 for v in views
             ]
+            known = {v.node_id for v in views}
+            rows += [(n, "-", "-", "-", "-", "-", "-", "-", "missing") for n in missing if n not in known]
             print_table(f"nodes (rollout revision {current})",
                         ["node", "host", "instance", "applied", "lag", "lanes", "heartbeat", "conflicts", "state"], rows)
+            if missing:
+                err(f"expected but not live: {', '.join(missing)} (they have not applied revision {current})")
 
         await with_coordinator(st, inner)
 

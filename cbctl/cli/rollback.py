@@ -21,6 +21,7 @@ from cbctl.cli.common import (
     state,
     with_coordinator,
 )
+from cbctl.cli.mutate import IgnoreMissingOpt
 
 
 class Capability(str, Enum):
@@ -43,6 +44,7 @@ def rollback(
     yes: YesOpt = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
+    ignore_missing: IgnoreMissingOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Roll one capability back, independent of the stage; touches only its own flags."""
@@ -65,7 +67,8 @@ def rollback(
             plan = await cp.plan_rollback(cap, schema_version=schema_version, clear=clear, command=command_line(ctx))
             verb = "Lift the" if clear else "Apply the"
             return await apply_plan(cp, plan, output=fmt, reason=reason, yes=yes, dry_run=dry_run, wait=wait,
-                                    timeout=timeout, question=f"{verb} {cap} rollback on all nodes?")
+                                    timeout=timeout, question=f"{verb} {cap} rollback on all nodes?",
+                                    ignore_missing=ignore_missing)
 
         return await with_coordinator(st, inner)
 

@@ -26,6 +26,7 @@ from cbctl.cli.common import (
     state,
     with_coordinator,
 )
+from cbctl.cli.mutate import IgnoreMissingOpt
 
 app = new_app("Show and move the rollout stage (0 preflight, 1 observe-only, 2 partial, 3 full).")
 
@@ -93,16 +94,19 @@ def advance(
     yes: YesOpt = False,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
+    ignore_missing: IgnoreMissingOpt = None,
     output: OutputOpt = None,
 ) -> None:
     """Move exactly one stage forward, showing the flag diff and asking first.
 
     Writes with compare-and-swap on the revision it showed: if the document changed meanwhile,
-    exit 3 and nothing is written.
+    exit 3 and nothing is written. --dry-run evaluates everything the real advance would (the
+    lanes files, the preflight age, every gate) and exits 1 with the same report when the real
+    advance would be refused.
     """
     from cbctl.cli.mutate import apply_plan
     from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.errors import BadInput
+    from cbctl.core.errors import BadInput, CheckFailed
     from cbctl.core.gates import advance_gate_check
     from cbctl.core.lanesfile import parse_lanes_file
 
@@ -120,8 +124,18 @@ def advance(
             cp = ControlPlane(c, coord)
             plan = await cp.plan_advance(to, canary_lanes=lanes, canary_subscribers=subs, command=command_line(ctx))
             gate_results: list[dict[str, Any]] = []
-            if not dry_run and not plan.is_noop:
-                gate_results = await advance_gate_check(c, coord, plan, force=force)
+            if not plan.is_noop:
+                # The same check for a dry run: it must refuse exactly what the advance refuses.
+                try:
+                    gate_results = await advance_gate_check(c, coord, plan, force=force)
+                except CheckFailed:
+                    if dry_run:
+                        err("dry run: the real advance would be refused; nothing written")
+                    raise
+                if dry_run:
+                    passed = sum(1 for g in gate_results if g["outcome"] == "pass")
+                    err(f"dry run: gates of stage {plan.old.stage}: {passed}/{len(gate_results)} pass"
+                        + (" (--force: the real advance would override the others)" if passed < len(gate_results) else ""))
             return await apply_plan(
                 cp,
                 plan,
@@ -134,6 +148,7 @@ def advance(
                 question=f"Advance to stage {plan.new.stage}?",
                 forced=force,
                 gates=gate_results,
+                ignore_missing=ignore_missing,
             )
 
         return await with_coordinator(st, inner)

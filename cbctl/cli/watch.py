@@ -102,28 +102,39 @@ def watch(
         total = parse_duration(for_, what="--for") if for_ else None
         if points < 1:
             raise BadInput(f"--points: must be >= 1, got {points}")
+        from cbctl.cli.common import with_coordinator
+        from cbctl.core.controlplane import ControlPlane
+        from cbctl.core.errors import BackendUnavailable
+        from cbctl.core.gates import stage_entry
+
         c = st.context()
         cfg = gate_config(c)
-        current = stage
-        if current is None:
-            from cbctl.cli.common import with_coordinator
-            from cbctl.core.controlplane import ControlPlane
+        if stage is not None and not 0 <= stage < len(STAGES):
+            raise BadInput(f"--stage: must be 0..{len(STAGES) - 1}, got {stage}")
 
-            async def read_stage(cc: Any, coord: Any) -> int:
-                return (await ControlPlane(cc, coord).read())[0].stage
+        async def read_stage(cc: Any, coord: Any) -> tuple[int, float | None]:
+            # The stage shown and when it was entered: windows never reach back before it
+            # (the same bound `stage advance` applies to the same stage's gates).
+            doc_stage = (await ControlPlane(cc, coord).read())[0].stage
+            shown = doc_stage if stage is None else stage
+            return shown, (await stage_entry(coord, cc, shown) if shown == doc_stage else None)
 
-            current = await with_coordinator(st, read_stage)
-        elif not 0 <= current < len(STAGES):
-            raise BadInput(f"--stage: must be 0..{len(STAGES) - 1}, got {current}")
+        try:
+            current, since = await with_coordinator(st, read_stage)
+        except BackendUnavailable:
+            if stage is None:
+                raise
+            err(f"cbctl: warning: the coordination store is unreachable; stage {stage}'s windows are not cut at its entry")
+            current, since = stage, None
 
         deadline = None if total is None else time.monotonic() + total
         live_tty = fmt is OutputFormat.table and not once and sys.stdout.isatty()
         async with PromClient(c.prometheus.url) as prom:
             if live_tty:
-                return await _live(c, current, cfg, prom, step, points, deadline, fail_on_breach)
+                return await _live(c, current, cfg, prom, step, points, deadline, fail_on_breach, since)
             while True:
                 at = time.time()
-                rows = await watch_snapshot(c, current, points=points, step=step, cfg=cfg, prom=prom)
+                rows = await watch_snapshot(c, current, points=points, step=step, cfg=cfg, prom=prom, since=since)
                 data = snapshot_json(current, rows, at)
                 if fmt is OutputFormat.json:
                     if once:
@@ -158,7 +169,7 @@ async def _sleep_until(step: float, deadline: float | None) -> None:
 
 
 async def _live(c: Any, stage: int, cfg: Any, prom: Any, step: float, points: int, deadline: float | None,
-                fail_on_breach: bool) -> int:
+                fail_on_breach: bool, since: float | None) -> int:
     """rich.live on stdout, refreshed every ``step``. Ctrl-C ends it (exit 130 via ``run``)."""
     from rich.console import Console
     from rich.live import Live
@@ -169,7 +180,7 @@ async def _live(c: Any, stage: int, cfg: Any, prom: Any, step: float, points: in
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
             at = time.time()
-            rows = await watch_snapshot(c, stage, points=points, step=step, cfg=cfg, prom=prom)
+            rows = await watch_snapshot(c, stage, points=points, step=step, cfg=cfg, prom=prom, since=since)
             live.update(_table(stage, rows, at, step), refresh=True)
             if fail_on_breach and any(r.verdict == "fail" for r in rows):
                 err("cbctl: threshold breached: " + ", ".join(r.name for r in rows if r.verdict == "fail"))

@@ -44,6 +44,8 @@ class AuditEntry:
     to_stage: int | None = None
     forced: bool = False
     gates: list[dict[str, Any]] = field(default_factory=list)
+    #: Expected nodes the operator chose not to wait for (``--ignore-missing``).
+    ignore_missing: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -74,4 +76,6 @@ class AuditEntry:
         if self.forced:
             out["forced"] = True
             out["gates"] = self.gates
+        if self.ignore_missing:
+            out["ignore_missing"] = list(self.ignore_missing)
         return out

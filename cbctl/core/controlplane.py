@@ -53,16 +53,28 @@ class Plan:
 
 @dataclass
 class WaitResult:
-    """Outcome of waiting for agents to apply a revision."""
+    """Outcome of waiting for agents to apply a revision.
+
+    ``pending``: live agents that have not applied it; ``missing``: expected nodes
+    (``expected-nodes``) that are not live, so have not applied it either; ``ignored``: expected
+    nodes the operator explicitly excused (``--ignore-missing``) while they are not live.
+    """
 
     revision: int
     applied: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.pending
+        return not self.pending and not self.missing
+
+    @property
+    def not_applied(self) -> list[str]:
+        """Every node that has not applied the revision and is not excused."""
+        return sorted(self.pending + self.missing)
 
 
 class ControlPlane:
@@ -171,6 +183,7 @@ class ControlPlane:
         actor: str | None = None,
         forced: bool = False,
         gates: list[dict[str, Any]] | None = None,
+        ignore_missing: Sequence[str] = (),
     ) -> int:
         """Write ``plan.new`` by CAS on ``plan.base_revision`` with its audit entry.
 
@@ -190,6 +203,7 @@ class ControlPlane:
             to_stage=plan.new.stage,
             forced=forced,
             gates=gates or [],
+            ignore_missing=sorted(set(ignore_missing)),
         )
         try:
             return await self.coord.commit(
@@ -217,17 +231,29 @@ class ControlPlane:
                 continue  # a half-written foreign key is not a node; preflight reports those
         return out
 
+    def check_ignore_missing(self, names: Sequence[str]) -> None:
+        """``--ignore-missing`` may name only expected nodes (``BadInput`` otherwise, exit 2)."""
+        unknown = sorted(set(names) - set(self.ctx.expected_nodes))
+        if unknown:
+            expected = ", ".join(self.ctx.expected_nodes) or "none configured"
+            raise BadInput(f"--ignore-missing: {', '.join(map(repr, unknown))} is not an expected node of context "
+                           f"{self.ctx.name!r} (expected-nodes: {expected})")
+
     async def wait_applied(
         self,
         revision: int,
         *,
         timeout: float,
         progress: Callable[[WaitResult], None] | None = None,
+        ignore_missing: Sequence[str] = (),
     ) -> WaitResult:
-        """Block until every live agent reports ``applied_revision >= revision``, or timeout.
+        """Block until every live agent AND every expected node reports ``applied_revision >=
+        revision``, or timeout.
 
-        Watches the nodes prefix (no polling); a node that leaves (its lease expires) stops
-        being waited for.  Returns who applied and who did not.
+        Watches the nodes prefix (no polling).  A live node that leaves (its lease expires)
+        stops being waited for unless it is expected; an expected node that is not live has
+        not applied the revision (``missing``) unless named in ``ignore_missing``.  Returns who
+        applied and who did not; ``progress`` sees every intermediate state.
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -235,10 +261,16 @@ class ControlPlane:
         start_rev = await self.coord.current_revision()
         nodes = await self.live_nodes()
 
+        expected = set(self.ctx.expected_nodes)
+        excused = set(ignore_missing)
+
         def result() -> WaitResult:
             applied = sorted(n for n, r in nodes.items() if _applied(r) >= revision)
             pending = sorted(n for n in nodes if n not in applied)
-            return WaitResult(revision, applied, pending, loop.time() - start)
+            absent = sorted(expected - set(nodes))
+            return WaitResult(revision, applied, pending, loop.time() - start,
+                              missing=[n for n in absent if n not in excused],
+                              ignored=[n for n in absent if n in excused])
 
         current = result()
         if progress:

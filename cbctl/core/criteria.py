@@ -13,6 +13,10 @@
                            have a completed run record (``keys.runbooks_prefix``)
 =========================  ==========================================================================
 
+Every query selects the context's cluster (``cluster="<cluster>"`` is added to each selector)
+and is evaluated at the settled instant of ``cbctl.core.gates`` (the last instant every live
+node has been scraped), so the same evidence gives the same verdict whenever it is asked for.
+
 Statuses: ``pass``, ``fail``, ``no-data``.  Missing evidence is ``no-data`` and never passes
 (fail closed): an exit criterion is a claim about the whole window, and silence is not proof.
 
@@ -32,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from cbctl.core.errors import BackendUnavailable, BadInput
-from cbctl.core.promql import PromClient, Target, format_duration, parse_duration
+from cbctl.core.labels import CLUSTER_LABEL
+from cbctl.core.promql import PromClient, Target, format_duration, parse_duration, scope_selectors
 
 if TYPE_CHECKING:
     from cbctl.core.config import Context
@@ -93,6 +98,10 @@ def _target_interval(t: Target | None, default: float) -> float:
     return default
 
 
+def _scoped(cluster: str | None, expr: str) -> str:
+    return expr if cluster is None else scope_selectors(expr, {CLUSTER_LABEL: cluster})
+
+
 async def _value(prom: PromClient, expr: str, at: float) -> float | None:
     v = await prom.query_value(expr, at=at)
     return None if v is None or math.isnan(v) else v
@@ -100,8 +109,8 @@ async def _value(prom: PromClient, expr: str, at: float) -> float | None:
 
 async def criterion_no_degraded(ctx: Context, prom: PromClient, window: float, at: float) -> Criterion:
     w = format_duration(window)
-    degraded_q = f"max(max_over_time(event_bus_degraded[{w}]))"
-    count_q = f"count_over_time(event_bus_degraded[{w}])"
+    degraded_q = _scoped(ctx.cluster, f"max(max_over_time(event_bus_degraded[{w}]))")
+    count_q = _scoped(ctx.cluster, f"count_over_time(event_bus_degraded[{w}])")
     degraded, counts, targets = await asyncio.gather(
         _value(prom, degraded_q, at), prom.query(count_q, at=at), prom.targets()
     )
@@ -146,7 +155,7 @@ async def criterion_ownership(ctx: Context, coord: Coordinator, prom: PromClient
     from cbctl.core import keys
 
     w = format_duration(window)
-    q = f"sum(increase(redis_lane_stale_fencing_total[{w}]))"
+    q = _scoped(ctx.cluster, f"sum(increase(redis_lane_stale_fencing_total[{w}]))")
     conflicts = await coord.list(keys.conflicts_prefix(ctx.cluster))
     names = [kv.key[len(keys.conflicts_prefix(ctx.cluster)):] for kv in conflicts]
     evidence: dict[str, Any] = {"unresolved_conflicts": names, "query": q}
@@ -174,10 +183,10 @@ async def criterion_ownership(ctx: Context, coord: Coordinator, prom: PromClient
     return Criterion("ownership", _worst(store_status, metric_status), evidence)
 
 
-async def criterion_ordered_streaming(prom: PromClient, window: float, at: float) -> Criterion:
+async def criterion_ordered_streaming(prom: PromClient, window: float, at: float, cluster: str | None = None) -> Criterion:
     w = format_duration(window)
-    vq = f"sum(increase(event_bus_bridge_ordering_violations_total[{w}]))"
-    dq = f'sum(increase(event_bus_bridge_delivered_total{{origin="remote"}}[{w}]))'
+    vq = _scoped(cluster, f"sum(increase(event_bus_bridge_ordering_violations_total[{w}]))")
+    dq = _scoped(cluster, f'sum(increase(event_bus_bridge_delivered_total{{origin="remote"}}[{w}]))')
     violations, remote = await asyncio.gather(_value(prom, vq, at), _value(prom, dq, at))
     evidence: dict[str, Any] = {"ordering_violations": violations, "remote_deliveries": remote,
                                 "queries": [vq, dq]}
@@ -204,20 +213,24 @@ async def criterion_runbooks(ctx: Context, coord: Coordinator) -> Criterion:
 
 
 async def evaluate(ctx: Context, coord: Coordinator, window: float) -> CriteriaReport:
-    """Every criterion, concurrently. Raises ``BackendUnavailable`` only for the coordination
-    store; an unreachable Prometheus makes the metric criteria ``no-data`` and sets
-    ``prometheus_error``."""
+    """Every criterion, concurrently, at one settled instant. Raises ``BackendUnavailable``
+    only for the coordination store; an unreachable Prometheus makes the metric criteria
+    ``no-data`` and sets ``prometheus_error``."""
+    from cbctl.core.gates import evaluation_instant
+
     at = time.time()
     w = format_duration(window)
     prom_error: str | None = None
     async with PromClient(ctx.prometheus.url) as prom:
         try:
             await prom.ready()
+            at = (await evaluation_instant(ctx, prom)).at
         except BackendUnavailable as exc:
             prom_error = str(exc)
 
         async def metric(name: str, body: Any) -> Criterion:
             if prom_error is not None:
+                body.close()  # never awaited: close the coroutine quietly
                 return Criterion(name, "no-data", {"reason": f"prometheus unreachable: {prom_error}"})
             try:
                 return await body
@@ -227,7 +240,7 @@ async def evaluate(ctx: Context, coord: Coordinator, window: float) -> CriteriaR
         results = await asyncio.gather(
             metric("no-degraded", criterion_no_degraded(ctx, prom, window, at)),
             criterion_ownership(ctx, coord, None if prom_error else prom, window, at, prom_error),
-            metric("ordered-streaming", criterion_ordered_streaming(prom, window, at)),
+            metric("ordered-streaming", criterion_ordered_streaming(prom, window, at, ctx.cluster)),
             criterion_runbooks(ctx, coord),
         )
     return CriteriaReport(w, list(results), prom_error)

@@ -3,19 +3,56 @@
 Each :class:`AgentMetrics` owns its own ``CollectorRegistry`` so that several agents can live in
 one process (tests, benchmarks) without colliding in the global registry.  Only
 ``prometheus_client`` is imported here: it is light and needed by every agent.
+
+Every exported series carries the agent's cluster as the label ``cluster`` (added at
+exposition by :class:`ClusterRegistry`, so no call site has to pass it): gates, ``watch`` and
+``exit-criteria`` select their cluster's series with it, and one Prometheus can scrape several
+clusters' agents without mixing their verdicts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from cbctl.core.labels import CLUSTER_LABEL
+
+
+class ClusterRegistry(CollectorRegistry):
+    """A registry whose every collected sample also carries ``cluster="<cluster>"``.
+
+    Served by ``generate_latest`` or ``prometheus_client.start_http_server`` alike.  A sample
+    that already has a ``cluster`` label keeps its own value.
+    """
+
+    def __init__(self, cluster: str) -> None:
+        super().__init__()
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                labelled.add_sample(s.name, {CLUSTER_LABEL: self.cluster, **s.labels}, s.value, s.timestamp,
+                                    s.exemplar)
+            yield labelled
 
 
 class AgentMetrics:
-    """Every metric one node agent exports on ``/metrics``."""
+    """Every metric one node agent exports on ``/metrics``.
 
-    def __init__(self, node_id: str, registry: CollectorRegistry | None = None) -> None:
+    ``cluster``: the agent's cluster, exported as the ``cluster`` label of every series (None:
+    no label, only for an explicitly given ``registry``).
+    """
+
+    def __init__(self, node_id: str, registry: CollectorRegistry | None = None, *, cluster: str | None = None) -> None:
         self.node_id = node_id
-        r = self.registry = registry or CollectorRegistry()
+        self.cluster = cluster
+        if registry is None:
+            registry = ClusterRegistry(cluster) if cluster else CollectorRegistry()
+        r = self.registry = registry
         # Coordination
         self.ownership_changes = Counter(
             "cluster_ownership_changes_total", "Lane ownership acquisitions and releases by this node", ["lane"], registry=r

@@ -34,6 +34,8 @@ __all__ = [
     "Target",
     "format_duration",
     "parse_duration",
+    "range_spans",
+    "scope_selectors",
 ]
 
 # Durations live in cbctl.core.durations (no httpx import there); re-exported for callers.
@@ -203,6 +205,170 @@ class PromClient:
         """Every metric name with at least one series in the TSDB."""
         data = await self._get("/api/v1/label/__name__/values")
         return set(data or ())
+
+
+# -- selector scoping -----------------------------------------------------------------------
+#
+# Every gate, watch, exit-criteria and runbook query is about ONE cluster, whatever the user
+# wrote in a rule's ``expr`` or a runbook's ``check:``.  Instead of trusting each expression to
+# carry ``cluster="..."``, the one evaluation path rewrites every vector selector of the
+# expression to include the matcher.  A small tokenizer is enough: PromQL's selectors are the
+# identifiers that are not functions, aggregations, keywords or label lists.
+
+_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+                       "unless", "offset", "atan2", "inf", "nan"})
+_LABEL_LIST_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+_AGGREGATIONS = frozenset({"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+                           "bottomk", "topk", "quantile", "limitk", "limit_ratio"})
+_IDENT_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_:")
+_IDENT_CHARS = _IDENT_START | frozenset("0123456789")
+
+
+def _skip_string(expr: str, i: int) -> int:
+    """Index just past the string literal starting at ``expr[i]`` (a quote)."""
+    quote = expr[i]
+    i += 1
+    while i < len(expr):
+        if expr[i] == "\\" and quote != "`":
+            i += 2
+            continue
+        if expr[i] == quote:
+            return i + 1
+        i += 1
+    raise BadInput(f"query {expr!r}: unterminated string")
+
+
+def _skip_group(expr: str, i: int, open_: str, close: str) -> int:
+    """Index just past the group opened at ``expr[i]``; strings inside are skipped whole."""
+    depth = 0
+    while i < len(expr):
+        c = expr[i]
+        if c in "\"'`":
+            i = _skip_string(expr, i)
+            continue
+        if c == open_:
+            depth += 1
+        elif c == close:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise BadInput(f"query {expr!r}: unbalanced {open_!r}")
+
+
+def _next_char(expr: str, i: int) -> tuple[str, int]:
+    while i < len(expr) and expr[i].isspace():
+        i += 1
+    return (expr[i], i) if i < len(expr) else ("", i)
+
+
+def _next_word(expr: str, i: int) -> str:
+    _, j = _next_char(expr, i)
+    k = j
+    while k < len(expr) and expr[k] in _IDENT_CHARS:
+        k += 1
+    return expr[j:k]
+
+
+def scope_selectors(expr: str, labels: Mapping[str, str]) -> str:
+    """``expr`` with ``labels`` (equality matchers) added to every vector selector.
+
+    ``rate(x[5m])`` -> ``rate(x{cluster="a"}[5m])``; ``y{k="v"}`` -> ``y{cluster="a",k="v"}``;
+    ``{__name__=~"z.*"}`` gets the matchers too.  A selector that already has a matcher on the
+    same label keeps it, so both must hold (a selector of another cluster then selects
+    nothing: it cannot widen the scope).  Function names, aggregations, keywords, label
+    lists (``by (...)``, ``on (...)``), strings, ranges and comments are left alone.
+    Raises ``BadInput`` for an unterminated string or an unbalanced bracket.
+    """
+    if not labels:
+        return expr
+    def quote(v: str) -> str:
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    matchers = ",".join(f"{k}={quote(v)}" for k, v in labels.items())
+    out: list[str] = []
+    i = 0
+    n = len(expr)
+    while i < n:
+        c = expr[i]
+        if c in "\"'`":
+            j = _skip_string(expr, i)
+            out.append(expr[i:j])
+            i = j
+        elif c == "#":  # comment to the end of the line
+            j = expr.find("\n", i)
+            j = n if j < 0 else j
+            out.append(expr[i:j])
+            i = j
+        elif c == "[":
+            j = _skip_group(expr, i, "[", "]")
+            out.append(expr[i:j])
+            i = j
+        elif c == "{":  # a selector without a metric name
+            j = _skip_group(expr, i, "{", "}")
+            out.append(_add_matchers(expr[i:j], matchers))
+            i = j
+        elif c.isdigit() or (c == "." and i + 1 < n and expr[i + 1].isdigit()):
+            j = i + 1
+            while j < n and (expr[j] in _IDENT_CHARS or expr[j] == "."):
+                j += 1
+            out.append(expr[i:j])  # a number or a duration (5m, 1e3, 0x1f)
+            i = j
+        elif c in _IDENT_START:
+            j = i + 1
+            while j < n and expr[j] in _IDENT_CHARS:
+                j += 1
+            word = expr[i:j]
+            out.append(word)
+            nxt, k = _next_char(expr, j)
+            low = word.lower()
+            if low in _LABEL_LIST_KEYWORDS:
+                if nxt == "(":
+                    end = _skip_group(expr, k, "(", ")")
+                    out.append(expr[j:end])
+                    j = end
+            elif low in _KEYWORDS or nxt == "(":
+                pass  # a keyword, a function or an aggregation
+            elif word in _AGGREGATIONS and _next_word(expr, j).lower() in ("by", "without"):
+                pass  # `sum by (x) (...)`
+            elif nxt == "{":
+                end = _skip_group(expr, k, "{", "}")
+                out.append(expr[j:k] + _add_matchers(expr[k:end], matchers))
+                j = end
+            else:
+                out.append("{" + matchers + "}")
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _add_matchers(block: str, matchers: str) -> str:
+    inner = block[1:-1]
+    return "{" + matchers + ("," + inner if inner.strip() else "") + "}"
+
+
+def range_spans(expr: str) -> list[float]:
+    """The range (seconds) of every range selector and subquery in ``expr``: ``x[5m]`` -> 300,
+    ``(...)[15s:1s]`` -> 15.  How far back from the evaluation instant the query reads."""
+    spans: list[float] = []
+    i = 0
+    while i < len(expr):
+        c = expr[i]
+        if c in "\"'`":
+            i = _skip_string(expr, i)
+        elif c == "{":
+            i = _skip_group(expr, i, "{", "}")
+        elif c == "[":
+            j = _skip_group(expr, i, "[", "]")
+            body = expr[i + 1:j - 1].split(":", 1)[0].strip()
+            if body:
+                spans.append(parse_duration(body, what=f"range [{body}] in {expr!r}"))
+            i = j
+        else:
+            i += 1
+    return spans
 
 
 def now() -> float:

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
-def exporter() -> Iterator[Exporter]:
-    e = Exporter("node-a")
+def exporter(unique_cluster: str) -> Iterator[Exporter]:
+    e = Exporter("node-a", unique_cluster)
     yield e
     e.stop()
 
@@ -68,7 +68,8 @@ def test_once_json_reports_what_the_exporter_exposed(cfg: Path, prometheus, expo
 
 def test_current_stage_is_read_from_the_store_and_for_bounds_the_run(cfg: Path, prometheus, exporter) -> None:
     prometheus.set_targets([(exporter.hostport, {"node": exporter.node})])
-    asyncio.run(wait_samples(prometheus.url, "event_bus_degraded", 2))
+    # 3 samples by now: the snapshot judges at the last complete scrape, one interval earlier.
+    asyncio.run(wait_samples(prometheus.url, "event_bus_degraded", 3))
     code, data, err = snapshot(cfg)
     assert code == 0, err
     assert data["stage"] == 0 and data["ok"] is True, data
