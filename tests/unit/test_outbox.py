@@ -174,3 +174,65 @@ def test_zero_length_file_is_a_truncation(tmp_path: Path) -> None:
     with pytest.raises(OutboxCorrupt) as info:
         Outbox(path)
     assert info.value.recovered == 0 and "empty" in str(info.value)
+
+
+# -- size limit and backpressure ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+async def test_wait_for_room_blocks_while_full_and_releases_on_drain(tmp_path: Path) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    changes: list[bool] = []
+    db = ThreadPoolExecutor(max_workers=1)  # as the publisher: every SQLite call on one thread
+    loop = asyncio.get_running_loop()
+    with Outbox(tmp_path / "o.db", max_depth=10) as ob:
+        assert ob.resume_depth == 9
+        await loop.run_in_executor(db, ob.append, msgs(0, 9))
+        await asyncio.wait_for(ob.wait_for_room(changes.append), 1)  # room: returns at once
+        await loop.run_in_executor(db, ob.append, msgs(9, 3))  # 12 > 10: nothing refused or dropped
+        assert ob.depth == 12 and ob.full and not ob.backpressure
+        waiters = [asyncio.create_task(ob.wait_for_room(changes.append)) for _ in range(3)]
+        async with asyncio.timeout(5):
+            while len(ob._waiters) < 3:  # every writer registered as waiting
+                await asyncio.sleep(0.001)
+        assert ob.backpressure and changes == [True]  # said once, not per waiter
+        assert not any(w.done() for w in waiters)
+        rows = await loop.run_in_executor(db, ob.peek, 2)
+        await loop.run_in_executor(db, ob.delete, [r.id for r in rows])  # 10: still full
+        done, _ = await asyncio.wait(waiters, timeout=0.1)  # none may be released
+        assert not done and ob.backpressure
+        rows = await loop.run_in_executor(db, ob.peek, 1)
+        await loop.run_in_executor(db, ob.delete, [r.id for r in rows])  # 9 = resume depth
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert changes == [True, False] and not ob.backpressure and not ob.full
+        assert [r.msg_id for r in await loop.run_in_executor(db, ob.peek, 100)] == [f"id-{i}.v1" for i in range(3, 12)]
+    db.shutdown()
+
+
+@pytest.mark.timeout(20)
+async def test_wait_for_room_cancel_and_close(tmp_path: Path) -> None:
+    import asyncio
+
+    ob = Outbox(tmp_path / "o.db", max_depth=2)
+    ob.append(msgs(0, 2))
+    cancelled = asyncio.create_task(ob.wait_for_room())
+    kept = asyncio.create_task(ob.wait_for_room())
+    async with asyncio.timeout(5):
+        while len(ob._waiters) < 2:
+            await asyncio.sleep(0.001)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not kept.done() and ob.backpressure
+    ob.close()  # stopping: waiters are released, what was written stays
+    await asyncio.wait_for(kept, 5)
+    with Outbox(tmp_path / "o.db", max_depth=2) as again:
+        assert again.depth == 2
+
+
+def test_max_depth_must_be_positive(tmp_path: Path) -> None:
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_depth"):
+            Outbox(tmp_path / "o.db", max_depth=bad)  # type: ignore[arg-type]

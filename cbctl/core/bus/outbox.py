@@ -18,18 +18,32 @@ while holding zeros) is copied into a fresh file at the original path, and
 (the agent) must not carry on as if nothing happened: it reports the error; a later open finds
 the fresh file with the recovered rows and proceeds.
 
+Size limit and backpressure: the outbox never refuses or drops a message.  ``max_depth`` is where
+writers are asked to stop: :meth:`Outbox.wait_for_room` blocks while the outbox is full (depth
+>= ``max_depth``) and, once blocked, until draining brings the depth down to ``resume_depth``
+(90 % of the limit, so a drain at the edge does not flip it on and off); every waiter is then
+released at once.  The publisher awaits it after each event it returned, so a lane worker, which
+awaits its publish before acking, takes no new task while the outbox is full.  Messages already
+handed over still go in, so the depth can pass ``max_depth`` by what is in flight (at most one
+event per concurrent publisher plus the publisher's batches).  Entering and leaving the state
+is logged (warning) and reported through the ``on_change`` callback (a gauge's ``set``).
+
 Thread-safety: one connection, opened with ``check_same_thread=False``; callers serialise access
-(the publisher runs every call on one dedicated thread).  This module imports only the stdlib
-so a crash-test subprocess can use it cheaply.
+(the publisher runs every call on one dedicated thread).  :meth:`Outbox.wait_for_room` may be
+awaited from any event loop while that thread deletes rows.  This module imports only the
+stdlib so a crash-test subprocess can use it cheaply.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sqlite3
+import threading
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
@@ -37,6 +51,12 @@ from typing import Final, NoReturn
 from cbctl.core.errors import CbctlError
 
 SCHEMA_VERSION: Final = 1
+
+#: Default ``max_depth``: rows (one per event and schema version, ~0.5 KB each on disk), about
+#: four minutes of events at 100 workflows/s before publishers are held back.
+DEFAULT_MAX_DEPTH: Final = 100_000
+
+log = logging.getLogger(__name__)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -98,11 +118,23 @@ class OutboxRow:
 class Outbox:
     """The durable FIFO of undelivered event messages. See the module docstring for contracts."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open (creating if missing) the outbox at ``path``.
+    def __init__(self, path: str | os.PathLike[str], *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        """Open (creating if missing) the outbox at ``path``; ``max_depth``: rows at which
+        :meth:`wait_for_room` starts holding writers back (>= 1).
 
-        Raises :class:`OutboxCorrupt` after recovering what it can (see the module docstring).
+        Raises :class:`OutboxCorrupt` after recovering what it can (see the module docstring),
+        ``ValueError`` for a bad ``max_depth``.
         """
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise ValueError(f"outbox max_depth must be a positive integer, got {max_depth!r}")
+        self.max_depth = max_depth
+        self.resume_depth = max_depth - max(1, max_depth // 10)
+        # Backpressure state, shared between the event loop(s) and the database thread.
+        self._room = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._blocked = False
+        self._closed = False
+        self._on_change: Callable[[bool], object] | None = None
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -240,9 +272,81 @@ class Outbox:
             self._rollback()
             raise
         self._depth = max(0, self._depth - removed)
+        if self._blocked and self._depth <= self.resume_depth:
+            self._release("drained to %d of %d")
+
+    # ------------------------------------------------------------------ backpressure
+
+    @property
+    def full(self) -> bool:
+        """True while writers are held back: at or over ``max_depth``, or blocked and not yet
+        drained to ``resume_depth``."""
+        return self._blocked or self._depth >= self.max_depth
+
+    @property
+    def backpressure(self) -> bool:
+        """True from the first writer held back until the drain releases them."""
+        return self._blocked
+
+    async def wait_for_room(self, on_change: Callable[[bool], object] | None = None) -> None:
+        """Return at once while the outbox has room; otherwise wait until draining releases it
+        (see the module docstring).  Never drops anything: it only delays the caller.
+
+        ``on_change(True)`` is called when the outbox starts holding writers back and
+        ``on_change(False)`` when it releases them (on the loop of the waiter that noticed),
+        each transition once.  Cancelling the wait is safe.  A closed outbox releases every
+        waiter (the agent is stopping; what was written is kept).
+        """
+        if not self.full or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        while self.full and not self._closed:
+            fut: asyncio.Future[None] = loop.create_future()
+            with self._room:
+                if self._closed or not self.full:
+                    break
+                self._waiters.append((loop, fut))
+                if on_change is not None:
+                    self._on_change = on_change
+                first = not self._blocked
+                self._blocked = True
+            if first:
+                log.warning("event outbox %s is full (%d message(s), limit %d): holding publishers back, no new "
+                            "tasks are taken until it drains to %d", self.path, self._depth, self.max_depth,
+                            self.resume_depth)
+                if on_change is not None:
+                    on_change(True)
+            try:
+                await fut
+            finally:
+                with self._room:
+                    if (loop, fut) in self._waiters:
+                        self._waiters.remove((loop, fut))
+
+    def _release(self, why: str) -> None:
+        """Wake every waiter (called on the database thread or at close)."""
+        with self._room:
+            if not self._blocked:
+                return
+            self._blocked = False
+            waiters, self._waiters = self._waiters, []
+            notify = self._on_change
+        log.warning("event outbox %s: " + why + "; publishers released", self.path, self._depth, self.max_depth)
+        loops = {loop for loop, _ in waiters}
+        for loop, fut in waiters:
+            _call_soon(loop, _wake, fut)
+        if notify is not None:
+            # On a waiter's loop when there is one: the callback (a gauge) sees the same
+            # ordering as the waiters.  Else (nobody waiting any more) right here.
+            if loops:
+                _call_soon(next(iter(loops)), notify, False)
+            else:
+                notify(False)
 
     def close(self) -> None:
-        """Close the file (checkpoints the WAL into the main file)."""
+        """Close the file (checkpoints the WAL into the main file); releases any waiter."""
+        self._closed = True
+        self._release("closed with %d of %d message(s) kept")
         self._conn.close()
 
     def _rollback(self) -> None:
@@ -256,6 +360,18 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # that loop is closed: its waiter is gone with it
 
 
 def _salvage(path: Path) -> list[tuple[object, ...]]:
@@ -338,4 +454,4 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["Outbox", "OutboxCorrupt", "OutboxMessage", "OutboxRow"]
+__all__ = ["DEFAULT_MAX_DEPTH", "Outbox", "OutboxCorrupt", "OutboxMessage", "OutboxRow"]
