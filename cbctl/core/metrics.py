@@ -75,6 +75,9 @@ class AgentMetrics:
         self.degraded = Gauge("event_bus_degraded", "1 while events go to the local outbox", registry=r)
         self.outages = Counter("event_bus_outages_total", "Event bus outages (entries into degraded mode)", registry=r)
         self.outbox_depth = Gauge("event_bus_outbox_depth", "Events waiting in the local outbox", registry=r)
+        self.outbox_backpressure = Gauge(
+            "event_bus_outbox_backpressure", "1 while the outbox is full and publishers wait (no new tasks)", registry=r
+        )
         self.bridge_duplicates = Counter(
             "event_bus_bridge_duplicates_suppressed_total", "Duplicates suppressed by the bridge", registry=r
         )

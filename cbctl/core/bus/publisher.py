@@ -310,7 +310,11 @@ class Publisher:
         pendings = self._enqueue([event], versions)
         if not pendings:
             return "off"
-        return (await pendings[0].future)[0]
+        status = (await pendings[0].future)[0]
+        # Backpressure (cbctl/core/bus/outbox.py): the event is acked or durably buffered; while
+        # the outbox is full the caller waits here, so a lane worker takes no new task.
+        await self.outbox.wait_for_room(self.metrics.outbox_backpressure.set)
+        return status
 
     async def publish_many(self, events: Sequence[Event]) -> list[PublishStatus]:
         """Publish several events, pipelined; one status per event, in order.  Same contract
