@@ -27,7 +27,7 @@ import pytest
 from cbctl.core import keys
 from cbctl.core.bus.natsconn import connect_nats
 from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import NatsConfig, Secret, SecretRef, TLSConfig
+from cbctl.core.config import NatsConfig, Secret, SecretRef, StreamConfig, TLSConfig, default_stream_name
 from cbctl.core.coord.etcd import EtcdCoordinator
 from cbctl.sandbox import EtcdServer, NatsServer
 from cbctl.sandbox.tls import make_test_pki
@@ -105,15 +105,16 @@ def etcd_dump(endpoint: str, root_password: str) -> list[tuple[str, bytes]]:
     return asyncio.run(body())
 
 
-def create_stream(server: NatsServer, password: str, tls: Mapping[str, Path] | None = None) -> None:
-    """The event stream preflight expects (an agent creates it in a real cluster)."""
+def create_stream(server: NatsServer, password: str, tls: Mapping[str, Path] | None = None, *, cluster: str) -> None:
+    """``cluster``'s event stream, as preflight expects it (an agent creates it in a real cluster)."""
     cfg = NatsConfig(servers=(server.url,), user=NATS_USER, password=SecretRef(env=NATS_PW_VAR),
-                     tls=TLSConfig(str(tls["ca"]), str(tls["cert"]), str(tls["key"])) if tls else TLSConfig())
+                     tls=TLSConfig(str(tls["ca"]), str(tls["cert"]), str(tls["key"])) if tls else TLSConfig(),
+                     stream=StreamConfig(name=default_stream_name(cluster)))
 
     async def body() -> None:
         nc = await connect_nats(cfg, name="test-setup", reconnect=False)
         try:
-            await ensure_stream(nc.jetstream(), cfg.stream)
+            await ensure_stream(nc.jetstream(), cfg.stream, cluster=cluster)
         finally:
             await nc.close()
 
@@ -304,7 +305,7 @@ def _tls(pki: Mapping[str, Path], *, client: bool = True) -> dict[str, Any]:
 def test_nats_user_password(nats_pw: tuple[NatsServer, str], shared_etcd: EtcdServer, tmp_path: Path,
                             unique_cluster: str) -> None:
     server, pw = nats_pw
-    create_stream(server, pw)
+    create_stream(server, pw, cluster=unique_cluster)
     cfg = _nats_config(tmp_path / "c.toml", shared_etcd.client_url, unique_cluster, server, {})
 
     ok = cbctl_proc(cfg, "preflight", "--only", "nats", "-o", "json", env={NATS_PW_VAR: pw}, timeout=30)
@@ -330,7 +331,7 @@ def test_nats_user_password(nats_pw: tuple[NatsServer, str], shared_etcd: EtcdSe
 def test_nats_tls(nats_tls: tuple[NatsServer, str], pki: dict[str, Path], other_pki: dict[str, Path],
                   shared_etcd: EtcdServer, tmp_path: Path, unique_cluster: str) -> None:
     server, pw = nats_tls
-    create_stream(server, pw, pki)
+    create_stream(server, pw, pki, cluster=unique_cluster)
 
     def run(name: str, nats: dict[str, Any], password: str = pw) -> Result:
         cfg = _nats_config(tmp_path / f"{name}.toml", shared_etcd.client_url, unique_cluster, server, nats)
@@ -379,7 +380,7 @@ def test_secrets_never_leak(etcd: EtcdServer, nats_pw: tuple[NatsServer, str], t
     nats_server, nats_secret = nats_pw
     etcd_secret = _secret("etcd")
     enable_etcd_auth(etcd.client_url, etcd_secret)
-    create_stream(nats_server, nats_secret)
+    create_stream(nats_server, nats_secret, cluster=unique_cluster)
     wrong_etcd, wrong_nats = _secret("wrongetcd"), _secret("wrongnats")
     # Grep for the escaping-proof core of each value; the wrong ones must not show either.
     secrets = {name: _core(v) for name, v in (("etcd", etcd_secret), ("nats", nats_secret),
