@@ -90,8 +90,12 @@ class Rule:
     rate_expr: str | None = None
     description: str = ""
 
-    def query(self, window: float) -> str:
-        return self.expr.replace("$window", format_duration(window))
+    def query(self, window: float, scrape_interval: float = 15.0) -> str:
+        """The expression with ``$window``, ``$step`` (one scrape interval) and ``$grace`` (two
+        scrape intervals plus one second) replaced."""
+        return (self.expr.replace("$window", format_duration(window))
+                .replace("$step", format_duration(scrape_interval))
+                .replace("$grace", format_duration(grace_of(scrape_interval))))
 
     def coverage_query(self, window: float) -> str:
         # Per instance the best-covered series, then the worst instance: every instance that
@@ -103,6 +107,11 @@ class Rule:
 
     def threshold_text(self) -> str | None:
         return None if self.threshold is None else f"{self.op} {_num(self.threshold)}"
+
+
+def grace_of(scrape_interval: float) -> float:
+    """How long after a write a node may still show the old revision without lagging."""
+    return 2 * scrape_interval + 1.0
 
 
 def _num(v: float | None) -> str:
@@ -165,12 +174,16 @@ RULES: Mapping[str, Rule] = {
                  "out-of-order deliveries or timed-out gaps in the bridge"),
         _gauge_max("outbox-depth", "event_bus_outbox_depth", "events waiting in any node's outbox"),
         _counter("lease-lost", "cluster_lease_lost_total", "leases lost by any node"),
-        # The smallest spread over the last 15 s: agents apply a new revision within
-        # milliseconds, so a spread seen in one scrape right after a write is not lag; a spread
-        # that never closed for 15 s is.
+        # Lag = how far some node is, at an instant, behind a revision another node had ALREADY
+        # applied $grace earlier.  Comparing nodes at one instant (max - min) measures scrape
+        # phase, not lag: right after a write, a node scraped just before it shows the old
+        # revision while another shows the new one, and a burst of writes keeps that spread
+        # open for as long as the burst lasts.  $grace (two scrape intervals plus 1 s) leaves
+        # every node scraped at least once after applying; what is still behind then is lag.
         Rule("rollout-lag", "cluster_rollout_applied_revision",
-             "min_over_time((max(cluster_rollout_applied_revision) - min(cluster_rollout_applied_revision))[15s:1s])",
-             "<=", 0.0, description="spread of applied rollout revisions between nodes that persisted for 15 s"),
+             "max(max_over_time(clamp_min(max(cluster_rollout_applied_revision offset $grace)"
+             " - min(cluster_rollout_applied_revision), 0)[$window:$step]))",
+             "<=", 0.0, description="revisions a node was behind what another node had applied $grace earlier"),
     )
 }
 
@@ -495,7 +508,7 @@ class GateResult:
 def _fixed_span(rule: Rule) -> float:
     """How far back the rule's expression reads regardless of ``$window`` (its explicit ranges
     and subqueries, e.g. ``[15s:1s]``)."""
-    spans = range_spans(rule.expr.replace("$window", "1ms"))
+    spans = range_spans(rule.expr.replace("$window", "1ms").replace("$step", "1ms").replace("$grace", "1ms"))
     return max(spans, default=0.0)
 
 
@@ -510,6 +523,8 @@ def _plan_window(rule: Rule, cfg: GateConfig, inst: Instant) -> tuple[float, flo
     elapsed = inst.elapsed
     if elapsed is None:
         return window, None
+    if "$grace" in rule.expr:  # the offset reads that much further back
+        elapsed -= grace_of(inst.scrape_interval)
     fixed = _fixed_span(rule)
     need = max(fixed, (cfg.min_samples_of(rule) + 1) * inst.scrape_interval)
     need = min(need, max(window, fixed))  # never more than the rule itself reads
@@ -528,7 +543,7 @@ async def evaluate_rule(prom: PromClient, rule: Rule, cfg: GateConfig, inst: Ins
     """
     need = cfg.min_samples_of(rule)
     window, wait = _plan_window(rule, cfg, inst)
-    q = inst.scope(rule.query(window))
+    q = inst.scope(rule.query(window, inst.scrape_interval))
     res = GateResult(rule.name, "no-data", None, rule.threshold_text(), "", q, format_duration(window), None, need,
                      _rfc3339(inst.at))
     if wait is not None:
@@ -584,7 +599,7 @@ async def evaluate_rules(
                 inst = await evaluation_instant(ctx, client, since=since, stage=stage)
             except (BackendUnavailable, BadInput) as exc:
                 return [GateResult(r.name, "no-data", None, r.threshold_text(), f"prometheus unreachable: {exc}",
-                                   r.query(cfg.window_of(r)), format_duration(cfg.window_of(r)), None,
+                                   r.query(cfg.window_of(r), DEFAULT_SCRAPE_INTERVAL), format_duration(cfg.window_of(r)), None,
                                    cfg.min_samples_of(r)) for r in rules]
         return list(await asyncio.gather(*(evaluate_rule(client, r, cfg, inst) for r in rules)))
     finally:
@@ -725,7 +740,7 @@ async def watch_snapshot(
                 return []
             start = at - step * (points - 1)
             try:
-                series = await client.query_range(inst.scope(rule.query(cfg.window_of(rule))), start=start, end=at,
+                series = await client.query_range(inst.scope(rule.query(cfg.window_of(rule), inst.scrape_interval)), start=start, end=at,
                                                   step=step)
             except BadInput:
                 return []
