@@ -86,7 +86,9 @@ class Soak:
     def cbctl(self, *args: str) -> None:
         env = {**os.environ, "CBCTL_CONFIG": str(self.config), "CBCTL_CONTEXT": cluster.CONTEXT_NAME,
                "NO_COLOR": "1"}
-        for _attempt in range(5):
+        for attempt in range(8):
+            if attempt:
+                time.sleep(3)
             res = subprocess.run([cluster.cbctl_executable(), *args], env=env, capture_output=True, text=True,
                                  timeout=120)
             if res.returncode != 4:  # 4: a backend did not answer in time (a busy machine): try again
