@@ -125,6 +125,13 @@ async def test_rules_give_no_data_then_pass_then_fail(cfg: Path, prometheus, exp
         assert "required" in early["degraded"].detail
 
     await wait_samples(prometheus.url, "event_bus_degraded", 3)
+
+    # rollout-lag compares with what nodes had applied two scrapes + 1 s earlier: it has data
+    # once the series is that old.  Wait on the verdicts themselves.
+    async def all_pass() -> bool:
+        return all(r.outcome == "pass" for r in await evaluate_rules(ctx, rules, gc))
+
+    await async_wait_until(all_pass, 30, interval=0.5, message="every stage-1 rule passes")
     ok = {r.name: r for r in await evaluate_rules(ctx, rules, gc)}
     assert all(r.outcome == "pass" for r in ok.values()), [r.line() for r in ok.values()]
     assert ok["degraded"].value == 0

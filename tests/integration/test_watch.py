@@ -70,6 +70,8 @@ def test_current_stage_is_read_from_the_store_and_for_bounds_the_run(cfg: Path, 
     prometheus.set_targets([(exporter.hostport, {"node": exporter.node})])
     # 3 samples by now: the snapshot judges at the last complete scrape, one interval earlier.
     asyncio.run(wait_samples(prometheus.url, "event_bus_degraded", 3))
+    # ... and rollout-lag looks 3 s further back (two scrapes + 1 s): history that old.
+    asyncio.run(wait_value(prometheus.url, "min(count_over_time(event_bus_degraded[8s])) >= bool 7", 1))
     code, data, err = snapshot(cfg)
     assert code == 0, err
     assert data["stage"] == 0 and data["ok"] is True, data
