@@ -155,3 +155,28 @@ def test_sparkline() -> None:
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert sparkline([1, None, 1]) == "▁ ▁"
     assert sparkline([]) == ""
+
+
+@pytest.mark.parametrize("expr, scoped", [
+    ("rate(x[5m])", 'rate(x{cluster="c"}[5m])'),
+    ('y{k="v"}', 'y{cluster="c",k="v"}'),
+    ('{__name__=~"z.*"}', '{cluster="c",__name__=~"z.*"}'),
+    ("sum by (instance) (count_over_time(m[10s]))", 'sum by (instance) (count_over_time(m{cluster="c"}[10s]))'),
+    ("x and on(node) y", 'x{cluster="c"} and on(node) y{cluster="c"}'),
+    ("max(x) by (node)", 'max(x{cluster="c"}) by (node)'),
+    ('label_replace(up, "a", "$1", "b", "(.*)")', 'label_replace(up{cluster="c"}, "a", "$1", "b", "(.*)")'),
+    ("x offset 5m", 'x{cluster="c"} offset 5m'),
+    ("vector(1) + 1e3", "vector(1) + 1e3"),
+])
+def test_every_selector_is_scoped_to_the_cluster(expr: str, scoped: str) -> None:
+    from cbctl.core.promql import scope_selectors
+
+    assert scope_selectors(expr, {"cluster": "c"}) == scoped
+
+
+def test_range_spans_and_rule_rendering() -> None:
+    from cbctl.core.promql import range_spans
+
+    assert range_spans("min_over_time((max(x) - min(x))[15s:1s]) + rate(y[5m])") == [15.0, 300.0]
+    q = RULES["rollout-lag"].query(10.0, 1.0)
+    assert "offset 3s" in q and "[10s:1s]" in q
