@@ -234,7 +234,7 @@ class NodeAgent:
         self.instance_id = uuid.uuid4().hex
         self.machine_id: str | None = None
         self.version = __version__
-        self.metrics = metrics or AgentMetrics(node_id)
+        self.metrics = metrics or AgentMetrics(node_id, cluster=config.cluster)
         self.extra_record_fields: dict[str, Any] = {"probes": {}, "clock": {}}
         self.fatal_error: CbctlError | None = None
 
@@ -453,7 +453,8 @@ class NodeAgent:
                 self.http_address = f"{adv}:{port}"
             if self._redis is None:
                 self._redis = redis_client_for(self.ctx, self._block_ms)
-            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id)
+            self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id,
+                                   history_maxlen=self.ctx.redis.history_max, retention=self.ctx.redis.retention)
             self.queue = LaneQueue(self._redis, self.ctx.cluster, self.ctx.lanes)
 
             if doc is not None and await self._notify_flags(dict(doc.flags), revision):
@@ -1177,7 +1178,7 @@ class NodeAgent:
                 node_id=self.node_id, lane=lane, token=token, workflow_id=task.workflow_id,
                 task_id=task.task_id, type=task.type, seq=result.seq, update=update, payload=task.payload,
                 occurred_at=time.time(), already_applied=result.already_applied, decision=result.decision,
-                history_id=result.history_id,
+                history_id=result.history_id, publish_versions=result.publish_versions,
             )
             for hook in self._applied_hooks:
                 await hook(applied)

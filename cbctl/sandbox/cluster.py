@@ -438,11 +438,6 @@ def sandbox_context(
         # short windows: a stage's gates can pass within a demo, not after 10 minutes
         "gates": {
             "window": "10s", "min-samples": 3, "rate-window": "10s", "scrape-interval": "1s",
-            # The smallest revision spread over the last 5 s: an agent that is still applying a
-            # write from a second ago (or not yet scraped since) is not "lagging"; one that is
-            # stuck keeps the spread above 0 for the whole 5 s and fails the gate.
-            "rules": {"rollout-lag": {"expr": "min_over_time((max(cluster_rollout_applied_revision)"
-                                              " - min(cluster_rollout_applied_revision))[5s:1s])"}},
         },
         "agent": {"probe-interval": "1s"},
         # The demo soaks stage 3 for about this long before judging: evidence must cover it.
