@@ -615,18 +615,17 @@ def _recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
 
 
 def _prom_query(st: AppState) -> Callable[[str], list[float]]:
+    """A runbook ``check:`` is judged like a gate: scoped to the context's cluster and evaluated
+    at the settled instant (``cbctl.core.gates.instant_values``), so a check and ``watch``
+    agree on the same data."""
     import asyncio
 
-    from cbctl.core.promql import PromClient
+    from cbctl.core.gates import instant_values
 
-    url = st.context().prometheus.url
+    ctx = st.context()
 
     def query(promql: str) -> list[float]:
-        async def once() -> list[float]:
-            async with PromClient(url) as prom:
-                return [s.value for s in await prom.query(promql)]
-
-        return asyncio.run(once())
+        return asyncio.run(instant_values(ctx, promql))
 
     return query
 

@@ -95,6 +95,11 @@ def advance(
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 30.0,
     ignore_missing: IgnoreMissingOpt = None,
+    gate_timeout: Annotated[
+        str, typer.Option("--gate-timeout", metavar="DURATION",
+                          help="While gates only lack data (stage entered too recently), wait up to this long "
+                               "(e.g. 2m) and re-evaluate; a failing gate still refuses at once. Default 0: no wait.")
+    ] = "0",
     output: OutputOpt = None,
 ) -> None:
     """Move exactly one stage forward, showing the flag diff and asking first.
@@ -107,6 +112,7 @@ def advance(
     from cbctl.cli.mutate import apply_plan
     from cbctl.core.controlplane import ControlPlane
     from cbctl.core.errors import BadInput, CheckFailed
+    from cbctl.core.durations import parse_duration
     from cbctl.core.gates import advance_gate_check
     from cbctl.core.lanesfile import parse_lanes_file
 
@@ -116,6 +122,7 @@ def advance(
     async def body() -> int:
         if force and not reason:
             raise BadInput("--force needs --reason TEXT (it is recorded in the audit log)")
+        gate_wait = 0.0 if gate_timeout.strip() in ("0", "0s") else parse_duration(gate_timeout, what="--gate-timeout")
         c = st.context()
         lanes = parse_lanes_file(canary, c.lanes) if canary else None
         subs = parse_lanes_file(canary_subscribers, None) if canary_subscribers else None
@@ -127,7 +134,8 @@ def advance(
             if not plan.is_noop:
                 # The same check for a dry run: it must refuse exactly what the advance refuses.
                 try:
-                    gate_results = await advance_gate_check(c, coord, plan, force=force)
+                    gate_results = await advance_gate_check(c, coord, plan, force=force, gate_timeout=gate_wait,
+                                                            on_wait=err)
                 except CheckFailed:
                     if dry_run:
                         err("dry run: the real advance would be refused; nothing written")

@@ -39,7 +39,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -662,20 +662,38 @@ def gate_report(stage: int, results: Sequence[GateResult]) -> str | None:
             "fix the cause, or override with --force --reason TEXT (recorded in the audit log)")
 
 
-async def advance_gate_check(ctx: Context, coord: Coordinator, plan: Plan, *, force: bool = False) -> list[dict[str, Any]]:
+async def advance_gate_check(
+    ctx: Context, coord: Coordinator, plan: Plan, *, force: bool = False, gate_timeout: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Called by ``stage advance`` (and its ``--dry-run``) before it writes.
 
     Evaluates the gates of the stage being left (``plan.old.stage``).  All pass -> returns the
     results (recorded in the audit entry).  Any ``fail`` or ``no-data``: raises ``CheckFailed``
     (exit 1, nothing written) whose message lists every rule with value, threshold and outcome
     — unless ``force``, in which case the results are returned for the audit entry.
+
+    ``gate_timeout`` > 0: while every gate that does not pass is ``no-data`` (not enough samples
+    since the stage was entered, or not scraped yet), wait and evaluate again, for at most that
+    many seconds; a ``fail`` refuses at once.  ``on_wait`` is told each time why it waits.
     """
     stage = plan.old.stage
-    results = await stage_gates(ctx, coord, stage)
-    message = gate_report(stage, results)
-    if message is not None and not force:
-        raise CheckFailed(message)
-    return [r.to_dict() for r in results]
+    deadline = time.monotonic() + max(0.0, gate_timeout)
+    while True:
+        results = await stage_gates(ctx, coord, stage)
+        message = gate_report(stage, results)
+        if message is None or force:
+            return [r.to_dict() for r in results]
+        bad = [r for r in results if r.outcome != "pass"]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or any(r.outcome != "no-data" for r in bad):
+            raise CheckFailed(message)
+        waits = [r.wait_seconds for r in bad if r.wait_seconds]
+        pause = min(remaining, max(0.5, min(max(waits) if waits else 2.0, 5.0)))
+        if on_wait is not None:
+            on_wait(f"gates of stage {stage}: waiting for data ({', '.join(r.name for r in bad)}); "
+                    f"again in {pause:.1f}s, giving up in {remaining:.0f}s")
+        await asyncio.sleep(pause)
 
 
 # -- watch ---------------------------------------------------------------------------------
