@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from cbctl.core.bus.bridge import BRIDGE_MODES, Bridge, GapFill, SubscriberLagged, Subscription
-from cbctl.core.bus.natsconn import connect_nats
+from cbctl.core.bus.natsconn import close_nats, connect_nats
 from cbctl.core.bus.outbox import Outbox, OutboxCorrupt
 from cbctl.core.bus.publisher import Publisher
 from cbctl.core.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError
@@ -380,7 +380,10 @@ class AgentBus:
     ``outbox_path`` defaults to ``<agent.state_dir>/outbox.sqlite``.  ``publisher_options`` /
     ``bridge_options`` are passed to :class:`Publisher` / :class:`Bridge`.  ``keepalive``:
     seconds of silence before an SSE comment line.  ``connect``: how to open a NATS connection
-    (default :func:`connect_nats` with the context's ``nats`` settings).
+    (default :func:`connect_nats` with the context's ``nats`` settings).  ``close_timeout``: the
+    bound of :meth:`close` (the agent's stop gives each stop hook a share of its own budget,
+    about 2 s by default: this stays below it); ``bridge_close_timeout``: the bound of closing a
+    bridge whose connection was lost while running.
     """
 
     def __init__(
@@ -395,6 +398,8 @@ class AgentBus:
         max_queue: int = 10_000,
         local_max_workflows: int = 10_000,
         replay_page: int = 256,
+        close_timeout: float = 1.5,
+        bridge_close_timeout: float = 2.0,
     ) -> None:
         self.agent = agent
         self.node_id = agent.node_id
@@ -407,6 +412,8 @@ class AgentBus:
         self.reconnect_time_wait = reconnect_time_wait
         self.local = LocalStream(max_queue=max_queue, max_workflows=local_max_workflows)
         self.replay_page = replay_page
+        self.close_timeout = close_timeout
+        self.bridge_close_timeout = bridge_close_timeout
         self.outbox: Outbox | None = None
         self.outbox_recovered: OutboxCorrupt | None = None
         self.publisher: Publisher | None = None
@@ -424,6 +431,8 @@ class AgentBus:
         self._source = "local"
         self._streams: set[_Stream] = set()
         self._closing = False
+        self._close_deadline: float | None = None  # loop time by which close() must be done
+        self.closed_in: float | None = None  # seconds the last close() took (logs and tests)
         self._http_down = False  # the HTTP server is shutting down: end streams, accept none
         self._started = False
 
@@ -520,44 +529,86 @@ class AgentBus:
         log.info("agent %s: event bus started (outbox %s, depth %d, %s)", self.node_id, self.outbox_path,
                  self.outbox.depth, "connected" if self.publisher.connected else "NATS unreachable: degraded")
 
-    async def close(self) -> None:
-        """Stop everything the bus started (idempotent; safe if :meth:`start` never ran or failed).
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop everything the bus started, within ``timeout`` seconds (default ``close_timeout``).
 
-        Open SSE streams end; the publisher settles what is queued (published or buffered)."""
+        Idempotent (a second call returns at once); safe if :meth:`start` never ran or failed;
+        never raises.  Open SSE streams end first.  Then, concurrently so that each may use the
+        whole budget: the bridge (its connection task cancelled, subscriptions ended, the pull
+        subscription unsubscribed, its connection closed: :meth:`Bridge.close`,
+        :func:`~cbctl.core.bus.natsconn.close_nats`) and the publisher (what is queued settles
+        briefly, then every unacknowledged event is committed to the outbox instead of waiting
+        for acks that a frozen server never sends: :meth:`Publisher.close`).  Every network step
+        is bounded, so a frozen NATS (SIGSTOP: socket open, no answer) or a frozen Redis (a gap
+        fill in flight) cannot hold the agent's stop.  Unpublished events stay in the outbox;
+        an event that could not even be buffered in time fails its publish, so its task is not
+        acked and is delivered again after the restart.
+        """
         if self._closing:
             return
         self._closing = True
+        loop = asyncio.get_running_loop()
+        budget = self.close_timeout if timeout is None else max(0.1, timeout)
+        deadline = self._close_deadline = loop.time() + budget
+        started = loop.time()
         for s in list(self._streams):
             s.interrupt()
         self.local.close_all()
-        if self._bridge_task is not None:
-            self._bridge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._bridge_task
-        await self._close_bridge()
-        if self.publisher is not None:
-            await self.publisher.close()
+
+        async def stop_bridge() -> None:
+            task, self._bridge_task = self._bridge_task, None
+            if task is not None and not task.done():
+                task.cancel()  # its finally runs _close_bridge, bounded by our deadline
+                done, _ = await asyncio.wait({task}, timeout=max(0.05, deadline - loop.time()))
+                if not done:
+                    log.warning("agent %s: bus close: the bridge connection task did not end in time", self.node_id)
+            await self._close_bridge(max(0.05, deadline - loop.time()))
+
+        async def stop_publisher() -> None:
+            if self.publisher is not None:
+                await self.publisher.close(max(0.1, deadline - loop.time() - 0.05))
+
+        results = await asyncio.gather(stop_bridge(), stop_publisher(), return_exceptions=True)
+        for what, res in zip(("bridge", "publisher"), results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("agent %s: bus close: stopping the %s failed: %r", self.node_id, what, res)
+        if self.publisher is not None and self.publisher.outbox_busy:
+            # Closing the SQLite connection under a write still running on the publisher's
+            # thread is unsafe; the process exit closes it (the write is a transaction).
+            log.error("agent %s: bus close: an outbox write is still running; outbox left open", self.node_id)
+            self.outbox = None
         await self._close_outbox()
         self._flags_ready.set()  # release any hook still waiting (it will fail on the closed publisher)
+        self.closed_in = loop.time() - started
+        log.debug("agent %s: event bus closed in %.2fs (budget %.2fs)", self.node_id, self.closed_in, budget)
 
     async def _close_outbox(self) -> None:
         if self.outbox is not None:
             self.outbox.close()
             self.outbox = None
 
-    async def _close_bridge(self) -> None:
+    async def _close_bridge(self, timeout: float | None = None) -> None:
+        """Close the bridge and its connection within ``timeout`` (default
+        ``bridge_close_timeout``): unsubscribe first (nats-py's close waits on an active pull
+        subscription), then close the connection, abandoning it if it does not finish."""
+        loop = asyncio.get_running_loop()
+        if timeout is not None:
+            deadline = loop.time() + timeout
+        elif self._close_deadline is not None:  # the bus is closing: its deadline bounds this too
+            deadline = self._close_deadline
+        else:
+            deadline = loop.time() + self.bridge_close_timeout
         bridge, self.bridge = self.bridge, None
         self._bridge_ready.clear()
         nc, self._bridge_nc = self._bridge_nc, None
-        if bridge is not None:
-            await bridge.close()  # unsubscribes first: nc.close() would hang on an active pull sub
         for s in list(self._streams):
             if s.sub is not None and isinstance(s.sub, Subscription):
                 s.interrupt()
-        if nc is not None and not nc.is_closed:
-            with contextlib.suppress(TimeoutError, OSError, CbctlError):
-                async with asyncio.timeout(2.0):
-                    await nc.close()
+        if bridge is not None:
+            await bridge.close(max(0.05, 0.6 * (deadline - loop.time())))
+        if nc is not None and not await close_nats(nc, max(0.05, deadline - loop.time())):
+            log.warning("agent %s: the bridge's NATS connection did not close in time; its socket was aborted",
+                        self.node_id)
 
     def _start_bridge_task(self, delay: float) -> None:
         """(Re)start the bridge's connection task, after ``delay`` seconds."""

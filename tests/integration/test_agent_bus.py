@@ -159,7 +159,14 @@ def check_subscriber(reader: SseReader, report: WorkloadReport) -> None:
 
 
 def metric(agent: NodeAgent, name: str, **labels: str) -> float:
-    return agent.metrics.registry.get_sample_value(name, labels) or 0.0
+    """The sum of ``name``'s samples whose labels include ``labels`` (others, e.g. the
+    ``cluster`` label every series carries, are ignored); 0 when there is none."""
+    total = 0.0
+    for family in agent.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 # -- fixtures ---------------------------------------------------------------------------------

@@ -106,6 +106,24 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 _TRANSIENT = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
 
+def _where(task: asyncio.Task[object]) -> str:
+    """The innermost frame ``task`` is suspended in (``file:line``), for a log line."""
+    coro: object = task.get_coro()
+    where = "?"
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where = f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno}"
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
+
+
+def _retrieve(fut: asyncio.Future[object]) -> None:
+    """Done callback: read a background step's outcome so it is never "never retrieved"."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("bridge: %s", fut.exception())
+
+
 class SubscriberLagged(CbctlError):
     """A subscriber fell too far behind and was dropped; resubscribe with ``after_seq``."""
 
@@ -370,6 +388,10 @@ class Bridge:
         self._by_workflow: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by close() before it cancels the consumer: nats-py swallows a cancellation that
+        # lands in its flush (an ack) or turns it into ConnectionClosedError once the connection
+        # is closed, and the consumer would then retry forever on a closed connection.
+        self._stopped = False
         for reason in BAD_EVENT_REASONS:
             metrics.bad_events.labels(reason=reason)
         for origin in ("local", "remote"):
@@ -416,27 +438,41 @@ class Bridge:
             asyncio.create_task(self._tick_loop(), name="cbctl-bridge-gaps"),
         ]
 
-    async def close(self) -> None:
-        """Stop consuming; end every subscription; unsubscribe (the connection stays open)."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-        self._tasks = []
-        for t in list(self._fill_tasks):
-            t.cancel()
-        for t in list(self._fill_tasks):
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a fill's error is moot at close
-                pass
-        self._fill_tasks.clear()
-        await self._unsubscribe()
+    async def close(self, timeout: float = 2.0) -> None:
+        """Stop consuming, end every subscription, unsubscribe; within ``timeout`` seconds.
+
+        The connection stays open (its owner closes it).  Subscriptions end first (no await
+        before), so SSE streams end at once whatever the server does.  The consumer's tasks are
+        cancelled and waited for, but not past the deadline: a gap fill stuck in a Redis call
+        that swallows the cancellation, or a fetch on a frozen server, is abandoned (it can do no
+        harm: the subscriptions are closed).  The unsubscribe goes first among the network steps
+        because nats-py's close/drain wait on an active pull subscription; it is bounded too,
+        since on a frozen server the flush behind it can wait forever.  Never raises.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.05, timeout)
+        self._stopped = True
         for sub in list(self._all) + [s for subs in self._by_workflow.values() for s in subs]:
             sub.close()
+        tasks = [*self._tasks, *self._fill_tasks]
+        self._tasks = []
+        self._fill_tasks.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=max(0.01, 0.5 * (deadline - loop.time())))
+            if stuck:
+                log.warning("bridge close: %d task(s) did not end when cancelled (%s); abandoned", len(stuck),
+                            ", ".join(sorted(f"{t.get_name()} at {_where(t)}" for t in stuck)))
+        psub, self._psub = self._psub, None
+        if psub is not None:
+            unsub = asyncio.ensure_future(psub.unsubscribe())
+            unsub.add_done_callback(_retrieve)
+            done, _ = await asyncio.wait({unsub}, timeout=max(0.01, deadline - loop.time()))
+            if not done:
+                unsub.cancel()
+                log.warning("bridge close: unsubscribing %s did not finish in time; the connection's close "
+                            "ends it", self.durable)
 
     # ------------------------------------------------------------------ subscribers
 
@@ -528,7 +564,7 @@ class Bridge:
         delay = 0.1
         last_check = time.monotonic()
         seen_reconnects = self.nc.stats.get("reconnects", 0)
-        while True:
+        while not self._stopped:
             if self._mode == "off":
                 await self._unsubscribe()
                 self._wake.clear()
@@ -550,6 +586,8 @@ class Bridge:
                     await self._check_consumer()
                 continue
             except _TRANSIENT as exc:
+                if self._stopped:
+                    return  # a cancellation nats-py turned into an error (see _stopped)
                 log.warning("bridge: consuming %s failed: %s: %s (retrying)", self.stream_cfg.name,
                             type(exc).__name__, exc)
                 await self._unsubscribe()
@@ -861,7 +899,7 @@ class Bridge:
             wf.gap_since = now  # applied but its event not in the record yet: ask again later
 
     async def _tick_loop(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(max(0.02, self.gap_timeout / 4))
             self.tick()
 

@@ -241,6 +241,53 @@ async def connect_nats(
     raise BackendUnavailable(f"cannot reach NATS at {where} ({detail})", backend="nats")
 
 
+async def close_nats(nc: Client, timeout: float) -> bool:
+    """Close ``nc`` within ``timeout`` seconds; True if it closed, False if it was abandoned.
+
+    nats-py's ``close()`` flushes what is pending and waits for the socket to close, and against
+    a frozen server (SIGSTOPped: the socket open, nothing read) both can wait forever once the
+    kernel's buffers are full.  So it runs as its own task (a cancellation swallowed inside the
+    library cannot hold us either); at the deadline it is cancelled, the client's own tasks are
+    cancelled and its socket is aborted (unsent data is discarded, which is what closing a
+    connection to a dead peer means).  Never raises (errors are logged at debug level).
+    """
+    if nc.is_closed:
+        return True
+    task = asyncio.ensure_future(nc.close())
+    task.add_done_callback(_retrieve)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
+    if done:
+        return True
+    task.cancel()
+    _abort(nc)
+    return False
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing a NATS connection: %s", task.exception())
+
+
+def _abort(nc: Client) -> None:
+    """Cancel the client's background tasks and abort its socket (after a close that hung).
+
+    Uses nats-py internals (``_reading_task``, ``_transport``...), each looked up defensively: a
+    version without one of them only loses that part of the cleanup."""
+    for name in ("_reading_task", "_ping_interval_task", "_flusher_task", "_reconnection_task"):
+        t = getattr(nc, name, None)
+        if isinstance(t, asyncio.Future) and not t.done():
+            t.cancel()
+    transport = getattr(nc, "_transport", None)
+    for attr in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, attr, None)
+        raw = getattr(writer, "transport", None)
+        if raw is not None:
+            try:
+                raw.abort()
+            except (OSError, RuntimeError) as exc:  # already closed, or the loop is closing
+                log.debug("aborting a NATS socket: %s", exc)
+
+
 async def _close_quietly(nc: Client) -> None:
     # Bounded: after a failed TLS upgrade asyncio's start_tls owns the old socket and nats-py's
     # close() would wait forever for a close it is never told about.
@@ -251,4 +298,4 @@ async def _close_quietly(nc: Client) -> None:
         pass  # closing a half-open client: nothing left to report
 
 
-__all__ = ["connect_nats", "is_auth_error", "redact_url", "servers_text", "ssl_context"]
+__all__ = ["close_nats", "connect_nats", "is_auth_error", "redact_url", "servers_text", "ssl_context"]

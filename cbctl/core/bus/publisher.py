@@ -61,6 +61,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from cbctl.core.bus.natsconn import close_nats
 from cbctl.core.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.bus.stream import StreamStatus, ensure_stream
 from cbctl.core.config import StreamConfig
@@ -201,6 +202,11 @@ class Publisher:
         self._count = {status: metrics.publish.labels(status=status) for status in ("ok", "duplicate", "error",
                                                                                      "buffered")}
         self._closing = False
+        self.outbox_busy = False  # after close(): an outbox write was still running on its thread
+        # Set by close() once the grace period is over: stop waiting for acks and retries, put
+        # whatever is unsettled in the outbox (a frozen server would otherwise hold the stop).
+        self._abandon = asyncio.Event()
+        self._abandon_fut: asyncio.Future[None] | None = None  # done once _abandon is set
         self._no_stream = False  # the last send saw "no responders": the stream is missing
         self._last_connect_error: str | None = None
 
@@ -271,28 +277,59 @@ class Publisher:
         self._maintainer = asyncio.create_task(self._maintain(), name="cbctl-publisher-drain")
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Stop accepting events, finish what is queued (published or buffered) within
-        ``timeout``, stop the drain, close the connection this publisher opened."""
+        """Stop accepting events and stop everything within ``timeout`` seconds; never raises.
+
+        1. Grace (``0.3 * timeout``): what is queued or in flight settles normally (acks that
+           are on their way arrive; a healthy server answers in milliseconds).
+        2. Then the ack stage stops waiting for acks and retries: every message not acked yet
+           is committed to the outbox and its caller answered ``buffered``.  A message that
+           JetStream did store but whose ack never came is published again from the outbox
+           after the restart, with the same ``Nats-Msg-Id``: JetStream's duplicate window and
+           the bridge's de-duplication drop the copy.  This is what keeps a frozen NATS (the
+           socket open, no ack ever) from holding the stop: without it, each batch waited
+           ``ack_timeout`` once plus ``retries`` more times (about 8 s by default).
+        3. Anything still unanswered at ``0.75 * timeout`` (the outbox write itself hung) fails
+           with :class:`PublishFailed`: its caller does not ack the task, which is delivered
+           again after the restart, so nothing is lost either way.
+        4. The connection is closed within what is left (a client that does not finish is
+           abandoned and its socket aborted, :func:`~cbctl.core.bus.natsconn.close_nats`), and
+           the outbox thread is waited for, so the owner can close the outbox safely.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.1, timeout)
         self._closing = True
         if self._worker is not None and not self._worker.done():
+            settled = asyncio.ensure_future(self._settled())
             try:
-                await asyncio.wait_for(self._settled(), timeout)
-            except TimeoutError:
-                log.error("publisher close: events still unsettled after %.1fs", timeout)
-        for task in (self._worker, self._acker, self._maintainer):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+                done, _ = await asyncio.wait({settled}, timeout=0.3 * timeout)
+                if not done:
+                    log.warning("publisher close: events unacknowledged after %.1fs; committing them to the "
+                                "outbox %s instead of waiting for acks", 0.3 * timeout, self.outbox.path)
+                    self._set_abandon()
+                    done, _ = await asyncio.wait({settled}, timeout=max(0.0, deadline - 0.25 * timeout - loop.time()))
+                if not done:
+                    log.error("publisher close: events neither acknowledged nor buffered after %.1fs; their "
+                              "tasks are not acked and will be delivered again", timeout * 0.75)
+            finally:
+                settled.cancel()
+        tasks = [t for t in (self._worker, self._acker, self._maintainer) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Not awaited one by one: a task stuck in a library call that swallows the
+            # cancellation must not hold the stop.
+            await asyncio.wait(tasks, timeout=max(0.05, min(0.5, deadline - loop.time())))
         self._fail_queued("publisher closed before the event was published or buffered")
-        if self._nc is not None and not self._nc.is_closed:
-            try:
-                await self._nc.close()
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                log.debug("closing NATS connection: %s", exc)
-        self._db.shutdown(wait=True)
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not await close_nats(nc, max(0.05, deadline - loop.time() - 0.05)):
+            log.warning("publisher close: the NATS connection did not close in time; its socket was aborted")
+        # Every outbox call runs on this one thread, FIFO: once a no-op has run, none is left.
+        last = loop.run_in_executor(self._db, lambda: None)
+        done, _ = await asyncio.wait({last}, timeout=max(0.05, deadline - loop.time()))
+        if not done:
+            self.outbox_busy = True
+            log.error("publisher close: an outbox write is still running on its thread")
+        self._db.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ publishing API
 
@@ -415,7 +452,8 @@ class Publisher:
         if batch.acks is None:
             self._unsent -= 1
             async with self._state_lock:
-                if self._degraded:  # still degraded: queue behind what is in the outbox
+                if self._degraded or self._abandon.is_set():  # still degraded (or closing): queue
+                    # behind what is in the outbox
                     await self._buffer(list(range(len(msgs))), msgs, statuses, reason=None)
                     self._answer(batch, statuses)
                     return
@@ -429,8 +467,8 @@ class Publisher:
             else:
                 statuses[i] = st
         for attempt in range(1, self.retries + 1):
-            if not todo or not self.connected:
-                break  # nothing left, or unreachable: buffer now rather than make callers wait
+            if not todo or not self.connected or self._abandon.is_set():
+                break  # nothing left, unreachable or closing: buffer now rather than make callers wait
             self.metrics.publish_retries.inc(len(todo))
             await asyncio.sleep(self._backoff(attempt))
             if not self.connected:
@@ -446,7 +484,8 @@ class Publisher:
         self._count_statuses(statuses)
         if todo:
             async with self._state_lock:
-                await self._buffer(todo, msgs, statuses, reason="event bus unreachable or retries spent")
+                await self._buffer(todo, msgs, statuses, reason=None if self._abandon.is_set()
+                                   else "event bus unreachable or retries spent")
         self._answer(batch, statuses)
 
     def _count_statuses(self, statuses: Sequence[str | None]) -> None:
@@ -560,20 +599,18 @@ class Publisher:
 
     async def _collect(self, futures: Sequence[asyncio.Future[Any] | None]) -> list[str | None]:
         """Wait (at most ``ack_timeout``) for acks: ``ok``/``duplicate``, or None if not acked."""
-        deadline = asyncio.get_running_loop().time() + self.ack_timeout
-        # Acks come back in order on one connection: wait for the last one first (one callback
-        # instead of one per message), then for any stragglers.
-        last = next((f for f in reversed(futures) if f is not None), None)
-        if last is not None and not last.done():
-            await asyncio.wait([last], timeout=self.ack_timeout)
         live = [f for f in futures if f is not None and not f.done()]
         if live:
-            # publish_async futures have no timeout of their own: a message lost with the
-            # connection would wait forever.
-            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            _, not_done = await asyncio.wait(live, timeout=remaining)
-            for f in not_done:
-                f.cancel()  # releases nats-py's pending slot; a late ack is then ignored
+            # Acks come back in order on one connection: _wait_or_abandon waits for the last one
+            # first (one callback instead of one per message), then for any stragglers.  close()
+            # ends the wait early, so a server that never answers cannot hold the stop.
+            await self._wait_or_abandon(live, self.ack_timeout)
+            for f in live:
+                if not f.done():
+                    # publish_async futures have no timeout of their own (a message lost with the
+                    # connection would wait forever): cancelling releases nats-py's pending slot,
+                    # and a late ack is then ignored.
+                    f.cancel()
         out: list[str | None] = []
         for fut in futures:
             if fut is None or fut.cancelled():
@@ -586,6 +623,31 @@ class Publisher:
                 continue
             out.append("duplicate" if getattr(fut.result(), "duplicate", None) else "ok")
         return out
+
+    def _set_abandon(self) -> None:
+        self._abandon.set()
+        if self._abandon_fut is not None and not self._abandon_fut.done():
+            self._abandon_fut.set_result(None)
+
+    async def _wait_or_abandon(self, futures: Sequence[asyncio.Future[Any]], timeout: float) -> None:
+        """Wait until every one of ``futures`` is done, ``timeout`` passes or close() abandons acks.
+
+        One shared "abandoned" future joins each wait: no extra task on the hot path."""
+        if self._abandon_fut is None:
+            self._abandon_fut = asyncio.get_running_loop().create_future()
+            if self._abandon.is_set():
+                self._abandon_fut.set_result(None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = [f for f in futures if not f.done()]
+        while pending and not self._abandon.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            # Acks come back in order: waiting for the last pending one usually settles all.
+            await asyncio.wait([pending[-1], self._abandon_fut], timeout=remaining,
+                               return_when=asyncio.FIRST_COMPLETED)
+            pending = [f for f in pending if not f.done()]
 
     def _note_send_error(self, exc: BaseException) -> None:
         if isinstance(exc, nats.js.errors.NoStreamResponseError):
