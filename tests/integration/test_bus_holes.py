@@ -3,7 +3,9 @@
 * No holes: the fencing guard's publish marker (cbctl/core/lanes.py) makes every node publish a
   workflow's events once its publishing began, so a flag transition applied at different times
   by different nodes (off -> shadow -> on, cluster.enabled false -> true, competing consumers)
-  leaves no seq hole in the stream.
+  leaves no seq hole in the stream.  One test reproduces the issue's hole deterministically (a
+  lagging node applies every other seq of a workflow); it fails with [3, 5] instead of
+  [3, 4, 5, 6] when the agent publishes by its own flags instead of the guard's decision.
 * No lossy skips: a late event is filled from the workflow's Redis history, in order, and its
   stream copy is suppressed; no ordering violation is counted.
 * Bounded state: history capped at history-max, finished workflows' keys get the retention TTL,
@@ -285,3 +287,137 @@ async def test_local_replay_is_read_page_by_page(
     assert len(counts) >= n // 3
     await reader.stop()
     assert json.loads(json.dumps(bus_a.status()))["source"] == "local"
+
+
+# -- a deterministic flag-transition hole (the issue's sbx-000000167) ------------------------------
+
+
+class _Hold:
+    """An ``on_applied`` hook (after the bus's: the event is published or buffered first) that
+    holds the agent's only lane worker after every apply until :meth:`release`: a held agent
+    reads nothing, so the next task enqueued goes to the other agent."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.gate: asyncio.Event | None = None
+        self.applied: list[tuple[str, int]] = []
+        agent.on_applied(self._hook)
+
+    async def _hook(self, u: Any) -> None:
+        gate = self.gate = asyncio.Event()
+        self.applied.append((u.workflow_id, u.seq))
+        await gate.wait()
+
+    @property
+    def held(self) -> bool:
+        return self.gate is not None and not self.gate.is_set()
+
+    def release(self) -> None:
+        assert self.gate is not None
+        self.gate.set()
+
+
+async def test_flag_transition_hole_reproduced_deterministically(
+    tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer,
+) -> None:
+    """The issue's hole, made deterministic.  Two agents are competing consumers of one lane
+    (cluster.enabled false); node-b's flags listener is held, so it stays at publish=off while
+    node-a is at shadow.  One workflow's consecutive tasks are applied alternately by a and b
+    (each agent's lane worker is held after every apply, so the next task can only go to the
+    other one): seq 1 (a) and 2 (b) before the change, then 3 (a, publishing begins), 4 (b,
+    still off), 5 (a), 6 (b).  The stream must hold 3, 4, 5, 6: seq 4 and 6 are published by
+    the lagging node because the guard's publish marker says the workflow's publishing began.
+    Deciding from each node's own flags drops 4 and 6 (the hole seen in the issue)."""
+    from cbctl.core.agent import redis_client_for
+    from cbctl.core.config import load_config
+    from cbctl.core.coord import make_coordinator
+    from tests.integration.test_agent_bus import bus_config
+
+    config = bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url,
+                        lane_count=1)
+    ctx = load_config(config).context()
+    coord = make_coordinator(ctx)
+    await coord.connect()
+    redis = redis_client_for(ctx)
+    guard = LaneGuard(redis, ctx.cluster, None, "test-reader")
+    queue = LaneQueue(redis, ctx.cluster, ctx.lanes)
+    cp = ControlPlane(ctx, coord)
+    agents: list[NodeAgent] = []
+    b_flags = asyncio.Event()  # node-b hears of publish != off only once this is set
+
+    async def lagging(flags: Any, revision: int) -> None:
+        if flags.get("eventbus.publish", "off") != "off":
+            await b_flags.wait()  # the lag being simulated: released at the end of the test
+
+    try:
+        rev = await set_flags(cp, **OFF)
+        buses: dict[str, AgentBus] = {}
+        holds: dict[str, _Hold] = {}
+        for name in ("node-a", "node-b"):
+            # reclaim_idle: no claim of a held (unacked) task by the other agent during the test.
+            agent = NodeAgent(ctx, name, state_dir=tmp_path / f"state-{name}", probes=False, lease_ttl=TTL,
+                              keepalive_interval=KEEPALIVE, reclaim_idle=120)
+            if name == "node-b":
+                agent.add_flags_listener(lagging)  # before the bus's listener: the bus hears late
+            buses[name] = attach_bus(agent, keepalive=2.0)
+            holds[name] = _Hold(agent)
+            await agent.start()
+            agents.append(agent)
+        await wait_applied(agents, rev)
+        a, b = holds["node-a"], holds["node-b"]
+
+        plugs = 0
+
+        async def plug() -> None:
+            """Hold the one free agent with a task of another workflow."""
+            nonlocal plugs
+            plugs += 1
+            wf = f"plug-{plugs}"
+            await queue.enqueue(wf, {"task_id": f"{wf}/0", "type": "created", "payload": {}})
+            await async_wait_until(lambda: any(w == wf for h in (a, b) for w, _ in h.applied), 20, interval=0.01,
+                                   message=f"{wf} applied")
+
+        await plug()
+        await plug()
+        assert a.held and b.held  # both held: from here on we choose who takes each task
+
+        wf = "hole-wf"
+        msgs = workflow_transitions(wf, 2, random.Random(1), 0.0)
+        assert len(msgs) == 6
+
+        async def apply_on(h: _Hold, msg: dict[str, Any], seq: int) -> None:
+            h.release()
+            await queue.enqueue(wf, msg)
+            await async_wait_until(lambda: (wf, seq) in h.applied, 20, interval=0.01,
+                                   message=f"{wf} seq {seq} on {h.agent.node_id}")
+
+        await apply_on(a, msgs[0], 1)
+        await apply_on(b, msgs[1], 2)
+        rev = await set_flags(cp, **{"eventbus.publish": "shadow"})
+        await async_wait_until(lambda: agents[0].applied_revision >= rev and buses["node-a"].status()["publish"]
+                               == "shadow", 20, interval=0.02, message="node-a at shadow")
+        assert buses["node-b"].status()["publish"] == "off"  # node-b lags
+        for i, h in zip(range(2, 6), (a, b, a, b), strict=True):
+            await apply_on(h, msgs[i], i + 1)
+            if h is b:
+                assert buses["node-b"].status()["publish"] == "off"  # still lagging when it applied
+        hist = await guard.history(wf)
+        assert [(e["seq"], e["node"]) for e in hist] == [
+            (1, "node-a"), (2, "node-b"), (3, "node-a"), (4, "node-b"), (5, "node-a"), (6, "node-b")]
+        assert (await guard.read_workflow(wf))["pub"] == "1:3"
+
+        # Each publish was acked or buffered before its hook held the worker; let both drain.
+        await async_wait_until(lambda: all(bus.publisher is not None and bus.publisher.outbox_depth == 0
+                                           for bus in buses.values()), 30, interval=0.1, message="outboxes empty")
+        stored = await stream_event_ids(nats.url, default_stream_name(ctx.cluster))
+        seqs = sorted(s for w, s, _ in stored if w == wf)
+        assert seqs == [3, 4, 5, 6], f"hole in {wf}'s stream: {seqs} (seq 4 and 6 were applied by the lagging node)"
+    finally:
+        b_flags.set()
+        for h in holds.values() if "holds" in locals() else ():
+            if h.gate is not None:
+                h.gate.set()
+        for agent in agents:
+            await agent.stop()
+        await redis.aclose()
+        await coord.close()
