@@ -93,7 +93,7 @@ from aiohttp import web
 
 from cbctl.core.bus.bridge import BRIDGE_MODES, Bridge, GapFill, SubscriberLagged, Subscription
 from cbctl.core.bus.natsconn import close_nats, connect_nats
-from cbctl.core.bus.outbox import Outbox, OutboxCorrupt
+from cbctl.core.bus.outbox import DEFAULT_MAX_DEPTH, Outbox, OutboxCorrupt
 from cbctl.core.bus.publisher import Publisher
 from cbctl.core.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError
 from cbctl.core.events import BadEvent, Event, deterministic_event_id, encode_event, make_event
@@ -101,11 +101,13 @@ from cbctl.core.events import BadEvent, Event, deterministic_event_id, encode_ev
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
+    from cbctl.core.config import Context
+
     from cbctl.core.agent import AppliedUpdate, NodeAgent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentBus", "LocalStream", "attach_bus", "sse_message"]
+__all__ = ["AgentBus", "LocalStream", "attach_bus", "outbox_max", "sse_message"]
 
 SOURCES = ("local", "canonical")
 
@@ -377,7 +379,8 @@ class _Stream:
 class AgentBus:
     """The event bus of one :class:`~cbctl.core.agent.NodeAgent` (module doc).
 
-    ``outbox_path`` defaults to ``<agent.state_dir>/outbox.sqlite``.  ``publisher_options`` /
+    ``outbox_path`` defaults to ``<agent.state_dir>/outbox.sqlite``; its size limit is
+    ``[agent] outbox-max`` (:func:`outbox_max`; ``ConfigError`` here if invalid).  ``publisher_options`` /
     ``bridge_options`` are passed to :class:`Publisher` / :class:`Bridge`.  ``keepalive``:
     seconds of silence before an SSE comment line.  ``connect``: how to open a NATS connection
     (default :func:`connect_nats` with the context's ``nats`` settings).  ``close_timeout``: the
@@ -406,6 +409,7 @@ class AgentBus:
         self.metrics = agent.metrics
         self.nats_cfg = agent.ctx.nats
         self.outbox_path = Path(outbox_path) if outbox_path is not None else agent.state_dir / "outbox.sqlite"
+        self.outbox_max = outbox_max(agent.ctx)  # checked now: a bad setting refuses before anything starts
         self.publisher_options = dict(publisher_options or {})
         self.bridge_options = dict(bridge_options or {})
         self.keepalive = keepalive
@@ -507,11 +511,11 @@ class AgentBus:
         self._started = True
         self.outbox_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.outbox = Outbox(self.outbox_path)
+            self.outbox = Outbox(self.outbox_path, max_depth=self.outbox_max)
         except OutboxCorrupt as exc:
             log.error("agent %s: %s", self.node_id, exc)
             self.outbox_recovered = exc
-            self.outbox = Outbox(self.outbox_path)
+            self.outbox = Outbox(self.outbox_path, max_depth=self.outbox_max)
         opts: dict[str, Any] = {"reconnect_max": 2.0, **self.publisher_options}
         self.publisher = Publisher(
             lambda: connect_nats(self.nats_cfg, name=f"cbctl-agent-{self.node_id}-pub",
@@ -954,6 +958,16 @@ class AgentBus:
                     events[ev.seq] = ev
                     applied_at[ev.seq] = e["at"] / 1000
         return GapFill(begin=begin, events=events, applied_at=applied_at, oldest=rec.oldest)
+
+
+def outbox_max(ctx: Context) -> int:
+    """``[contexts.X.agent] outbox-max``: the outbox depth (events) at which the agent applies
+    backpressure (:class:`~cbctl.core.bus.outbox.Outbox` ``max_depth``); default
+    :data:`~cbctl.core.bus.outbox.DEFAULT_MAX_DEPTH`.  ``ConfigError`` unless a positive integer."""
+    raw = (ctx.extra.get("agent") or {}).get("outbox-max", DEFAULT_MAX_DEPTH)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ConfigError(f"contexts.{ctx.name}.agent.outbox-max: must be a positive integer (events), got {raw!r}")
+    return raw
 
 
 def _event_of_entry(workflow_id: str, e: Mapping[str, Any]) -> Event | None:

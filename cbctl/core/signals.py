@@ -52,7 +52,7 @@ import nats.errors
 
 from cbctl.core import keys
 from cbctl.core.agent import AppliedUpdate, NodeAgent
-from cbctl.core.bus.natsconn import connect_nats
+from cbctl.core.bus.natsconn import close_nats, connect_nats
 from cbctl.core.config import Context
 from cbctl.core.coord.base import Coordinator
 from cbctl.core.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, StaleFencingToken
@@ -337,11 +337,16 @@ def _decode_reply(data: bytes) -> dict[str, Any]:
     return reply if isinstance(reply, dict) else {"ok": False, "error": "error", "message": "reply is not an object"}
 
 
-async def _close_nc(nc: Client) -> None:
-    # Bounded: a close on a connection that is half gone must not hold the caller.
-    with contextlib.suppress(TimeoutError, nats.errors.Error, OSError):
-        async with asyncio.timeout(2.0):
-            await nc.close()
+async def _close_nc(nc: Client, timeout: float = 2.0) -> None:
+    # Bounded: a close on a connection that is half gone must not hold the caller
+    # (close_nats aborts the socket at the deadline; a plain timeout could be swallowed).
+    await close_nats(nc, timeout)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Done callback: read a background step's outcome so it is never "never retrieved"."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("signal router: %r", fut.exception())
 
 
 # -- receiver ---------------------------------------------------------------------------------
@@ -394,22 +399,43 @@ class SignalRouter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.agent.node_id}:signals")
 
-    async def close(self) -> None:
-        """Stop answering: drain the subscription (bounded), close the connection."""
+    async def close(self, timeout: float = 1.5) -> None:
+        """Stop answering within ``timeout`` seconds: the connection task is cancelled, the
+        subscription drained (the request in flight, if any, replies first), the connection
+        closed.  Never raises; idempotent.
+
+        Every step is bounded and runs as its own task: against a frozen NATS (SIGSTOP: socket
+        open, no answer) nats-py's drain and close can wait forever, and a cancellation that
+        lands in its flush is swallowed, so an ``asyncio.timeout`` around them would not end
+        them.  What is left at the deadline is abandoned: :func:`close_nats` aborts the socket.
+        The default stays below the share of the agent's stop budget a stop hook gets (about
+        2 s with the event bus before it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.1, timeout)
         self._closing = True
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=max(0.01, 0.25 * (deadline - loop.time())))
+            if not done:
+                log.warning("agent %s signal router: its connection task did not end when cancelled; abandoned",
+                            self.agent.node_id)
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: an error there was logged where it happened
         nc, self._nc = self._nc, None
         self._subscribed.clear()
-        if nc is not None and not nc.is_closed:
-            try:
-                async with asyncio.timeout(2.0):
-                    await nc.drain()  # the callback in flight (if any) replies first
-            except (TimeoutError, nats.errors.Error, OSError):
-                await _close_nc(nc)
+        if nc is None or nc.is_closed:
+            return
+        drain = asyncio.ensure_future(nc.drain())  # the callback in flight (if any) replies first
+        drain.add_done_callback(_retrieve)
+        done, _ = await asyncio.wait({drain}, timeout=max(0.01, 0.5 * (deadline - loop.time())))
+        if done and not drain.cancelled() and drain.exception() is None and nc.is_closed:
+            return
+        if not done:
+            drain.cancel()
+        if not await close_nats(nc, max(0.05, deadline - loop.time())):
+            log.warning("agent %s signal router: NATS connection did not close in time; its socket was aborted",
+                        self.agent.node_id)
 
     async def _run(self) -> None:
         backoff = self._min_backoff
@@ -434,6 +460,9 @@ class SignalRouter:
                 level = logging.ERROR if isinstance(exc, AuthFailed) else logging.WARNING
                 log.log(level, "agent %s signal router: %s; retrying in %.1fs", self.agent.node_id, exc, backoff)
             else:
+                if self._closing:  # close() ran while we were connecting: do not leave this one open
+                    await _close_nc(nc, 1.0)
+                    return
                 self._nc = nc
                 try:
                     await nc.subscribe(self.subject, cb=self._on_msg)

@@ -81,6 +81,8 @@ async def test_sigterm_with_a_frozen_backend_exits_0_within_10s(
         # The event bus's own stop finishes within its share: it is bounded inside (unacked
         # events go to the outbox), not abandoned by the agent at the share's end.
         assert "stop hook AgentBus.close" not in log, log[-3000:]
+        # So does the signal router's (its drain and close are bounded inside as well).
+        assert "stop hook SignalRouter.close" not in log, log[-3000:]
 
         await asyncio.to_thread(service.resume)
         paused = False
