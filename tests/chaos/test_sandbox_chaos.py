@@ -62,7 +62,8 @@ class Sbx:
     def live_nodes(self) -> set[str]:
         res = self.cli("nodes", "-o", "json")
         assert res.exit_code == 0, res.stderr
-        return {n["node_id"] for n in res.json()["nodes"]}
+        # `nodes` also lists expected nodes that are not live (state "missing"): not live.
+        return {n["node_id"] for n in res.json()["nodes"] if n.get("state", "live") == "live"}
 
     def record(self, node: str) -> dict[str, Any] | None:
         """The node's registration record, read through etcd's JSON gateway."""

@@ -324,7 +324,8 @@ def test_duplicate_node_id_refused(config_path: Path, ctx: Context, tmp_path: Pa
         # expiring lease instead, see tests/integration/test_agent_refuse.py).
         assert rows[0]["instance_id"] == rec["instance_id"] and rows[0]["conflicts"] == 0
         assert set(rows[0]) == {"node_id", "host", "instance_id", "applied_revision", "lag", "lanes", "heartbeat",
-                                "conflicts"}
+                                "conflicts", "state"}
+        assert rows[0]["state"] == "live"
 
         async def refusals() -> dict[str, list[dict[str, Any]]]:
             c = make_coordinator(ctx)

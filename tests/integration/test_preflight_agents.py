@@ -74,16 +74,17 @@ class Env:
             svc.launch()  # start all, then wait: their start-up overlaps
         for svc in self.services:
             svc.wait_ready(20)
-        asyncio.run(self._stream())
 
-    async def _stream(self) -> None:
+    async def ensure_stream(self, cluster: str) -> None:
+        """Each test's cluster has its own stream (subjects cb.<cluster>.events.>), as agents
+        with the bus would create it; these agents run --no-bus."""
         from cbctl.core.bus.natsconn import connect_nats
         from cbctl.core.bus.stream import ensure_stream
-        from cbctl.core.config import NatsConfig
+        from cbctl.core.config import NatsConfig, StreamConfig, default_stream_name
 
         nc = await connect_nats(NatsConfig(servers=(self.nats.url,)), name="test")
         try:
-            await ensure_stream(nc.jetstream(), NatsConfig().stream)
+            await ensure_stream(nc.jetstream(), StreamConfig(name=default_stream_name(cluster)), cluster=cluster)
         finally:
             await nc.close()
 
@@ -138,6 +139,7 @@ def agents(request: pytest.FixtureRequest) -> Iterator[list[AgentProcess]]:
 
 
 def make_config(path: Path, env: Env, etcd_url: str, cluster: str, nodes: tuple[str, ...]) -> Path:
+    asyncio.run(env.ensure_stream(cluster))
     return write_config(
         path, cluster=cluster, etcd=etcd_url, nats=env.nats.url, redis=env.redis.url, prometheus=env.prom.url,
         lane_count=4, context=CONTEXT,
