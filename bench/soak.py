@@ -94,6 +94,7 @@ class Soak:
             if res.returncode != 4:  # 4: a backend did not answer in time (a busy machine): try again
                 break
             print(f"soak: cbctl {args[0]} {args[1]}: a backend did not answer, retrying", file=sys.stderr)
+        if res.returncode != 0:
             raise SystemExit(f"soak: cbctl {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
 
     def to_stage_3(self) -> None:

@@ -22,10 +22,19 @@ Per message, in order:
    stream's duplicate window means JetStream failed to suppress a duplicate it should have:
    ``event_bus_consumer_dedup_mismatch_total``.  (Copies further apart than the window are
    expected, e.g. an outbox drained after a long outage; step 3 handles them.)
-3. De-dup by ``event_id`` over a window bounded by count and age, both far larger than
-   JetStream's (defaults: 200,000 ids, 1 hour): ``event_bus_bridge_duplicates_suppressed_total``.
-   ``event_id`` is the same in every schema version, so this also removes the second copy of a
-   dual-published event after a version switch.
+3. De-dup: ``event_bus_bridge_duplicates_suppressed_total``.  ``event_id`` is deterministic
+   (one per workflow and seq, the same in every schema version), so a copy is recognised two
+   ways.  (a) By ``event_id`` over a window a little longer than JetStream's duplicate window
+   (default: the window + 60 s, at most 200,000 ids), kept as 128-bit integers in a few
+   generations of sets dropped whole (about 90 bytes an id instead of about 300 for a string in
+   an ordered dict: at 200 events/s this was the agent's largest growing structure).  (b) By the
+   workflow's seq order, however late the copy: a seq at or below the last one released is not
+   released again (step 4).  That covers workflows whose ordering state is kept (the
+   ``max_workflows`` most recently active) and, through a compact record of where each evicted
+   workflow had got to (``forget_max`` workflows for ``forget_max_age``, default 1 hour, about
+   16 bytes each), evicted ones too: so an outbox drained long after an outage (after both
+   JetStream's window and the id window) still delivers nothing twice.  The dual-published copy
+   of an event read again after a version switch is removed the same way.
 4. Reorder per workflow by ``seq``: seq n+1 is released only after n.  A later seq is held back.
    A late event is never dropped for being late: if the gap is still open after ``gap_timeout``
    the bridge asks its *gap filler* (the agent reads the workflow's Redis history, the
@@ -67,10 +76,13 @@ iterating raises :class:`SubscriberLagged`, carrying the last seq it got, to res
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import itertools
 import logging
 import re
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -122,6 +134,162 @@ def _retrieve(fut: asyncio.Future[object]) -> None:
     """Done callback: read a background step's outcome so it is never "never retrieved"."""
     if not fut.cancelled() and fut.exception() is not None:
         log.debug("bridge: %s", fut.exception())
+
+
+def _id_digest(event_id: str) -> int:
+    """A 128-bit integer standing for ``event_id``: the id itself when it is 32 hex digits (what
+    :func:`cbctl.core.events.deterministic_event_id` makes: lossless), else a BLAKE2b digest.
+    About 44 bytes as a Python int, against about 300 for the string and its dict entry."""
+    if len(event_id) == 32:
+        try:
+            return int(event_id, 16)
+        except ValueError:
+            pass
+    return int.from_bytes(hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=16).digest(), "big")
+
+
+class _IdWindow:
+    """Event ids seen recently (membership only), bounded by age and by count.
+
+    Digests (:func:`_id_digest`) in ``generations`` sets, each covering about ``max_age /
+    generations`` seconds (or ``max_ids / generations`` ids, whichever fills first); a whole set
+    is dropped once its newest id is older than ``max_age`` or the window holds more than
+    ``max_ids``.  So an id is remembered at least ``max_age`` seconds unless the count bound
+    bites first, and memory never exceeds ``max_ids`` digests plus one generation.
+    """
+
+    __slots__ = ("max_ids", "max_age", "_span", "_per_gen", "_gens", "_n")
+
+    def __init__(self, max_ids: int, max_age: float, generations: int = 8) -> None:
+        self.max_ids = max(1, max_ids)
+        self.max_age = max_age
+        self._span = max_age / generations
+        self._per_gen = max(1, self.max_ids // generations)
+        self._gens: deque[tuple[float, set[int]]] = deque()  # (started at, digests), oldest first
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, event_id: object) -> bool:
+        if not isinstance(event_id, str) or not self._gens:
+            return False
+        h = _id_digest(event_id)
+        return any(h in ids for _, ids in reversed(self._gens))
+
+    def add(self, event_id: str, now: float) -> None:
+        gens = self._gens
+        if not gens or now - gens[-1][0] >= self._span or len(gens[-1][1]) >= self._per_gen:
+            gens.append((now, set()))
+            # Expired: the newest id of a generation is at most its start + span old.
+            while len(gens) > 1 and now - (gens[0][0] + self._span) > self.max_age:
+                self._n -= len(gens.popleft()[1])
+        ids = gens[-1][1]
+        before = len(ids)
+        ids.add(_id_digest(event_id))
+        self._n += len(ids) - before
+        while self._n > self.max_ids and len(gens) > 1:
+            self._n -= len(gens.popleft()[1])
+
+
+class _MsgWindow:
+    """``Nats-Msg-Id`` -> (stream seq, stored at) for the last ``window`` seconds of stored time
+    (the broker de-dup check, module doc step 2), bounded by ``max_n`` too.
+
+    Kept compact: the key is the id's 64-bit ``hash`` (per process; a collision can only
+    mis-count the mismatch metric, never drop an event) and the value one int packing the stream
+    seq and the store time in milliseconds, in four generations of plain dicts dropped whole.
+    """
+
+    __slots__ = ("window", "max_n", "_span", "_gens", "_n", "_latest")
+
+    _MS_BITS = 42  # stored-at milliseconds fit in 42 bits until the year 2109
+
+    def __init__(self, window: float, max_n: int, generations: int = 4) -> None:
+        self.window = window
+        self.max_n = max(1, max_n)
+        self._span = max(0.001, window / generations)
+        self._gens: deque[tuple[float, dict[int, int]]] = deque()  # (first stored at, entries)
+        self._n = 0
+        self._latest = 0.0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def get(self, mid: str) -> tuple[int, float] | None:
+        h = hash(mid)
+        for _, d in reversed(self._gens):
+            v = d.get(h)
+            if v is not None:
+                return v >> self._MS_BITS, (v & ((1 << self._MS_BITS) - 1)) / 1000
+        return None
+
+    def put(self, mid: str, stream_seq: int, stored_at: float) -> None:
+        gens = self._gens
+        self._latest = max(self._latest, stored_at)
+        if not gens or stored_at - gens[-1][0] >= self._span:
+            gens.append((stored_at, {}))
+            # Entries older than the window can no longer show a mismatch.
+            while len(gens) > 1 and self._latest - (gens[0][0] + self._span) > self.window:
+                self._n -= len(gens.popleft()[1])
+        d = gens[-1][1]
+        before = len(d)
+        d[hash(mid)] = (stream_seq << self._MS_BITS) | (int(stored_at * 1000) & ((1 << self._MS_BITS) - 1))
+        self._n += len(d) - before
+        while self._n > self.max_n and len(gens) > 1:
+            self._n -= len(gens.popleft()[1])
+
+
+class _Forgotten:
+    """Where workflows whose ordering state was evicted had got to: ``workflow_id`` -> last seq.
+
+    Without it a copy of an old event of an evicted workflow (an outbox drained after JetStream's
+    duplicate window, once the event-id window has passed too) would look like a workflow first
+    seen mid-life and be delivered again.  Compact, since it covers a long horizon: the current
+    generation is a dict keyed by the id's 64-bit ``hash`` (per process); older generations are
+    frozen into two sorted arrays (8 + 8 bytes per workflow) searched by bisection.  A
+    generation covers ``max_age / generations`` seconds; whole generations are dropped once
+    older than ``max_age`` or when more than ``max_n`` workflows are remembered.
+    """
+
+    __slots__ = ("max_n", "max_age", "_span", "_live", "_live_since", "_frozen", "_n")
+
+    def __init__(self, max_n: int, max_age: float, generations: int = 12) -> None:
+        self.max_n = max(1, max_n)
+        self.max_age = max_age
+        self._span = max_age / generations
+        self._live: dict[int, int] = {}
+        self._live_since: float | None = None
+        self._frozen: deque[tuple[float, array[int], array[int]]] = deque()  # (ended at, keys, seqs)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n + len(self._live)
+
+    def put(self, workflow_id: str, last_seq: int, now: float) -> None:
+        if self._live_since is None:
+            self._live_since = now
+        elif now - self._live_since >= self._span or len(self._live) >= self.max_n:
+            keys = sorted(self._live)
+            self._frozen.append((now, array("q", keys), array("q", (self._live[k] for k in keys))))
+            self._n += len(keys)
+            self._live, self._live_since = {}, now
+        while self._frozen and (now - self._frozen[0][0] > self.max_age
+                                or self._n + len(self._live) > self.max_n):
+            self._n -= len(self._frozen.popleft()[1])
+        self._live[hash(workflow_id)] = last_seq
+
+    def pop(self, workflow_id: str) -> int | None:
+        """The last seq remembered for ``workflow_id`` (newest first), or None."""
+        h = hash(workflow_id)
+        seq = self._live.pop(h, None)
+        if seq is not None:
+            return seq
+        for _, keys, seqs in reversed(self._frozen):
+            i = bisect.bisect_left(keys, h)
+            if i < len(keys) and keys[i] == h:
+                return seqs[i]  # left in place: a frozen generation is immutable; the live state supersedes it
+        return None
 
 
 class SubscriberLagged(CbctlError):
@@ -268,6 +436,7 @@ class _Workflow:
     history: deque[Event] = field(default_factory=deque)
     filling: bool = False  # a gap fill is in flight
     skipped: set[int] = field(default_factory=set)  # seqs given up on (their late copies are dropped)
+    first_seq: int | None = None  # lowest seq released (a copy at or above it is a duplicate)
 
 
 @dataclass(slots=True)
@@ -313,8 +482,10 @@ class Bridge:
         give_up_after: float = 60.0,
         filler: GapFiller | None = None,
         dedup_max_ids: int = 200_000,
-        dedup_max_age: float = 3600.0,
+        dedup_max_age: float | None = None,
         max_workflows: int = 10_000,
+        forget_max: int = 500_000,
+        forget_max_age: float = 3600.0,
         max_held: int = 10_000,
         history: int = 16,
         history_workflows: int = 1_000,
@@ -335,8 +506,12 @@ class Bridge:
         Memory is bounded by these settings, not by uptime: ``max_workflows`` workflows'
         ordering state (least recently active forgotten first), ``history`` released events kept
         for ``after_seq`` replays for each of the ``history_workflows`` most recently active
-        workflows, ``dedup_max_ids`` event ids, ``max_held`` held events per workflow, and
-        ``max_queue`` events per subscriber."""
+        workflows, ``dedup_max_ids`` event ids kept ``dedup_max_age`` seconds (default: the
+        stream's duplicate window + 60 s), the last seq of up to ``forget_max`` evicted workflows
+        for ``forget_max_age`` seconds (about 16 bytes each), ``max_held`` held events per
+        workflow, and ``max_queue`` events per subscriber (module doc, step 3)."""
+        if dedup_max_age is None:
+            dedup_max_age = stream_cfg.duplicate_window + 60.0
         if dedup_max_age <= stream_cfg.duplicate_window:
             raise BadInput(
                 f"bridge de-dup age {dedup_max_age}s must exceed the stream's duplicate window "
@@ -381,8 +556,9 @@ class Bridge:
         self._consumer_version: int | None = None  # filter version of the live consumer
         self._psub: JetStreamContext.PullSubscription | None = None
         self._last_stream_seq = 0
-        self._seen_ids: OrderedDict[str, float] = OrderedDict()  # event_id -> first seen (monotonic)
-        self._seen_msgs: OrderedDict[str, tuple[int, float]] = OrderedDict()  # msg id -> (stream seq, stored at)
+        self._seen_ids = _IdWindow(dedup_max_ids, dedup_max_age)  # event ids seen (monotonic time)
+        self._seen_msgs = _MsgWindow(stream_cfg.duplicate_window, dedup_max_ids)  # msg id -> (stream seq, stored at)
+        self._forgotten = _Forgotten(forget_max, forget_max_age)  # evicted workflow -> its last seq
         self._workflows: OrderedDict[str, _Workflow] = OrderedDict()
         self._gapped: set[str] = set()
         self._by_workflow: dict[str, set[Subscription]] = {}
@@ -703,21 +879,13 @@ class Bridge:
             self.stats.duplicates += 1
             self.metrics.bridge_duplicates.inc()
             return
-        self._seen_ids[ev.event_id] = now
-        self._evict(self._seen_ids, self.dedup_max_ids, self.dedup_max_age, now)
+        self._seen_ids.add(ev.event_id, now)
         self._order(ev, now)
 
     def _check_broker_dedup(self, mid: str, stream_seq: int, stored_at: float, now: float) -> None:
         prev = self._seen_msgs.get(mid)
         if prev is None:
-            self._seen_msgs[mid] = (stream_seq, stored_at)
-            window = self.stream_cfg.duplicate_window
-            # Entries older than the window can no longer show a mismatch.
-            while self._seen_msgs:
-                _, (_, ts) = next(iter(self._seen_msgs.items()))
-                if stored_at - ts <= window and len(self._seen_msgs) <= self.dedup_max_ids:
-                    break
-                self._seen_msgs.popitem(last=False)
+            self._seen_msgs.put(mid, stream_seq, stored_at)  # forgets what is older than the window
             return
         prev_seq, prev_ts = prev
         # Same stream sequence = a redelivery of one stored message, not a second copy.
@@ -728,44 +896,48 @@ class Bridge:
             log.warning("bridge: message id %s stored twice (stream seq %d and %d, %.3fs apart) within the "
                         "duplicate window", mid, prev_seq, stream_seq, abs(stored_at - prev_ts))
 
-    @staticmethod
-    def _evict(d: OrderedDict[str, float], max_n: int, max_age: float, now: float) -> None:
-        while d:
-            if len(d) > max_n:
-                d.popitem(last=False)
-                continue
-            first = next(iter(d.values()))
-            if now - first > max_age:
-                d.popitem(last=False)
-                continue
-            break
-
     def _order(self, ev: Event, now: float) -> None:
         wf = self._workflows.get(ev.workflow_id)
         if wf is None:
-            # A workflow first seen at seq 1 starts here.  One first seen later is held back
-            # like any gap until the filler (or, without one, the gap timeout) says where its
-            # stream starts for this bridge (module doc, step 4).
-            wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
+            last = self._forgotten.pop(ev.workflow_id)
+            if last is not None:
+                # Evicted earlier: it goes on from where it had got to (a copy of an old event is
+                # a duplicate however late it comes; module doc, step 3).
+                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=last, first_seq=1)
+            else:
+                # A workflow first seen at seq 1 starts here.  One first seen later is held back
+                # like any gap until the filler (or, without one, the gap timeout) says where its
+                # stream starts for this bridge (module doc, step 4).
+                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
             self._evict_workflows()
         else:
             self._workflows.move_to_end(ev.workflow_id)
         if ev.seq <= wf.last_seq:
             # A copy of a seq released already or given up on: never delivered out of order.
             # Its loss was counted when the gap was skipped (if it was one), not again here.
-            self.stats.late_dropped += 1
             if ev.seq in wf.skipped:
+                self.stats.late_dropped += 1
                 wf.skipped.discard(ev.seq)
                 log.warning("bridge: workflow %s seq %d arrived after it was given up on; dropped",
                             ev.workflow_id, ev.seq)
+            elif wf.first_seq is not None and ev.seq >= wf.first_seq:
+                # Released before and no longer in the event-id window (e.g. an outbox drained
+                # long after): the per-workflow order recognises it.
+                self.stats.duplicates += 1
+                self.metrics.bridge_duplicates.inc()
+            else:
+                self.stats.late_dropped += 1  # below where this workflow's stream began for us
+            return
+        if ev.seq in wf.held:
+            self.stats.duplicates += 1
+            self.metrics.bridge_duplicates.inc()
             return
         if ev.seq == wf.last_seq + 1 and wf.baseline_known:
             self._release(wf, ev)
             self._release_run(ev.workflow_id, wf, now)
             return
-        if ev.seq not in wf.held:
-            wf.held[ev.seq] = ev
-            self.stats.held += 1
+        wf.held[ev.seq] = ev
+        self.stats.held += 1
         if wf.gap_since is None:
             wf.gap_since = now
             self._gapped.add(ev.workflow_id)
@@ -878,10 +1050,9 @@ class Bridge:
                 continue
             if ev.event_id in self._seen_ids:
                 continue  # the stream copy got here first (and was released or is held)
-            self._seen_ids[ev.event_id] = now
+            self._seen_ids.add(ev.event_id, now)
             wf.held[seq] = ev
             self.stats.filled += 1
-        self._evict(self._seen_ids, self.dedup_max_ids, self.dedup_max_age, now)
         self._release_run(workflow_id, wf, now)
         if not wf.held:
             return
@@ -912,14 +1083,19 @@ class Bridge:
         for workflow_id in list(itertools.islice(self._workflows, excess * 2)):
             if excess <= 0:
                 break
-            if not self._workflows[workflow_id].held:
+            old = self._workflows[workflow_id]
+            if not old.held:
                 del self._workflows[workflow_id]
                 self._with_history.pop(workflow_id, None)
+                if old.baseline_known:
+                    self._forgotten.put(workflow_id, old.last_seq, time.monotonic())
                 excess -= 1
 
     def _release(self, wf: _Workflow, ev: Event) -> None:
         wf.baseline_known = True
         wf.last_seq = ev.seq
+        if wf.first_seq is None:
+            wf.first_seq = ev.seq
         self.stats.released += 1
         wf.history.append(ev)
         if len(wf.history) > self.history:
