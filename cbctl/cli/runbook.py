@@ -126,6 +126,11 @@ class Interrupts:
             level = len(self.depth) - 1
             self.depth[level] = True
             try:
+                # A signal that came after the executor's last look but before the line above was
+                # only remembered: stop here, or the step would run to its end (a 2-minute
+                # `sleep` step would ignore Ctrl-C).
+                if self._reason is not None:
+                    raise KeyboardInterrupt
                 return fn(*args, **kwargs)
             finally:
                 self.depth[level] = False

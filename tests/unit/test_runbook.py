@@ -739,3 +739,20 @@ def test_list_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert code == 2
     assert [r["name"] for r in json.loads(out)["runbooks"]] == ["good"]
     assert "runbooks/bad.yaml:4: step 1: unknown key 'rn'" in err
+
+
+def test_a_signal_just_before_a_step_starts_stops_that_step() -> None:
+    """The race the interrupt test hit under load: the signal lands after the step was
+    announced but before it is marked running; the step must not run to its end."""
+    import signal
+
+    from cbctl.cli.runbook import Interrupts
+
+    guard = Interrupts()
+    guard.depth.append(False)
+    guard.handle(signal.SIGINT, None)  # between steps: only remembered
+    assert guard.reason() == "SIGINT"
+    ran: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        guard.step(lambda: ran.append(1))()
+    assert ran == [] and guard.depth == [False]
