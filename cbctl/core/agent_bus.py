@@ -102,12 +102,13 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
 
     from cbctl.core.config import Context
+    from cbctl.core.lanes import LaneGuard
 
     from cbctl.core.agent import AppliedUpdate, NodeAgent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentBus", "LocalStream", "attach_bus", "outbox_max", "sse_message"]
+__all__ = ["AgentBus", "LocalStream", "attach_bus", "fill_from_record", "outbox_max", "sse_message"]
 
 SOURCES = ("local", "canonical")
 
@@ -939,25 +940,38 @@ class AgentBus:
             cursor = entries[-1]["id"]
 
     async def fill_gap(self, workflow_id: str, version: int, lo: int, hi: int) -> GapFill:
-        """The bridge's gap filler: ``workflow_id``'s events ``lo..hi`` published in ``version``,
-        from its Redis history (module doc).  Raises ``BackendUnavailable`` (Redis unreachable,
-        or the agent has no guard yet); the bridge retries."""
+        """The bridge's gap filler (:func:`fill_from_record` on this agent's guard).  Raises
+        ``BackendUnavailable`` (Redis unreachable, or the agent has no guard yet); the bridge retries."""
         guard = self.agent.guard
         if guard is None:
             raise BackendUnavailable("no Redis client yet", backend="redis")
-        rec = await guard.record(workflow_id, lo, hi)
-        begin = rec.publish_from.get(version)
-        events: dict[int, Event] = {}
-        applied_at: dict[int, float] = {}
-        if begin is not None:
-            for e in rec.entries:
-                if e["seq"] < begin:
-                    continue
-                ev = _event_of_entry(workflow_id, e)
-                if ev is not None:
-                    events[ev.seq] = ev
-                    applied_at[ev.seq] = e["at"] / 1000
-        return GapFill(begin=begin, events=events, applied_at=applied_at, oldest=rec.oldest)
+        return await fill_from_record(guard, workflow_id, version, lo, hi)
+
+
+async def fill_from_record(guard: LaneGuard, workflow_id: str, version: int, lo: int, hi: int) -> GapFill:
+    """``workflow_id``'s events ``lo..hi`` from its Redis history (the authoritative record), with
+    the seq its publishing began at in each schema version (``GapFill.begins``).
+
+    Every recorded event at or after the EARLIEST marker is returned, not only those published in
+    ``version``: after ``consumers.schema_version`` moves (say 1 -> 2 right after a v1+v2 window
+    opened) a bridge that was delivering a workflow in v1 goes on delivering it, and the seqs
+    between where it had got to and where v2 publishing began for that workflow exist only in
+    v1.  The bridge decides which of them are its to deliver (``Bridge._apply_fill``).
+    ``BackendUnavailable`` when Redis cannot be read."""
+    rec = await guard.record(workflow_id, lo, hi)
+    begins = dict(rec.publish_from)
+    events: dict[int, Event] = {}
+    applied_at: dict[int, float] = {}
+    if begins:
+        floor = min(begins.values())
+        for e in rec.entries:
+            if e["seq"] < floor:
+                continue  # never published in any version
+            ev = _event_of_entry(workflow_id, e)
+            if ev is not None:
+                events[ev.seq] = ev
+                applied_at[ev.seq] = e["at"] / 1000
+    return GapFill(begin=begins.get(version), events=events, applied_at=applied_at, oldest=rec.oldest, begins=begins)
 
 
 def outbox_max(ctx: Context) -> int:

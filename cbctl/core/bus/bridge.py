@@ -407,16 +407,19 @@ class GapFill:
     """What a :data:`GapFiller` found for one workflow in the authoritative record.
 
     ``begin``: the seq at which the workflow's publishing began in the asked schema version
-    (``None``: not known, e.g. its keys expired).  ``events``: the record's events with a seq in
-    the asked range that were published in that version (seq >= ``begin``).  ``applied_at``:
-    wall-clock time (epoch seconds) each of those was applied.  ``oldest``: the lowest seq the
-    record still holds (older ones were trimmed), ``None`` if it holds none.
+    (``None``: not begun in it, or not known, e.g. its keys expired).  ``begins``: the same for
+    every schema version whose publishing began (empty: taken as ``{asked version: begin}``).
+    ``events``: the record's events with a seq in the asked range that were published in some
+    version (seq >= the lowest of ``begins``).  ``applied_at``: wall-clock time (epoch seconds)
+    each of those was applied.  ``oldest``: the lowest seq the record still holds (older ones
+    were trimmed), ``None`` if it holds none.
     """
 
     begin: int | None
     events: Mapping[int, Event]
     applied_at: Mapping[int, float]
     oldest: int | None
+    begins: Mapping[int, int] = field(default_factory=dict)
 
 
 GapFiller = Callable[[str, int, int, int], Awaitable[GapFill]]
@@ -554,6 +557,7 @@ class Bridge:
         self._wake = asyncio.Event()
         self.apply_flags(mode, schema_version, canary_subscribers)
         self._consumer_version: int | None = None  # filter version of the live consumer
+        self._consumed_versions: set[int] = set()  # every version a consumer of ours has read
         self._psub: JetStreamContext.PullSubscription | None = None
         self._last_stream_seq = 0
         self._seen_ids = _IdWindow(dedup_max_ids, dedup_max_age)  # event ids seen (monotonic time)
@@ -844,6 +848,7 @@ class Bridge:
             )
         self._psub = await self.js.pull_subscribe_bind(self.durable, stream)
         self._consumer_version = self._version
+        self._consumed_versions.add(self._version)
         if self._consumer_since is None:
             # Fills for a workflow first seen mid-life reach back to here (minus the skew
             # margin): what was applied before this bridge began is not its to deliver.  The
@@ -978,6 +983,13 @@ class Bridge:
         wf.last_seq = seq - 1
         wf.baseline_known = True
 
+    def _drop_held_below(self, wf: _Workflow) -> None:
+        """Held events at or below the new start can never be released: drop them (left in
+        ``held`` they would keep the workflow gapped and unevictable forever)."""
+        for seq in [s for s in wf.held if s <= wf.last_seq]:
+            del wf.held[seq]
+            self.stats.late_dropped += 1
+
     def tick(self, now: float | None = None) -> None:
         """Deal with gaps older than ``gap_timeout``: ask the filler, or (without one) skip
         (runs periodically by itself after start)."""
@@ -1024,20 +1036,36 @@ class Bridge:
                 return
             if self._workflows.get(workflow_id) is not wf or version != self._version:
                 return  # forgotten or re-pinned meanwhile: the next gap starts afresh
-            self._apply_fill(workflow_id, wf, got, lo, hi)
+            self._apply_fill(workflow_id, wf, got, lo, hi, version)
         finally:
             wf.filling = False
 
-    def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int) -> None:
+    def _begin(self, got: GapFill, version: int) -> int | None:
+        """Where the workflow's stream began for this bridge: the earliest publish marker among
+        the schema versions this bridge has consumed (``None``: in none of them).
+
+        Not only the pinned version's: when ``consumers.schema_version`` moved (1 -> 2 right
+        after a v1+v2 window opened), a workflow this bridge delivered in v1 began in v2 at a
+        later seq (its first apply after the window opened), or not yet at all; its events
+        before that exist only in v1, and they are this bridge's to deliver (it was reading
+        v1 then).  Asking only about v2 made them look missing (counted as ordering
+        violations) or "never published" (skipped silently)."""
+        begins = dict(got.begins) if got.begins else ({version: got.begin} if got.begin is not None else {})
+        mine = [b for v, b in begins.items() if v in self._consumed_versions or v == version]
+        return min(mine) if mine else None
+
+    def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int,
+                    version: int | None = None) -> None:
         now = time.monotonic()
         if not wf.held:
             return
+        begin = self._begin(got, self._version if version is None else version)
         if not wf.baseline_known:
             # Where does this workflow's stream start for this bridge?  At the seq its publishing
             # began, or later: events applied before our consumer existed are not ours to fill.
             start = min(wf.held)
             since = (self._consumer_since or 0.0) - self.skew_margin
-            floor = got.begin if got.begin is not None else start
+            floor = begin if begin is not None else start
             seq = start - 1
             while seq >= max(floor, lo) and seq in got.events and got.applied_at.get(seq, 0.0) >= since:
                 seq -= 1
@@ -1059,10 +1087,11 @@ class Bridge:
         # Still a gap: is what is missing provably gone (before the publishing began, trimmed
         # from the history, or the workflow's keys expired)?  Then skip; else keep waiting.
         missing = wf.last_seq + 1
-        if got.begin is not None and missing < got.begin:
-            self._start_at(wf, got.begin)  # never published in this version: not a gap
+        if begin is not None and missing < begin:
+            self._start_at(wf, begin)  # never published in a version we read: not a gap
+            self._drop_held_below(wf)
             self._release_run(workflow_id, wf, now)
-        elif got.begin is None or (got.oldest is not None and missing < got.oldest) or got.oldest is None:
+        elif begin is None or (got.oldest is not None and missing < got.oldest) or got.oldest is None:
             self._skip_gap(workflow_id, wf, now, why="not in the workflow's record (trimmed or expired)")
         elif wf.gap_since is not None and now - wf.gap_since >= self.give_up_after:
             self._skip_gap(workflow_id, wf, now, why=f"still missing after {self.give_up_after:g}s")

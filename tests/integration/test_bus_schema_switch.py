@@ -1,0 +1,187 @@
+"""Consumers move to schema v2 right after a v1+v2 dual-publish window opens (the `make demo`
+bug): no ordering violation, and subscribers get every event in order, also the ones a workflow
+published only in v1 before its v2 publishing began.
+
+The cause: for a workflow already publishing v1, v2 publishing begins at a later seq (its first
+apply after the window opened), or has not begun at all yet.  A bridge that had moved to v2
+filled a gap (its v1 events held when the switch came) by asking the record only about v2: with
+no v2 marker yet the missing seqs looked "not in the workflow's record" (skipped, counted as an
+ordering violation); with a later v2 marker they looked "never published" and were skipped
+silently, leaving the held event stuck.  The bridge now takes the earliest marker among the
+versions it has consumed (``Bridge._begin``) and the filler returns every published event.
+
+Real services throughout: nats-server, redis-server (the fencing guard's record), etcd + agents
+for the test under load."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats as nats_client
+import pytest
+
+from cbctl.core.agent import NodeAgent
+from cbctl.core.agent_bus import AgentBus, fill_from_record
+from cbctl.core.bus.bridge import Bridge, Subscription
+from cbctl.core.bus.stream import ensure_stream
+from cbctl.core.config import Context
+from cbctl.core.controlplane import ControlPlane
+from cbctl.core.coord.base import Coordinator
+from cbctl.core.events import Event, encode_event, msg_id, subject
+from cbctl.core.lanes import LaneGuard, LaneQueue
+from cbctl.core.metrics import AgentMetrics
+from cbctl.core.workload import generate
+from cbctl.sandbox import NatsServer, async_wait_until
+from tests.integration.test_agent import all_processed, set_flags
+from tests.integration.test_agent_bus import STREAMING, metric, wait_applied, wait_lanes_spread
+
+# Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
+from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+class Collector:
+    """Drains a bridge subscription in the background: seqs per workflow, in arrival order."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.seqs: dict[str, list[int]] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for ev in self.sub:
+                self.seqs.setdefault(ev.workflow_id, []).append(ev.seq)
+                self.count += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+            raise
+
+    async def stop(self) -> None:
+        self.sub.close()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def test_held_v1_events_are_filled_after_consumers_move_to_v2(
+    redis_c: Any, bus_ctx: Context, nats: NatsServer,
+) -> None:
+    """Deterministic: two workflows each have seq 3 held (seq 2 late) in a v1 bridge when the
+    bridge moves to v2.  wf-a then begins v2 at seq 4, wf-b has not begun v2 at all.  Both are
+    filled from the record in order: wf-a 1, 2, 3, 4 and wf-b 1, 2, 3, no violation.  Before the
+    fix: wf-a got 1, 4 (2 and 3 skipped silently) and wf-b 1, 3 with a violation ("seq 2..2
+    missing ... not in the workflow's record")."""
+    cluster = bus_ctx.cluster
+    v1 = LaneGuard(redis_c, cluster, None, "node-v1")
+    v1.publish_versions = (1,)
+    dual = LaneGuard(redis_c, cluster, None, "node-dual")  # a node that has applied schema_versions [1, 2]
+    dual.publish_versions = (1, 2)
+    for wf in ("wf-a", "wf-b"):
+        for t in (1, 2, 3):
+            await v1.apply("lane-0", 0, "off", wf, f"{wf}/t{t}", {"state": f"s{t}"})
+
+    async def events(wf: str) -> dict[int, Event]:
+        return dict((await fill_from_record(v1, wf, 1, 1, 100)).events)  # the canonical events, as published
+
+    nc = await nats_client.connect(nats.url)
+    js = nc.jetstream()
+    cfg = bus_ctx.nats.stream
+    await ensure_stream(js, cfg, cluster=cluster)
+
+    async def put(e: Event, version: int) -> None:
+        await js.publish(subject(cluster, version, e.workflow_id), encode_event(e, version),
+                         headers={"Nats-Msg-Id": msg_id(e.event_id, version)})
+
+    m = AgentMetrics("node-x")
+
+    async def filler(workflow_id: str, version: int, lo: int, hi: int) -> Any:
+        return await fill_from_record(v1, workflow_id, version, lo, hi)
+
+    # A long gap timeout: the switch comes while seq 3 is held, before any fill.
+    bridge = Bridge(nc, cfg, m, "node-x", cluster=cluster, mode="streaming", schema_version=1, deliver_new=False,
+                    gap_timeout=3.0, give_up_after=60.0, filler=filler)
+    await bridge.start()
+    col = Collector(bridge.subscribe(None, "ops"))
+    try:
+        ea, eb = await events("wf-a"), await events("wf-b")
+        for e in (ea[1], eb[1]):
+            await put(e, 1)
+        await async_wait_until(lambda: col.count == 2, 20, interval=0.02, message="seq 1 of both delivered")
+        for e in (ea[3], eb[3]):
+            await put(e, 1)  # seq 2 is late
+        await async_wait_until(lambda: bridge.stats.held >= 2, 20, interval=0.02, message="seq 3 held")
+        bridge.apply_flags("streaming", 2)  # consumers.schema_version = 2, at once
+        # wf-a's next apply is by a node at [1, 2]: v2 publishing begins at seq 4.
+        r4 = await dual.apply("lane-0", 0, "off", "wf-a", "wf-a/t4", {"state": "s4"})
+        assert (r4.seq, r4.publish_versions) == (4, (1, 2))
+        e4 = (await events("wf-a"))[4]
+        await put(e4, 1)
+        await put(e4, 2)
+        await async_wait_until(lambda: col.seqs.get("wf-a", [])[-1:] == [4] and col.seqs.get("wf-b", [])[-1:] == [3],
+                               30, interval=0.05, message=f"both workflows delivered to the end ({col.seqs})")
+        assert col.seqs == {"wf-a": [1, 2, 3, 4], "wf-b": [1, 2, 3]}, col.seqs
+        assert metric_of(m, "event_bus_bridge_ordering_violations_total") == 0
+        assert bridge.stats.filled == 2  # seq 2 of each, from the record
+        assert not bridge._gapped, "a workflow left gapped (a held event stuck below its start)"
+    finally:
+        await col.stop()
+        await bridge.close()
+        await nc.close()
+
+
+def metric_of(m: AgentMetrics, name: str, **labels: str) -> float:
+    return m.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_consumers_move_to_v2_right_after_the_window_opens_under_load(
+    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+) -> None:
+    """Three agents at stage 3 (v1) under load; the v1+v2 window opens and, in the very next
+    revision, consumers move to v2 (no wait).  Every bridge counts zero ordering violations, and
+    every subscriber (one per node, subscribed before the load) gets every event of every
+    workflow exactly once in seq order: 1..N, the v2 part from where v2 publishing began."""
+    cp = ControlPlane(bus_ctx, coord)
+    agents: list[tuple[NodeAgent, AgentBus]] = [await bus_agents(f"node-{i}") for i in range(3)]
+    rev = await set_flags(cp, **STREAMING, **{"eventbus.schema_versions": [1], "consumers.schema_version": 1})
+    await wait_applied([a for a, _ in agents], rev)
+    await wait_lanes_spread([a for a, _ in agents], len(bus_ctx.lanes))
+    await async_wait_until(lambda: all(b.bridge is not None for _, b in agents), 20, interval=0.05,
+                           message="bridges running")
+    cols = [Collector(b.bridge.subscribe(None, f"sub-{a.node_id}")) for a, b in agents]  # type: ignore[union-attr]
+    bridges = [b.bridge for _, b in agents]
+    try:
+        load = asyncio.ensure_future(generate(queue, workflows=240, rate=60, tasks_per_workflow=3, fail_rate=0.3,
+                                              seed=21, prefix="sw"))
+        # Mid-load: workflows are mid-life (some events published in v1 only) when the window opens.
+        await async_wait_until(lambda: sum(a.tasks_processed for a, _ in agents) >= 300, 60, interval=0.02,
+                               message="load under way")
+        await set_flags(cp, **{"eventbus.schema_versions": [1, 2]})
+        rev2 = await set_flags(cp, **{"consumers.schema_version": 2})  # at once: the demo's sequence
+        report = await load
+        await wait_applied([a for a, _ in agents], rev2)
+        assert all(b.bridge is br for (_, b), br in zip(agents, bridges, strict=True)), "a bridge was re-created"
+        await async_wait_until(lambda: all_processed(guard, report), 90, interval=0.1, message="all processed")
+        total = sum(report.workflows.values())
+        await async_wait_until(lambda: all(c.count >= total for c in cols), 90, interval=0.1,
+                               message="every subscriber got every event")
+        straddled = 0
+        for wf, n in report.workflows.items():
+            pub = (await guard.read_workflow(wf)).get("pub", "")
+            marks = dict(part.split(":") for part in pub.split(",") if part)
+            assert marks.get("1") == "1", (wf, pub)  # v1 from the first event (publish on throughout)
+            if "2" in marks and int(marks["2"]) > 1:
+                straddled += 1
+            for c, (a, _) in zip(cols, agents, strict=True):
+                assert c.seqs.get(wf) == list(range(1, n + 1)), (a.node_id, wf, pub, c.seqs.get(wf))
+        assert straddled > 0, "no workflow was mid-life when v2 publishing began (the case under test)"
+        for a, b in agents:
+            assert metric(a, "event_bus_bridge_ordering_violations_total") == 0, b.status()["bridge_stats"]
+            assert b.bridge is not None and b.bridge.schema_version == 2
+        assert all(c.error is None for c in cols), [c.error for c in cols]
+    finally:
+        for c in cols:
+            await c.stop()
