@@ -102,6 +102,7 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
     had not applied it yet, then ends the command (130 for Ctrl-C, 143 for SIGTERM).
     """
     import asyncio
+    import contextlib
     import signal
 
     from rich.console import Console
@@ -130,6 +131,10 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
         if task is not None:
             task.cancel()
 
+    # The handler in force before ours (a `runbook run` around this command installs one): the
+    # loop's remove_signal_handler resets SIGTERM to the default action, so it is put back by
+    # hand, and it is told about a SIGTERM that arrives while we wait.
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         handler = True
@@ -151,6 +156,9 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
             err(f"cbctl: {why} while waiting: revision {revision} IS written and stays; not yet applied by: "
                 f"{_who(last)} (follow with `cbctl nodes`)")
         if terminated:
+            if callable(previous):
+                # An enclosing run's handler decides (it records the interruption and raises).
+                previous(signal.SIGTERM, None)
             raise typer.Exit(143) from None
         raise
     finally:
@@ -158,6 +166,8 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
             status.stop()
         if handler:
             loop.remove_signal_handler(signal.SIGTERM)
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread / None
+                signal.signal(signal.SIGTERM, previous)
     total = len(res.applied) + len(res.pending) + len(res.missing)
     excused = f" ({', '.join(res.ignored)} not live, ignored by --ignore-missing)" if res.ignored else ""
     if res.ok:

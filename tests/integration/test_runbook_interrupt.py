@@ -182,3 +182,33 @@ def test_a_signal_during_a_check_poll_stops_the_check(cfg: Path, tmp_path: Path,
     assert rec["status"] == "interrupted" and rec["steps"][0]["status"] == "interrupted"
     assert rec["overrides"] == [] and "rollback overrides in force: none" in stderr
     assert "--from-step 1 --resumes" in rec["resume"]
+
+
+WAITING = """
+name: waiting
+summary: a rollback that waits for agents (none here, so the wait ends at once), then a slow step
+steps:
+  - run: cbctl rollback coordination --reason drill --yes --timeout 5
+  - argv: [sleep, "120"]
+  - run: cbctl rollback coordination --clear --reason drill --yes --no-wait
+"""
+
+
+def test_sigterm_after_a_step_that_waited_still_ends_the_run_interrupted(cfg: Path, tmp_path: Path) -> None:
+    """`--wait` installs its own SIGTERM handler for the wait; afterwards the run's handler must
+    be back (the event loop's removal resets SIGTERM to the default action, which would kill the
+    run with no record, no resume line and the rollback left in place without a word)."""
+    d = tmp_path / "books"
+    d.mkdir()
+    (d / "waiting.yaml").write_text(textwrap.dedent(WAITING).lstrip(), encoding="utf-8")
+    run = Running(cfg, "waiting", "--dir", str(d), "--yes")
+    try:
+        run.wait_for("step 2/3 [argv] sleep 120")
+    finally:
+        run.proc.send_signal(signal.SIGTERM)
+    exit_code, stderr = run.finish()
+    assert exit_code == 143, stderr
+    rec = stored_runs(cfg)["waiting"]
+    assert rec["status"] == "interrupted" and rec["interrupted_by"] == "SIGTERM"
+    assert [s["status"] for s in rec["steps"]] == ["ok", "interrupted", "not-run"]
+    assert "rollback left in place: coordination (ownership.guard=off), applied by this run" in stderr
