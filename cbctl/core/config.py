@@ -69,8 +69,12 @@ _SECTION_DURATIONS: Mapping[str, tuple[str, ...]] = {
     "exit-criteria": ("window",),
 }
 
-# ``scheme://userinfo@host``: the userinfo part, wherever it appears in a string.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]*)@")
+# ``scheme://userinfo@host``: the userinfo part, wherever it appears in a string.  Greedy up to
+# the LAST ``@`` of the URL: passwords carry ``/``, ``?``, ``#`` and ``@`` in practice (base64),
+# and stopping at the first of them would let the rest of the secret through.  A path that holds
+# an ``@`` is refused/redacted too: the safe side.  Quotes and whitespace end a URL (printed
+# JSON and tables).
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s\"'<>]*)@")
 
 
 class Secret:
@@ -421,8 +425,7 @@ def _check_unknown(table: Mapping[str, Any], allowed: set[str] | frozenset[str],
 
 def _no_userinfo(url: str, where: str) -> None:
     """Credentials inside a URL would be printed wherever the URL is (targets, errors): refuse."""
-    netloc = url.split("//", 1)[-1].split("/", 1)[0]
-    if "@" in netloc:
+    if "@" in url.split("//", 1)[-1]:
         raise ConfigError(f"{where}: credentials in the URL are not accepted; use the *-env or *-file settings")
 
 

@@ -45,6 +45,13 @@ CREDENTIAL_CASES = [
     pytest.param('[contexts.b.sandbox]\ndir = "ftp://x:{pw}@host/dir"\n', "contexts.b.sandbox.dir", id="anywhere"),
     # A URL with an invalid scheme for its key: refused for the credential, value never echoed.
     pytest.param('[contexts.b.redis]\nurl = "ftp://:{pw}@h"\n', "contexts.b.redis.url", id="bad-scheme"),
+    # Passwords with '/', '?', '#' or '@' (base64 and friends): the whole userinfo counts.
+    pytest.param('[contexts.b.coordination]\nendpoints = ["http://root:x/{pw}@127.0.0.1:2379"]\n',
+                 "contexts.b.coordination.endpoints[0]", id="slash-in-password"),
+    pytest.param('[contexts.b.redis]\nurl = "redis://:ab+/c?d#{pw}==@127.0.0.1:6379/0"\n', "contexts.b.redis.url",
+                 id="query-and-fragment-chars-in-password"),
+    pytest.param('[contexts.b.prometheus]\nurl = "http://u:p@{pw}@h:9090"\n', "contexts.b.prometheus.url",
+                 id="at-sign-in-password"),
 ]
 
 
@@ -78,6 +85,8 @@ def test_printers_redact_url_userinfo_as_a_second_line_of_defence() -> None:
     assert PASSWORD not in shown
     assert "http://<redacted>@h:2379" in shown and "redis://<redacted>@h:6379/0" in shown
     assert redact_url("reach http://a:b@h/x and nats://h:4222") == "reach http://<redacted>@h/x and nats://h:4222"
+    for url in (f"http://root:x/{PASSWORD}@h:2379", f"redis://:a?b#{PASSWORD}@h/0", f"http://u:p@{PASSWORD}@h"):
+        assert PASSWORD not in redact_url(url) and "<redacted>@h" in redact_url(url)
 
 
 STRICT_CASES = [
