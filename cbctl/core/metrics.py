@@ -1,4 +1,5 @@
-"""The agent's Prometheus metrics. Names are a contract (DESIGN.md, Metrics).
+"""The agent's Prometheus metrics. Names are a contract (README.md, and the tables in
+``cbctl/core/gates.py`` and ``cbctl/core/checks.py`` that query them).
 
 Each :class:`AgentMetrics` owns its own ``CollectorRegistry`` so that several agents can live in
 one process (tests, benchmarks) without colliding in the global registry.  Only
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from cbctl.core.labels import CLUSTER_LABEL
 
@@ -40,6 +41,36 @@ class ClusterRegistry(CollectorRegistry):
             yield labelled
 
 
+class UnsetUntilKnownGauge:
+    """A label-less gauge that exports NOTHING until its first :meth:`set`.
+
+    ``cluster_rollout_applied_revision`` must not read 0 while a (re)starting agent has not
+    applied any revision yet: one such scrape makes ``max - min`` across nodes equal to the whole
+    revision number, and the rollout-lag gate would fail a rolling restart.  Absent is honest:
+    the node simply has no value yet.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._value: float | None = None
+        registry.register(self)  # type: ignore[arg-type]  # the collector protocol: collect()
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
+
+    def get(self) -> float | None:
+        return self._value
+
+    def collect(self) -> Iterator[Metric]:
+        if self._value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=self._value)
+
+    def describe(self) -> Iterator[Metric]:
+        # Keeps the registry's duplicate-name check working without collecting a value.
+        yield GaugeMetricFamily(self.name, self.documentation)
+
+
 class AgentMetrics:
     """Every metric one node agent exports on ``/metrics``.
 
@@ -58,8 +89,8 @@ class AgentMetrics:
             "cluster_ownership_changes_total", "Lane ownership acquisitions and releases by this node", ["lane"], registry=r
         )
         self.lease_lost = Counter("cluster_lease_lost_total", "Leases this node lost (expiry, TTL 0, partition)", registry=r)
-        self.applied_revision = Gauge(
-            "cluster_rollout_applied_revision", "Rollout document revision this node has applied", registry=r
+        self.applied_revision = UnsetUntilKnownGauge(
+            "cluster_rollout_applied_revision", "Rollout document revision this node has applied", r
         )
         self.owned_lanes = Gauge("cluster_owned_lanes", "Lanes this node currently owns", registry=r)
         # Ownership enforcement

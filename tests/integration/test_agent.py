@@ -396,7 +396,7 @@ async def test_flags_applied_live_and_stage_advance_waits(agents: Any, coord: Co
     result = await cp.wait_applied(rev2, timeout=10)
     assert result.ok and sorted(result.applied) == ["n0", "n1", "n2"]
     assert all(n.flags["ownership.guard"] == "enforce" for n in nodes)
-    assert all(n.metrics.applied_revision._value.get() == rev2 for n in nodes)  # type: ignore[attr-defined]
+    assert all(n.metrics.applied_revision.get() == rev2 for n in nodes)
 
     # cbctl nodes: lag 0 for everyone; lanes counted.
     await async_wait_until(lambda: sum(len(n.owned_lanes) for n in nodes) == LANE_COUNT, 10, message="lanes owned")
