@@ -444,6 +444,7 @@ class NodeAgent:
                 self._coord, self.ctx.cluster, self.node_id,
                 machine_id=self.machine_id, host=self.host, instance_id=self.instance_id,
             )
+            log.info("agent %s: machine identity bound (machine %s)", self.node_id, self.machine_id)
             self._hooks_started = True
             for start_hook in self._start_hooks:
                 await start_hook()
@@ -451,6 +452,7 @@ class NodeAgent:
                 bound_host, port = await self._http.start()
                 adv = self._advertise_host or (bound_host if bound_host not in ("0.0.0.0", "::", "") else self.host)
                 self.http_address = f"{adv}:{port}"
+                log.info("agent %s: HTTP serving on %s", self.node_id, self.http_address)
             if self._redis is None:
                 self._redis = redis_client_for(self.ctx, self._block_ms)
             self.guard = LaneGuard(self._redis, self.ctx.cluster, self.metrics, self.node_id,
