@@ -2,7 +2,7 @@
 
 Every transport error (gRPC, HTTP, NATS, Redis) is converted into one of these at the backend
 edge; nothing above a backend catches a library's exception. Each type carries the CLI exit
-code that DESIGN.md assigns to it, so the CLI maps errors to exit codes in one place.
+code the README's exit-code table assigns to it, so the CLI maps errors to exit codes in one place.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def _gauge_max(name: str, metric: str, description: str, *, threshold: float | N
     )
 
 
-#: Every built-in rule, by name. Metric names are the contract in DESIGN.md.
+#: Every built-in rule, by name. Metric names are a contract (README.md; exported by cbctl/core/metrics.py).
 RULES: Mapping[str, Rule] = {
     r.name: r
     for r in (

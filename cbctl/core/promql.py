@@ -1,6 +1,6 @@
 """A small async client of the Prometheus HTTP API, and the one duration parser of cbctl.
 
-Why not ``prometheus-api-client``: its import alone costs ~155 ms (ENVIRONMENT.md), it is
+Why not ``prometheus-api-client``: its import alone costs ~155 ms (measured on the 2-core CI machine; bench/cli_startup.py), it is
 synchronous (requests), and we need five endpoints. httpx is already a dependency, is async,
 so the gates, ``watch`` and ``exit-criteria`` run their queries concurrently.
 

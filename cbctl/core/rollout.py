@@ -118,7 +118,7 @@ _BRIDGE_VALUES: Final = ("off", "read-only", "canary", "streaming")
 _ROUTING_VALUES: Final = ("off", "canary", "all")
 _SOURCE_VALUES: Final = ("local", "canonical")
 
-#: The flag table, in DESIGN.md's order. Names are a contract with the agents.
+#: The flag table (README.md, Stages → commands). Names are a contract with the agents.
 FLAGS: Final[Mapping[str, FlagSpec]] = MappingProxyType(
     {
         s.name: s

@@ -1,7 +1,7 @@
 """`cbctl --help` (and each group's --help) must not import the heavy clients.
 
 Tab completion and --help run the program on every key press; aetcd/grpc, nats, redis,
-prometheus_client, aiohttp and rich cost 100-600 ms together (ENVIRONMENT.md).
+prometheus_client, aiohttp and rich cost 100-600 ms together (measured; bench/cli_startup.py).
 """
 
 from __future__ import annotations
