@@ -173,7 +173,7 @@ class _LocalWorkflow:
     last: int | None = None  # highest seq released to subscribers
     inflight: dict[int, int] = field(default_factory=dict)  # seq -> hooks still publishing it
     held: dict[int, Event] = field(default_factory=dict)  # published, waiting for a lower in-flight seq
-    skipped: set[int] = field(default_factory=set)  # in-flight seqs given up on (a late copy is a violation)
+    skipped: set[int] | None = None  # in-flight seqs given up on (a late copy is a violation); made when needed
     timer: asyncio.TimerHandle | None = None
 
 
@@ -269,7 +269,7 @@ class LocalStream:
         wf = self._state(ev.workflow_id)
         self._unreserve(wf, ev.seq)
         if (wf.last is not None and ev.seq <= wf.last) or ev.seq in wf.held:
-            if ev.seq in wf.skipped:
+            if wf.skipped is not None and ev.seq in wf.skipped:
                 wf.skipped.discard(ev.seq)
                 log.warning("local stream: workflow %s seq %d published after seq %d was released; dropped",
                             ev.workflow_id, ev.seq, wf.last)
@@ -324,6 +324,8 @@ class LocalStream:
             wf.timer = None
         upto = max(wf.held)
         stuck = sorted(r for r in wf.inflight if r < upto)
+        if wf.skipped is None:
+            wf.skipped = set()
         for r in stuck:
             del wf.inflight[r]
             wf.skipped.add(r)

@@ -436,9 +436,11 @@ class _Workflow:
     baseline_known: bool = True
     held: dict[int, Event] = field(default_factory=dict)
     gap_since: float | None = None
-    history: deque[Event] = field(default_factory=deque)
+    # Created only when needed (an empty deque costs ~750 bytes, a set ~200: times
+    # max_workflows, that was most of the bridge's ordering state).
+    history: deque[Event] | None = None  # only for the history_workflows most recently active
     filling: bool = False  # a gap fill is in flight
-    skipped: set[int] = field(default_factory=set)  # seqs given up on (their late copies are dropped)
+    skipped: set[int] | None = None  # seqs given up on (their late copies are dropped)
     first_seq: int | None = None  # lowest seq released (a copy at or above it is a duplicate)
 
 
@@ -702,7 +704,7 @@ class Bridge:
         if upto <= after_seq:
             return []
         wf = self._workflows.get(workflow_id)
-        if wf is not None and wf.history and wf.history[0].seq <= after_seq + 1:
+        if wf is not None and wf.history and wf.history[0].seq <= after_seq + 1:  # None/empty: not kept
             return [ev for ev in wf.history if after_seq < ev.seq <= upto]
         return await self._replay_from_stream(workflow_id, after_seq, upto)
 
@@ -920,7 +922,7 @@ class Bridge:
         if ev.seq <= wf.last_seq:
             # A copy of a seq released already or given up on: never delivered out of order.
             # Its loss was counted when the gap was skipped (if it was one), not again here.
-            if ev.seq in wf.skipped:
+            if wf.skipped is not None and ev.seq in wf.skipped:
                 self.stats.late_dropped += 1
                 wf.skipped.discard(ev.seq)
                 log.warning("bridge: workflow %s seq %d arrived after it was given up on; dropped",
@@ -970,6 +972,8 @@ class Bridge:
             self.metrics.bridge_ordering_violations.inc()
             log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs (%s); skipping ahead",
                         workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now), why)
+            if wf.skipped is None:
+                wf.skipped = set()
             wf.skipped.update(range(max(wf.last_seq + 1, nxt - 100), nxt))  # bounded: recent ones only
             while len(wf.skipped) > 1000:
                 wf.skipped.discard(min(wf.skipped))
@@ -1126,9 +1130,9 @@ class Bridge:
         if wf.first_seq is None:
             wf.first_seq = ev.seq
         self.stats.released += 1
+        if wf.history is None:
+            wf.history = deque(maxlen=self.history)
         wf.history.append(ev)
-        if len(wf.history) > self.history:
-            wf.history.popleft()
         # Only the most recently active workflows keep a replay history (memory bound).
         self._with_history[ev.workflow_id] = None
         self._with_history.move_to_end(ev.workflow_id)
@@ -1136,7 +1140,7 @@ class Bridge:
             old_id, _ = self._with_history.popitem(last=False)
             old = self._workflows.get(old_id)
             if old is not None:
-                old.history.clear()
+                old.history = None
         if self._mode not in ("canary", "streaming"):
             return  # read-only: verified, delivered to nobody
         delivered = False
