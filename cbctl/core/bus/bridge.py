@@ -442,6 +442,7 @@ class _Workflow:
     filling: bool = False  # a gap fill is in flight
     skipped: set[int] | None = None  # seqs given up on (their late copies are dropped)
     first_seq: int | None = None  # lowest seq released (a copy at or above it is a duplicate)
+    owed: int = 0  # highest seq seen only in a previous version's left-over message (see _owe)
 
 
 @dataclass(slots=True)
@@ -878,7 +879,15 @@ class Bridge:
             log.debug("bridge: bad event on %s: %s", msg.subject[:200], exc)
             return
         if version != self._version:
-            return  # left over from before a version switch; the new consumer delivers it
+            # Left over from before a version switch (fetched by the old consumer, handled after
+            # the flag changed).  Not delivered (subscribers now get the new version's content),
+            # but not forgotten either: for a workflow whose new-version publishing began later
+            # (or not at all) this seq exists only in the old version, and if it was the
+            # workflow's last event no later one would ever reveal the gap.  So it marks the
+            # seq as owed: the gap filler brings it from the record unless the new consumer's
+            # copy comes first.
+            self._owe(ev, now)
+            return
         hdr = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
         if hdr and meta is not None:
             self._check_broker_dedup(hdr, meta.sequence.stream, meta.timestamp.timestamp(), now)
@@ -903,7 +912,18 @@ class Bridge:
             log.warning("bridge: message id %s stored twice (stream seq %d and %d, %.3fs apart) within the "
                         "duplicate window", mid, prev_seq, stream_seq, abs(stored_at - prev_ts))
 
-    def _order(self, ev: Event, now: float) -> None:
+    def _owe(self, ev: Event, now: float) -> None:
+        """``ev`` is known to exist but is not delivered from this message (see :meth:`_handle`)."""
+        wf = self._state_of(ev)
+        if ev.seq <= wf.last_seq or ev.seq in wf.held or ev.seq <= wf.owed:
+            return
+        wf.owed = ev.seq
+        if wf.gap_since is None:
+            wf.gap_since = now
+            self._gapped.add(ev.workflow_id)
+
+    def _state_of(self, ev: Event) -> _Workflow:
+        """The ordering state of ``ev``'s workflow, created (or restored) on first sight."""
         wf = self._workflows.get(ev.workflow_id)
         if wf is None:
             last = self._forgotten.pop(ev.workflow_id)
@@ -919,6 +939,10 @@ class Bridge:
             self._evict_workflows()
         else:
             self._workflows.move_to_end(ev.workflow_id)
+        return wf
+
+    def _order(self, ev: Event, now: float) -> None:
+        wf = self._state_of(ev)
         if ev.seq <= wf.last_seq:
             # A copy of a seq released already or given up on: never delivered out of order.
             # Its loss was counted when the gap was skipped (if it was one), not again here.
@@ -956,7 +980,7 @@ class Bridge:
         """Release held events that are now contiguous; restart the gap clock if some remain."""
         while wf.held and (wf.last_seq + 1) in wf.held:
             self._release(wf, wf.held.pop(wf.last_seq + 1))
-        if wf.held:
+        if wf.held or wf.owed > wf.last_seq:
             wf.gap_since = now  # a new gap starts now
             self._gapped.add(workflow_id)
         else:
@@ -966,7 +990,7 @@ class Bridge:
     def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float, *, why: str) -> None:
         """Give up on the seqs missing below the lowest held one (they are really missing for
         subscribers: counted once) and go on from there."""
-        nxt = min(wf.held)
+        nxt = min(wf.held) if wf.held else wf.owed + 1
         if wf.baseline_known:
             self.stats.ordering_violations += 1
             self.metrics.bridge_ordering_violations.inc()
@@ -1000,7 +1024,7 @@ class Bridge:
         now = time.monotonic() if now is None else now
         for workflow_id in list(self._gapped):
             wf = self._workflows.get(workflow_id)
-            if wf is None or not wf.held:
+            if wf is None or not (wf.held or wf.owed > wf.last_seq):
                 self._gapped.discard(workflow_id)
                 continue
             if wf.gap_since is None or now - wf.gap_since < self.gap_timeout or wf.filling:
@@ -1024,7 +1048,7 @@ class Bridge:
         version = self._version
         try:
             lo = wf.last_seq + 1 if wf.baseline_known else 1
-            hi = min(wf.held) - 1 if wf.held else wf.last_seq
+            hi = min(wf.held) - 1 if wf.held else wf.owed
             if hi < lo:
                 return
             self.stats.fills += 1
@@ -1035,7 +1059,8 @@ class Bridge:
                 log.warning("bridge: cannot read workflow %s's record to fill seq %d..%d: %s", workflow_id, lo,
                             hi, exc)
                 now = time.monotonic()
-                if wf.gap_since is not None and now - wf.gap_since >= self.give_up_after and wf.held:
+                if (wf.gap_since is not None and now - wf.gap_since >= self.give_up_after
+                        and (wf.held or wf.owed > wf.last_seq)):
                     self._skip_gap(workflow_id, wf, now, why=f"record unreadable for {self.give_up_after:g}s")
                 return
             if self._workflows.get(workflow_id) is not wf or version != self._version:
@@ -1061,13 +1086,13 @@ class Bridge:
     def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int,
                     version: int | None = None) -> None:
         now = time.monotonic()
-        if not wf.held:
+        if not wf.held and wf.owed <= wf.last_seq:
             return
         begin = self._begin(got, self._version if version is None else version)
         if not wf.baseline_known:
             # Where does this workflow's stream start for this bridge?  At the seq its publishing
             # began, or later: events applied before our consumer existed are not ours to fill.
-            start = min(wf.held)
+            start = min(wf.held) if wf.held else wf.owed + 1
             since = (self._consumer_since or 0.0) - self.skew_margin
             floor = begin if begin is not None else start
             seq = start - 1
@@ -1086,7 +1111,7 @@ class Bridge:
             wf.held[seq] = ev
             self.stats.filled += 1
         self._release_run(workflow_id, wf, now)
-        if not wf.held:
+        if not wf.held and wf.owed <= wf.last_seq:
             return
         # Still a gap: is what is missing provably gone (before the publishing began, trimmed
         # from the history, or the workflow's keys expired)?  Then skip; else keep waiting.
@@ -1117,7 +1142,7 @@ class Bridge:
             if excess <= 0:
                 break
             old = self._workflows[workflow_id]
-            if not old.held:
+            if not old.held and old.owed <= old.last_seq:
                 del self._workflows[workflow_id]
                 self._with_history.pop(workflow_id, None)
                 if old.baseline_known:
