@@ -18,6 +18,10 @@ Per message, in order:
 
 1. Decode (:func:`cbctl.core.events.decode_event`, subject checked too).  Garbage bytes, an
    unknown schema version, a malformed event: ``event_bus_bad_events_total{reason}``, skipped.
+   A message of the previous consumer's version handled after ``consumers.schema_version``
+   changed is not delivered (subscribers get the new version's content) but marks its seq as
+   owed: the gap filler brings it unless the new consumer's copy comes first (a seq published
+   only in the old version has none).
 2. Broker de-dup check: the same ``Nats-Msg-Id`` stored twice (two stream sequences) within the
    stream's duplicate window means JetStream failed to suppress a duplicate it should have:
    ``event_bus_consumer_dedup_mismatch_total``.  (Copies further apart than the window are
