@@ -36,6 +36,7 @@ class Exporter:
 
     def __init__(self, node: str, cluster: str) -> None:
         self.metrics = AgentMetrics(node, cluster=cluster)
+        self.metrics.applied_revision.set(0)  # as an agent does once it has read the document
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.metrics.registry)
         self.hostport = f"127.0.0.1:{self.port}"

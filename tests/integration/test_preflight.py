@@ -41,6 +41,7 @@ class Env:
         self.nats = NatsServer(base / "nats", user=NATS_USER, password=NATS_PASSWORD)
         self.prom = PrometheusServer(base / "prom")
         self.metrics = AgentMetrics("node-a")
+        self.metrics.applied_revision.set(0)  # as an agent does once it has read the document
         port = free_port()
         self.http, _ = start_http_server(port, addr="127.0.0.1", registry=self.metrics.registry)
         self.prom._targets = [(f"127.0.0.1:{port}", {"node": "node-a"})]

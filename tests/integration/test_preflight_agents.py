@@ -63,6 +63,7 @@ class Env:
         self.redis = RedisServer(base / "redis")
         self.chrony = ChronyServer(base / "chrony")
         self.metrics = AgentMetrics("exporter")
+        self.metrics.applied_revision.set(0)  # as an agent does once it has read the document
         port = free_port()
         self.http, _ = start_http_server(port, addr="127.0.0.1", registry=self.metrics.registry)
         self.prom = PrometheusServer(base / "prom", targets=[(f"127.0.0.1:{port}", {})])
