@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import aetcd
 from aetcd import transactions
 
-from cbctl.core.coord.etcd import EtcdCoordinator
+from cbctl.core.backends.coord.etcd import EtcdCoordinator
 from cbctl.sandbox import EtcdServer
 
 ROUNDS = 3

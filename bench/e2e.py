@@ -31,14 +31,14 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from cbctl.core.agent import redis_client_for
-from cbctl.core.config import load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.events import parse_time
-from cbctl.core.lanes import LaneQueue
-from cbctl.core.registration import read_nodes
-from cbctl.core.sse import SseParser
+from cbctl.core.agent.node import redis_client_for
+from cbctl.core.model.config import load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.model.events import parse_time
+from cbctl.core.backends.redis.lanes import LaneQueue
+from cbctl.core.agent.registration import read_nodes
+from cbctl.core.operator.sse_client import SseParser
 from cbctl.sandbox import EtcdServer, NatsServer, RedisServer
 
 CBCTL = str(Path(sys.executable).parent / "cbctl")

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import tomli_w
 
-from cbctl.core.agent import redis_client_for
-from cbctl.core.config import Context, load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.lanes import LaneGuard, LaneQueue, lane_for
-from cbctl.core.ownership import read_lanes
+from cbctl.core.agent.node import redis_client_for
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue, lane_for
+from cbctl.core.agent.ownership import read_lanes
 from cbctl.sandbox import EtcdServer, RedisServer
 
 TTL = 3.0
@@ -68,7 +68,7 @@ async def one_round(ctx: Context, cfg: Path, base: Path, rnd: int) -> tuple[floa
                 [CBCTL, "agent", "run", "--node-id", n, "--state-dir", str(base / "state"), "--log-level", "warning"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))
-        from cbctl.core.assignment import assign
+        from cbctl.core.model.assignment import assign
 
         expected = assign(ctx.lanes, names)
         deadline = time.monotonic() + 30

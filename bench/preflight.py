@@ -25,11 +25,11 @@ from prometheus_client import start_http_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbctl.core import keys  # noqa: E402
-from cbctl.core.checks import PreflightOptions, run_preflight  # noqa: E402
-from cbctl.core.config import load_config  # noqa: E402
-from cbctl.core.coord import make_coordinator  # noqa: E402
-from cbctl.core.metrics import AgentMetrics  # noqa: E402
+from cbctl.core.model import keys  # noqa: E402
+from cbctl.core.operator.preflight import PreflightOptions, run_preflight  # noqa: E402
+from cbctl.core.model.config import load_config  # noqa: E402
+from cbctl.core.backends.coord import make_coordinator  # noqa: E402
+from cbctl.core.model.metrics import AgentMetrics  # noqa: E402
 from cbctl.sandbox import EtcdServer, NatsServer, PrometheusServer, RedisServer  # noqa: E402
 from cbctl.sandbox.procs import free_port  # noqa: E402
 from cbctl.sandbox.waiting import wait_until  # noqa: E402
@@ -53,8 +53,8 @@ def write_config(path: Path, cluster: str, etcd: str, nats: str, redis: str, pro
 
 
 async def setup_store(cfg: Path, nats_url: str) -> None:
-    from cbctl.core.bus.natsconn import connect_nats
-    from cbctl.core.bus.stream import ensure_stream
+    from cbctl.core.backends.nats.connect import connect_nats
+    from cbctl.core.backends.nats.stream import ensure_stream
 
     ctx = load_config(cfg).context()
     nc = await connect_nats(ctx.nats, name="bench")

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import tomli_w
 
-from cbctl.core.config import load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator
+from cbctl.core.model.config import load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
 from cbctl.sandbox import EtcdServer, RedisServer
 
 AGENTS = 10

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import nats
 
-from cbctl.core.bus.natsconn import connect_nats
-from cbctl.core.bus.outbox import Outbox
-from cbctl.core.bus.publisher import Publisher
-from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import NatsConfig, StreamConfig
-from cbctl.core.events import Event, encode_event, make_event, msg_id, subject
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.backends.nats.connect import connect_nats
+from cbctl.core.agent.bus.outbox import Outbox
+from cbctl.core.agent.bus.publisher import Publisher
+from cbctl.core.backends.nats.stream import ensure_stream
+from cbctl.core.model.config import NatsConfig, StreamConfig
+from cbctl.core.model.events import Event, encode_event, make_event, msg_id, subject
+from cbctl.core.model.metrics import AgentMetrics
 
 STREAM = StreamConfig(name="CB_BENCH")
 CLUSTER = "bench"  # subjects cb.bench.events.v<N>.<workflow>

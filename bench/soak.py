@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbctl.core.durations import parse_duration
+from cbctl.core.model.durations import parse_duration
 from cbctl.sandbox import cluster
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -107,7 +107,7 @@ class Soak:
         import nats
         import redis.asyncio as aredis
 
-        from cbctl.core.config import load_config
+        from cbctl.core.model.config import load_config
 
         ctx = load_config(self.sb.agent_config_path).context(cluster.CONTEXT_NAME)
         redis_mb = stream_mb = None

@@ -47,8 +47,8 @@ def run_agent(
     import signal
     import sys
 
-    from cbctl.core.agent import NodeAgent
-    from cbctl.core.errors import BadInput
+    from cbctl.core.agent.node import NodeAgent
+    from cbctl.core.model.errors import BadInput
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -66,8 +66,8 @@ def run_agent(
             state_dir=state_dir, lease_ttl=lease_ttl, keepalive_interval=keepalive,  # validated by NodeAgent
         )
         if not no_bus:
-            from cbctl.core.agent_bus import attach_bus
-            from cbctl.core.signals import attach_signals
+            from cbctl.core.agent.bus.attach import attach_bus
+            from cbctl.core.agent.signals import attach_signals
 
             attach_bus(agent)  # canonical events: publisher, outbox, bridge, SSE
             attach_signals(agent)  # signal routing to lane owners (NATS request/reply)
@@ -123,15 +123,15 @@ def load(
 ) -> None:
     """Enqueue demo workflows whose tasks go created -> started -> completed (or failed ->
     retried -> started -> completed) on the lanes; the agents apply the transitions."""
-    from cbctl.core.errors import BadInput
+    from cbctl.core.model.errors import BadInput
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> dict[str, Any]:
-        from cbctl.core.agent import redis_client_for
-        from cbctl.core.lanes import LaneQueue
-        from cbctl.core.workload import generate
+        from cbctl.core.agent.node import redis_client_for
+        from cbctl.core.backends.redis.lanes import LaneQueue
+        from cbctl.core.agent.workload import generate
 
         if workflows < 0 or tasks_per_workflow < 1 or rate < 0 or not 0 <= fail_rate <= 1:
             raise BadInput("--workflows >= 0, --tasks-per-workflow >= 1, --rate >= 0 and 0 <= --fail-rate <= 1")

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from cbctl.core.errors import BadInput, CbctlError
+from cbctl.core.model.errors import BadInput, CbctlError
 
 if TYPE_CHECKING:
-    from cbctl.core.config import ConfigFile, Context
-    from cbctl.core.coord.base import Coordinator
+    from cbctl.core.model.config import ConfigFile, Context
+    from cbctl.core.backends.coord.base import Coordinator
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class AppState:
     output: OutputFormat = OutputFormat.table
 
     def config(self, *, missing_ok: bool = False) -> ConfigFile:
-        from cbctl.core.config import load_config
+        from cbctl.core.model.config import load_config
 
         return load_config(self.config_path, missing_ok=missing_ok)
 
@@ -82,7 +82,7 @@ def err(message: str) -> None:
     """A message for the human: stderr, never mixed into JSON on stdout. URL userinfo is
     redacted (a second line of defence: the config loader refuses credentials in URLs)."""
     if "://" in message:
-        from cbctl.core.config import redact_url
+        from cbctl.core.model.config import redact_url
 
         message = redact_url(message)
     print(message, file=sys.stderr, flush=True)
@@ -163,7 +163,7 @@ def run_sync(fn: Callable[[], T]) -> T:
 
 async def with_coordinator(st: AppState, body: Callable[[Context, Coordinator], Awaitable[T]]) -> T:
     """Open the context's coordinator, run ``body``, close it."""
-    from cbctl.core.coord import make_coordinator
+    from cbctl.core.backends.coord import make_coordinator
 
     ctx = st.context()
     coord = make_coordinator(ctx)

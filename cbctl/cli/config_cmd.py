@@ -17,7 +17,7 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 
     The file is validated as it is loaded (a credential inside a URL is refused there, exit 2);
     URL userinfo is redacted here as well, as a second line of defence."""
-    from cbctl.core.config import redacted
+    from cbctl.core.model.config import redacted
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -39,7 +39,7 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 @app.command("get-contexts")
 def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
     """List contexts; the current one is marked. URL userinfo is never shown."""
-    from cbctl.core.config import redact_url
+    from cbctl.core.model.config import redact_url
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -68,7 +68,7 @@ def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
 @app.command("use-context")
 def use_context(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Context to make current.")]) -> None:
     """Make NAME the current context."""
-    from cbctl.core.errors import ConfigError
+    from cbctl.core.model.errors import ConfigError
 
     st = state(ctx)
 
@@ -102,7 +102,7 @@ def set_context(
     use: Annotated[bool, typer.Option("--use/--no-use", help="Also make it the current context.")] = False,
 ) -> None:
     """Create or update a context. Secrets are given by reference only (env var name or file)."""
-    from cbctl.core.config import parse_context
+    from cbctl.core.model.config import parse_context
 
     st = state(ctx)
 

@@ -11,7 +11,7 @@ import typer
 from cbctl.cli.common import OutputFormat, OutputOpt, err, new_app, output_format, run, state
 
 if TYPE_CHECKING:
-    from cbctl.core.sse import StreamNotice
+    from cbctl.core.operator.sse_client import StreamNotice
 
 app = new_app("Lifecycle events: tail a node's event stream (SSE) as a subscriber.")
 
@@ -61,8 +61,8 @@ def tail(
     subscriber); 2 unknown node or bad option; 4 the node or the coordination store is unreachable,
     or (without --follow) the stream broke after it had started, so events may be missing.
     """
-    from cbctl.core.errors import BadInput
-    from cbctl.core.promql import parse_duration
+    from cbctl.core.model.errors import BadInput
+    from cbctl.core.backends.prometheus import parse_duration
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -80,7 +80,7 @@ def tail(
 
     async def body() -> int:
         from cbctl.cli.common import with_coordinator
-        from cbctl.core.registration import read_nodes
+        from cbctl.core.agent.registration import read_nodes
 
         async def resolve(c: Any, coord: Any) -> tuple[str, str]:
             views, _ = await read_nodes(coord, c.cluster)
@@ -94,12 +94,12 @@ def tail(
             else:
                 with_http = [v for v in live if v.http]
                 if not with_http:
-                    from cbctl.core.errors import BackendUnavailable
+                    from cbctl.core.model.errors import BackendUnavailable
 
                     raise BackendUnavailable(f"no live node with an HTTP address in cluster {c.cluster}")
                 chosen = with_http[0]
             if not chosen.http:
-                from cbctl.core.errors import BackendUnavailable
+                from cbctl.core.model.errors import BackendUnavailable
 
                 raise BackendUnavailable(f"node {chosen.node_id} has no HTTP address in its record")
             return chosen.node_id, chosen.http
@@ -115,12 +115,12 @@ def tail(
 
 async def _stream(node_id: str, address: str, workflow: str | None, subscriber: str, after: int | None,
                   follow: bool, duration: float | None, as_json: bool, quiet: bool = False) -> int:
-    """Render :func:`cbctl.core.sse.subscribe_events`: events on stdout, notices on stderr.
+    """Render :func:`cbctl.core.operator.sse_client.subscribe_events`: events on stdout, notices on stderr.
     Returns the exit code; cbctl errors propagate (``run`` maps them: refused 1/2, lost 4)."""
     from contextlib import aclosing
 
-    from cbctl.core.errors import CbctlError
-    from cbctl.core.sse import StreamNotice, subscribe_events
+    from cbctl.core.model.errors import CbctlError
+    from cbctl.core.operator.sse_client import StreamNotice, subscribe_events
 
     out = sys.stdout
     received = 0
@@ -145,7 +145,7 @@ async def _stream(node_id: str, address: str, workflow: str | None, subscriber: 
 
 
 def _notice(node_id: str, n: StreamNotice) -> str:
-    """The stderr line for a :class:`~cbctl.core.sse.StreamNotice`."""
+    """The stderr line for a :class:`~cbctl.core.operator.sse_client.StreamNotice`."""
     if n.kind == "refused":
         return (f"cbctl: node {node_id} refuses the subscription for now (HTTP {n.status}): {n.reason}; "
                 "asking again every second")

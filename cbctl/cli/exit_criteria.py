@@ -23,14 +23,14 @@ def exit_criteria(
     Exit 0 only when every criterion passes; missing evidence fails closed (exit 1); exit 4 when
     the coordination store or Prometheus is unreachable.
     """
-    from cbctl.core.promql import parse_duration
+    from cbctl.core.backends.prometheus import parse_duration
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> int:
         from cbctl.cli.common import with_coordinator
-        from cbctl.core.criteria import evaluate
+        from cbctl.core.operator.criteria import evaluate
 
         async def inner(c: Any, coord: Any) -> Any:
             if window is not None:

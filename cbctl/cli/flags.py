@@ -38,9 +38,9 @@ def get(
     output: OutputOpt = None,
 ) -> None:
     """Show the effective value of one flag or of all flags."""
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.errors import BadInput
-    from cbctl.core.rollout import FLAGS
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.errors import BadInput
+    from cbctl.core.model.rollout import FLAGS
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -79,8 +79,8 @@ def set_(
 ) -> None:
     """Set flags explicitly (overrides the stage plan until the next stage transition)."""
     from cbctl.cli.mutate import apply_plan
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.rollout import parse_flag_assignments
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.rollout import parse_flag_assignments
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -109,8 +109,8 @@ def diff(
     output: OutputOpt = None,
 ) -> None:
     """What moving to stage N would change (nothing is written)."""
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.lanesfile import parse_lanes_file
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.lanesfile import parse_lanes_file
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -10,7 +10,7 @@ import typer
 from cbctl.cli.common import OutputFormat, confirm, emit_json, err, show_diff
 
 if TYPE_CHECKING:
-    from cbctl.core.controlplane import ControlPlane, Plan, WaitResult
+    from cbctl.core.operator.controlplane import ControlPlane, Plan, WaitResult
 
 #: ``--ignore-missing NODE`` of every mutating command that waits.
 IgnoreMissingOpt = Annotated[

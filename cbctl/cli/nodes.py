@@ -21,7 +21,7 @@ def nodes(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Live nodes: host, instance, applied revision, lag behind the rollout, owned lanes,
     last heartbeat, recorded conflicts (duplicate or unstable node ids); and every expected
     node (`expected-nodes`) that is not live, as missing: it has not applied the rollout."""
-    from cbctl.core.registration import read_nodes
+    from cbctl.core.agent.registration import read_nodes
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -65,7 +65,7 @@ def nodes(ctx: typer.Context, output: OutputOpt = None) -> None:
 
 def lanes(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Lane ownership: owner node, fencing token (monotonic per acquisition) and since when."""
-    from cbctl.core.ownership import read_lanes
+    from cbctl.core.agent.ownership import read_lanes
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -29,10 +29,10 @@ def preflight(
     Exit 0 when nothing fails (warnings allowed), 1 when a check fails, 4 when the coordination
     store itself is unreachable. A full run is recorded; `stage advance` requires a recent pass.
     """
-    from cbctl.core.audit import current_actor
-    from cbctl.core.checks import PreflightOptions, record_preflight, run_preflight
-    from cbctl.core.coord import make_coordinator
-    from cbctl.core.errors import BackendUnavailable
+    from cbctl.core.model.audit import current_actor
+    from cbctl.core.operator.preflight import PreflightOptions, record_preflight, run_preflight
+    from cbctl.core.backends.coord import make_coordinator
+    from cbctl.core.model.errors import BackendUnavailable
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -49,8 +49,8 @@ def rollback(
 ) -> None:
     """Roll one capability back, independent of the stage; touches only its own flags."""
     from cbctl.cli.mutate import apply_plan
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.errors import BadInput
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.errors import BadInput
 
     st = state(ctx)
     fmt = output_format(ctx, output)

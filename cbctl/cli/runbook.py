@@ -1,6 +1,6 @@
 """`cbctl runbook list|show|run|runs`: on-call procedures as data (runbooks/*.yaml).
 
-The runbook model and executor live in :mod:`cbctl.core.runbook`; this module gives the
+The runbook model and executor live in :mod:`cbctl.core.operator.runbook`; this module gives the
 executor a way to run ``cbctl`` in-process (:func:`in_process_runner`), to ask, to print
 progress on stderr, to query Prometheus and to record the run in the coordination store.
 """
@@ -37,7 +37,7 @@ from cbctl.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from cbctl.core.runbook import Runbook
+    from cbctl.core.operator.runbook import Runbook
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ app = new_app("On-call procedures as data: list, show and run runbooks (runbooks
 
 def _complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
     """Runbook names for tab completion: file names only, nothing parsed (it runs per key press)."""
-    from cbctl.core.runbook import default_runbooks_dir
+    from cbctl.core.operator.runbook import default_runbooks_dir
 
     directory = ctx.params.get("directory") or default_runbooks_dir()
     try:
@@ -72,7 +72,7 @@ def _call(fn: Callable[[], T]) -> T:
     Not ``common.run_sync``: that runs the body inside an event loop, and the steps of a
     runbook start their own (``asyncio.run`` cannot nest).
     """
-    from cbctl.core.errors import CbctlError
+    from cbctl.core.model.errors import CbctlError
 
     try:
         return fn()
@@ -85,7 +85,7 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 def _dir(directory: Path | None) -> Path:
-    from cbctl.core.runbook import default_runbooks_dir
+    from cbctl.core.operator.runbook import default_runbooks_dir
 
     return directory if directory is not None else default_runbooks_dir()
 
@@ -230,7 +230,7 @@ def in_process_runner(st: AppState, *, secrets: Sequence[str] = ()) -> Callable[
 
 
 def _redact(text: str, secrets: Sequence[str]) -> str:
-    from cbctl.core.runbook import SECRET_PLACEHOLDER
+    from cbctl.core.operator.runbook import SECRET_PLACEHOLDER
 
     for value in secrets:
         if value:
@@ -251,7 +251,7 @@ def check_cbctl_argv(argv: Sequence[str], root: Any = None, *, shown: str | None
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
     from typer.core import TyperGroup
 
-    from cbctl.core.errors import BadInput
+    from cbctl.core.model.errors import BadInput
 
     shown = shown if shown is not None else shlex.join(argv)
     root = root if root is not None else _root_command()
@@ -281,8 +281,8 @@ def validate_commands(rb: Runbook, values: Mapping[str, str], *, directory: Path
     is followed: that runbook must exist (in its ``--dir``, else ``directory``, else the
     default), get its required variables and parse too.
     Raises ``RunbookError`` (``FILE:LINE: step N: ...``)."""
-    from cbctl.core.errors import BadInput, NotFound
-    from cbctl.core.runbook import (
+    from cbctl.core.model.errors import BadInput, NotFound
+    from cbctl.core.operator.runbook import (
         SECRET_PLACEHOLDER,
         RunbookError,
         find_runbook,
@@ -323,7 +323,7 @@ def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None
 
     Invalid runbook files are reported on stderr with FILE:LINE and make the exit code 2.
     """
-    from cbctl.core.runbook import load_all
+    from cbctl.core.operator.runbook import load_all
 
     fmt = output_format(ctx, output)
 
@@ -347,7 +347,7 @@ def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None
 @app.command("show")
 def show(ctx: typer.Context, name: NameArg, directory: DirOpt = None, output: OutputOpt = None) -> None:
     """A runbook's summary, variables and steps (with their line numbers)."""
-    from cbctl.core.runbook import find_runbook
+    from cbctl.core.operator.runbook import find_runbook
 
     fmt = output_format(ctx, output)
 
@@ -392,8 +392,8 @@ def run_(
     recorded, with the step reached, the resume line and any rollback left in place. --dry-run
     shows the steps with variables substituted and runs and records nothing.
     """
-    from cbctl.core.errors import BadInput
-    from cbctl.core.runbook import (
+    from cbctl.core.model.errors import BadInput
+    from cbctl.core.operator.runbook import (
         ENV_DIR,
         RunbookExecutor,
         find_runbook,
@@ -527,9 +527,9 @@ def _report_drill(st: AppState, result: Any) -> None:
     """A completed run of a declared drill: say at once whether it proves the rollback."""
     import asyncio
 
-    from cbctl.core.drills import judge_run, read_audit
-    from cbctl.core.errors import CbctlError
-    from cbctl.core.runbook import list_runs
+    from cbctl.core.operator.drills import judge_run, read_audit
+    from cbctl.core.model.errors import CbctlError
+    from cbctl.core.operator.runbook import list_runs
 
     async def judge() -> Any:
         async def inner(c: Any, coord: Any) -> Any:
@@ -554,7 +554,7 @@ def _report_drill(st: AppState, result: Any) -> None:
 def _check_resumes(st: AppState, rb: Runbook, run_id: str, from_step: int) -> None:
     import asyncio
 
-    from cbctl.core.runbook import check_resumable, get_run
+    from cbctl.core.operator.runbook import check_resumable, get_run
 
     async def read() -> Any:
         async def inner(c: Any, coord: Any) -> Any:
@@ -568,7 +568,7 @@ def _check_resumes(st: AppState, rb: Runbook, run_id: str, from_step: int) -> No
 def _overrides_reader(st: AppState) -> Callable[[Any], list[dict[str, Any]]]:
     import asyncio
 
-    from cbctl.core.drills import overrides_in_force
+    from cbctl.core.operator.drills import overrides_in_force
 
     def read(record: Any) -> list[dict[str, Any]]:
         async def inner(c: Any, coord: Any) -> list[dict[str, Any]]:
@@ -605,7 +605,7 @@ def _recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
     in-process step opens its own event loop, so no connection outlives a step)."""
     import asyncio
 
-    from cbctl.core.runbook import save_run
+    from cbctl.core.operator.runbook import save_run
 
     def record(data: dict[str, Any]) -> int:
         async def write() -> int:
@@ -621,11 +621,11 @@ def _recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
 
 def _prom_query(st: AppState) -> Callable[[str], list[float]]:
     """A runbook ``check:`` is judged like a gate: scoped to the context's cluster and evaluated
-    at the settled instant (``cbctl.core.gates.instant_values``), so a check and ``watch``
+    at the settled instant (``cbctl.core.operator.gates.instant_values``), so a check and ``watch``
     agree on the same data."""
     import asyncio
 
-    from cbctl.core.gates import instant_values
+    from cbctl.core.operator.gates import instant_values
 
     ctx = st.context()
 
@@ -642,7 +642,7 @@ def runs(
     output: OutputOpt = None,
 ) -> None:
     """Recorded runs (newest last): status, who, when, where a failed run stopped."""
-    from cbctl.core.runbook import list_runs
+    from cbctl.core.operator.runbook import list_runs
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -38,8 +38,8 @@ ForOpt = Annotated[
 
 def _dir(ctx: typer.Context, given: Path | None) -> Path:
     """--dir, else the ``sandbox.dir`` of the config's sandbox context, else the default."""
-    from cbctl.core.config import load_config
-    from cbctl.core.errors import ConfigError
+    from cbctl.core.model.config import load_config
+    from cbctl.core.model.errors import ConfigError
     from cbctl.sandbox.cluster import CONTEXT_NAME, default_sandbox_dir
 
     if given is not None:
@@ -159,8 +159,8 @@ def _act(ctx: typer.Context, directory: Path | None, action: Any, *args: Any) ->
 
 
 def _duration(text: str, what: str) -> float:
-    from cbctl.core.errors import BadInput
-    from cbctl.core.promql import parse_duration
+    from cbctl.core.model.errors import BadInput
+    from cbctl.core.backends.prometheus import parse_duration
 
     try:
         return parse_duration(text, what=what)

@@ -41,13 +41,13 @@ def send(
     """
     import json
 
-    from cbctl.core.errors import BadInput
+    from cbctl.core.model.errors import BadInput
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> dict[str, Any]:
-        from cbctl.core.signals import send_signal
+        from cbctl.core.agent.signals import send_signal
 
         if payload is None:
             value: Any = {}

@@ -45,8 +45,8 @@ def status_json(doc: Any, revision: int) -> dict[str, Any]:
 @app.command("status")
 def status(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Stage, document revision, every flag, active rollback overrides, canary sets."""
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.rollout import STAGES
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.rollout import STAGES
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -110,11 +110,11 @@ def advance(
     advance would be refused.
     """
     from cbctl.cli.mutate import apply_plan
-    from cbctl.core.controlplane import ControlPlane
-    from cbctl.core.errors import BadInput, CheckFailed
-    from cbctl.core.durations import parse_duration
-    from cbctl.core.gates import advance_gate_check
-    from cbctl.core.lanesfile import parse_lanes_file
+    from cbctl.core.operator.controlplane import ControlPlane
+    from cbctl.core.model.errors import BadInput, CheckFailed
+    from cbctl.core.model.durations import parse_duration
+    from cbctl.core.operator.gates import advance_gate_check
+    from cbctl.core.model.lanesfile import parse_lanes_file
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -168,7 +168,7 @@ def advance(
 @app.command("history")
 def history(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Every audited mutation: time, actor, command, reason, from/to revision, flag diff."""
-    from cbctl.core.controlplane import ControlPlane
+    from cbctl.core.operator.controlplane import ControlPlane
 
     st = state(ctx)
     fmt = output_format(ctx, output)

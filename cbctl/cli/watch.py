@@ -11,7 +11,7 @@ import typer
 from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, run, state
 
 if TYPE_CHECKING:
-    from cbctl.core.gates import WatchRow
+    from cbctl.core.operator.gates import WatchRow
 
 app = command_app()  # a single command
 
@@ -87,25 +87,25 @@ def watch(
     A live dashboard on a terminal; otherwise one table (or one JSON object per line) per
     refresh. Exit 1 with --fail-on-breach when a threshold breaks, 4 when Prometheus is down.
     """
-    from cbctl.core.errors import BadInput
-    from cbctl.core.promql import parse_duration
+    from cbctl.core.model.errors import BadInput
+    from cbctl.core.backends.prometheus import parse_duration
 
     st = state(ctx)
     fmt = output_format(ctx, output)
 
     async def body() -> int:
-        from cbctl.core.gates import gate_config, watch_snapshot
-        from cbctl.core.promql import PromClient
-        from cbctl.core.rollout import STAGES
+        from cbctl.core.operator.gates import gate_config, watch_snapshot
+        from cbctl.core.backends.prometheus import PromClient
+        from cbctl.core.model.rollout import STAGES
 
         step = parse_duration(interval, what="--interval")
         total = parse_duration(for_, what="--for") if for_ else None
         if points < 1:
             raise BadInput(f"--points: must be >= 1, got {points}")
         from cbctl.cli.common import with_coordinator
-        from cbctl.core.controlplane import ControlPlane
-        from cbctl.core.errors import BackendUnavailable
-        from cbctl.core.gates import stage_entry
+        from cbctl.core.operator.controlplane import ControlPlane
+        from cbctl.core.model.errors import BackendUnavailable
+        from cbctl.core.operator.gates import stage_entry
 
         c = st.context()
         cfg = gate_config(c)
@@ -174,7 +174,7 @@ async def _live(c: Any, stage: int, cfg: Any, prom: Any, step: float, points: in
     from rich.console import Console
     from rich.live import Live
 
-    from cbctl.core.gates import watch_snapshot
+    from cbctl.core.operator.gates import watch_snapshot
 
     console = Console(markup=False, highlight=False)  # honours NO_COLOR by itself
     with Live(console=console, auto_refresh=False, transient=False) as live:

@@ -456,7 +456,7 @@ def _write_agent_config(path: Path, context: Mapping[str, Any]) -> None:
 
 def _write_user_config(config_path: str | os.PathLike[str] | None, context: Mapping[str, Any]) -> Path:
     """Put the sandbox context into the contexts file (others untouched) and make it current."""
-    from cbctl.core.config import load_config
+    from cbctl.core.model.config import load_config
 
     cfg = load_config(config_path, missing_ok=True)
     cfg.raw.setdefault("contexts", {})[CONTEXT_NAME] = dict(context)
@@ -580,7 +580,7 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
         ctx_table = sandbox_context(etcd=etcd, nats=nats, redis=redis, prometheus=prometheus, chrony=chrony,
                                     nodes=node_ids, lane_count=n_lanes, sandbox_dir=d)
         _write_agent_config(sb.agent_config_path, ctx_table)
-        from cbctl.core.config import lane_names
+        from cbctl.core.model.config import lane_names
 
         sb.canary_path.write_text(
             "# canary lanes of the sandbox (stage 2): the first quarter of the inventory\n"
@@ -650,10 +650,10 @@ def _provision_stream(agent_config: Path) -> None:
     """
     import asyncio
 
-    from cbctl.core.bus.natsconn import connect_nats
-    from cbctl.core.bus.stream import ensure_stream
-    from cbctl.core.config import load_config
-    from cbctl.core.errors import CbctlError
+    from cbctl.core.backends.nats.connect import connect_nats
+    from cbctl.core.backends.nats.stream import ensure_stream
+    from cbctl.core.model.config import load_config
+    from cbctl.core.model.errors import CbctlError
 
     ctx = load_config(agent_config).context(CONTEXT_NAME)
 

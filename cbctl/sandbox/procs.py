@@ -905,7 +905,7 @@ class RedisServer(Service):
     Persistent by default, as production must be: ``appendonly yes`` with ``appendfsync
     everysec`` (the AOF in the data dir, which a restart keeps), so a restart keeps the fences,
     seqs and applied markers (preflight fails on a Redis without AOF, see
-    :func:`cbctl.core.checks.check_redis`).  ``appendonly=False`` (a restart starts empty) and
+    :func:`cbctl.core.operator.preflight.check_redis`).  ``appendonly=False`` (a restart starts empty) and
     ``appendfsync`` (``always`` / ``everysec`` / ``no``) exist for tests of exactly those
     settings.  RDB snapshots are off.  ``requirepass`` goes only into the mode-0600 config file.
     """

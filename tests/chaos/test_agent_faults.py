@@ -21,15 +21,15 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from cbctl.core.agent import NodeAgent, redis_client_for
-from cbctl.core.assignment import assign
-from cbctl.core.config import Context, load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.lanes import LaneGuard, LaneKeys, LaneQueue, lane_for
-from cbctl.core.ownership import read_lanes
-from cbctl.core.workload import WorkloadReport, workflow_transitions
+from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.model.assignment import assign
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneKeys, LaneQueue, lane_for
+from cbctl.core.agent.ownership import read_lanes
+from cbctl.core.agent.workload import WorkloadReport, workflow_transitions
 from cbctl.sandbox import EtcdServer, RedisServer
 from cbctl.sandbox.waiting import async_wait_until
 from tests.integration.test_agent import (

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.config import load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.workload import generate
+from cbctl.core.model.config import load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import write_config
 from tests.integration.test_agent import AgentProcess, advance, all_processed, read_record, redis_client_for, wait_record
@@ -124,8 +124,8 @@ async def test_bus_close_is_bounded_and_keeps_unacked_events(
     NATS frozen is the case that hung: the socket stays open, no ack ever comes, and each batch
     waited ``ack_timeout`` plus three retries (about 8 s) before its events were buffered; a close
     of the connection behind a full socket buffer can wait forever."""
-    from cbctl.core.agent import NodeAgent
-    from cbctl.core.agent_bus import attach_bus
+    from cbctl.core.agent.node import NodeAgent
+    from cbctl.core.agent.bus.attach import attach_bus
     from tests.integration.test_agent_bus import STREAMING, bus_config, check_stream_exactly_once, wait_applied
     from tests.integration.test_agent import set_flags
 

@@ -7,7 +7,7 @@ sandbox -- run the bus at stage 3 under a workload, and
 both rollback drills run in the middle of it: ``rollback event-bus`` then ``--clear`` (the
 bridges stop consuming and start again on a backlog published meanwhile by every node), then
 ``rollback coordination`` then ``--clear``.  A subscriber streams every workflow through one
-node's bridge (a :class:`~cbctl.core.bus.bridge.Subscription`) the whole time.
+node's bridge (a :class:`~cbctl.core.agent.bus.bridge.Subscription`) the whole time.
 
 What must hold (the issue saw 81 ordering violations and "seq 9..10 missing after 2.4s;
 skipping ahead" within 13 s of ``rollback event-bus --clear`` on a busy machine):
@@ -32,13 +32,13 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.agent_bus import AgentBus
-from cbctl.core.events import Event
-from cbctl.core.config import Context
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.workload import WorkloadReport, generate
+from cbctl.core.agent.bus.attach import AgentBus
+from cbctl.core.model.events import Event
+from cbctl.core.model.config import Context
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import AgentProcess, advance, all_processed, http_get, metric_value, wait_record
 from tests.integration.test_agent_bus import check_stream_exactly_once, metric, wait_applied

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.agent import NodeAgent
-from cbctl.core.bus.outbox import Outbox, OutboxMessage
-from cbctl.core.config import Context, default_stream_name, load_config
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.events import msg_id
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.workload import WorkloadReport, generate, workflow_transitions
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
+from cbctl.core.model.config import Context, default_stream_name, load_config
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.events import msg_id
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import CBCTL
 from tests.integration.test_agent import AgentProcess, all_processed, http_get, metric_value
@@ -197,7 +197,7 @@ async def test_sigkilled_agent_with_full_outbox_delivers_after_restart(
 
 
 async def _record(coord: Coordinator, ctx: Context, node_id: str) -> dict[str, Any] | None:
-    from cbctl.core import keys
+    from cbctl.core.model import keys
 
     kv = await coord.get(keys.node(ctx.cluster, node_id))
     return None if kv is None else kv.json()

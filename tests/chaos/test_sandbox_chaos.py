@@ -67,7 +67,7 @@ class Sbx:
 
     def record(self, node: str) -> dict[str, Any] | None:
         """The node's registration record, read through etcd's JSON gateway."""
-        from cbctl.core import keys
+        from cbctl.core.model import keys
 
         key = base64.b64encode(keys.node("sandbox", node).encode()).decode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port('etcd')}/v3/kv/range",

@@ -21,18 +21,18 @@ from typing import Any
 
 import pytest
 
-from cbctl.core import keys
-from cbctl.core.agent import AppliedUpdate, NodeAgent, redis_client_for
-from cbctl.core.assignment import assign
-from cbctl.core.config import Context, load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.errors import BadInput
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.ownership import read_lanes
-from cbctl.core.registration import read_refusals
-from cbctl.core.workload import WorkloadReport, generate
+from cbctl.core.model import keys
+from cbctl.core.agent.node import AppliedUpdate, NodeAgent, redis_client_for
+from cbctl.core.model.assignment import assign
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.errors import BadInput
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.ownership import read_lanes
+from cbctl.core.agent.registration import read_refusals
+from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import CBCTL, cbctl_proc, write_config
 
@@ -600,7 +600,7 @@ async def test_publish_hook_failure_leaves_task_unacked_and_redelivers(coord: Co
 
 
 async def test_nodes_lag_counts_transitions_behind(coord: Coordinator, ctx: Context) -> None:
-    from cbctl.core.registration import read_nodes
+    from cbctl.core.agent.registration import read_nodes
 
     cp = ControlPlane(ctx, coord)
     r1 = await set_flags(cp, signals__routing="all")

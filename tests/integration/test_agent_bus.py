@@ -1,6 +1,6 @@
 """The event bus inside node agents, against real etcd, nats-server and redis-server.
 
-Several in-process NodeAgents with :func:`cbctl.core.agent_bus.attach_bus`; subscribers are real
+Several in-process NodeAgents with :func:`cbctl.core.agent.bus.attach.attach_bus`; subscribers are real
 HTTP SSE clients (httpx).  Helpers here are also used by ``tests/chaos/test_bus_faults.py``.
 """
 
@@ -18,16 +18,16 @@ import httpx
 import nats as nats_client
 import pytest
 
-from cbctl.core.agent import NodeAgent, redis_client_for
-from cbctl.core.agent_bus import AgentBus, attach_bus
-from cbctl.core.config import Context, default_stream_name, load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.events import subject
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.sse import SseParser
-from cbctl.core.workload import WorkloadReport, generate
+from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.agent.bus.attach import AgentBus, attach_bus
+from cbctl.core.model.config import Context, default_stream_name, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.events import subject
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.operator.sse_client import SseParser
+from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import cbctl_proc, write_config
 from tests.integration.test_agent import all_processed, set_flags
@@ -383,7 +383,7 @@ async def test_wrong_credentials_fail_at_start(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """A clear AuthFailed (exit 4) from the agent's start; nothing left running; no secret shown."""
-    from cbctl.core.errors import AuthFailed
+    from cbctl.core.model.errors import AuthFailed
 
     server = NatsServer(tmp_path_factory.mktemp("nats-auth"), user="svc", password="right-pass")
     server.start()
@@ -411,7 +411,7 @@ async def test_wrong_credentials_fail_at_start(
 
 
 def _ev(seq: int, workflow_id: str = "wf-1") -> Any:
-    from cbctl.core.events import make_event
+    from cbctl.core.model.events import make_event
 
     return make_event(workflow_id=workflow_id, seq=seq, type="task", lane="lane-0", node_id="node-a")
 
@@ -429,7 +429,7 @@ async def test_local_stream_orders_concurrent_publishers() -> None:
     """Lane worker and signal router publish one workflow concurrently: seq N+1 finishing first
     waits for N (not dropped); legit gaps delay nothing; a stuck seq is given up on (only when a
     time limit is configured) and counted once."""
-    from cbctl.core.agent_bus import LocalStream
+    from cbctl.core.agent.bus.attach import LocalStream
 
     ls = LocalStream(gap_timeout=0.2)
     one, every = ls.subscribe("wf-1"), ls.subscribe(None)
@@ -490,7 +490,7 @@ async def test_bridge_connection_task_restarts_after_a_crash(
 ) -> None:
     """An unexpected error in the bridge's connection task closes its connection, is logged,
     and the task comes back (with backoff) instead of dying silently."""
-    from cbctl.core import agent_bus
+    from cbctl.core.agent.bus import attach as agent_bus
 
     real_start = agent_bus.Bridge.start
     crashed: list[Any] = []
@@ -530,9 +530,9 @@ async def test_subscribe_events_client(monkeypatch: pytest.MonkeyPatch) -> None:
     a stream broken after connecting (exit 4 without --follow), a clean `event: end`."""
     from aiohttp import web
 
-    from cbctl.core import sse
-    from cbctl.core.errors import BackendUnavailable
-    from cbctl.core.sse import StreamEvent, StreamNotice, SubscriptionRefused, subscribe_events
+    from cbctl.core.operator import sse_client as sse
+    from cbctl.core.model.errors import BackendUnavailable
+    from cbctl.core.operator.sse_client import StreamEvent, StreamNotice, SubscriptionRefused, subscribe_events
 
     monkeypatch.setattr(sse, "RETRY_SECONDS", 0.05)
     calls: list[int] = []

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from cbctl.core import keys
-from cbctl.core.agent import NodeAgent
-from cbctl.core.config import Context
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator, LeaseKeeper
-from cbctl.core.errors import BadInput
-from cbctl.core.ownership import acquire_lane
+from cbctl.core.model import keys
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.model.config import Context
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator, LeaseKeeper
+from cbctl.core.model.errors import BadInput
+from cbctl.core.agent.ownership import acquire_lane
 from cbctl.sandbox.waiting import async_wait_until
 from tests.integration.test_agent import (  # noqa: F401 - fixtures used by name
     advance,
@@ -130,7 +130,7 @@ async def test_lease_keeper_deadline_counts_from_the_grant(tmp_path: Path, uniqu
                                                            shared_redis: Any) -> None:
     """Registration took 4.8 s of a 6 s lease: with etcd frozen the keeper must declare the lease
     lost at its first failed refresh (~1 s), not 5 s after it started (past the real expiry)."""
-    from cbctl.core.config import load_config
+    from cbctl.core.model.config import load_config
 
     ctx = load_config(agent_config(tmp_path / "c.toml", unique_cluster, etcd.client_url, shared_redis.url)).context()
     coord = make_coordinator(ctx)

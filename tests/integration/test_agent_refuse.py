@@ -3,8 +3,8 @@
 The live node is a real `cbctl agent run` process with the event bus, working through a
 workload while the duplicate is started and refused.  Checked, before and after the refusal:
 the live node's record (identity fields), its identity binding and the conflict records in the
-store, its preflight rows (cbctl.core.checks) and the store part of the exit criteria
-(cbctl.core.criteria).  The refused process must exit 3 without starting its event bus or
+store, its preflight rows (cbctl.core.operator.preflight) and the store part of the exit criteria
+(cbctl.core.operator.criteria).  The refused process must exit 3 without starting its event bus or
 writing its machine identity, and the refusal is reported on a lease of its own.
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from cbctl.core import keys
-from cbctl.core.checks import check_node_ids, check_nodes, read_snapshot
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.criteria import criterion_ownership
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.registration import MACHINE_ID_FILE, clear_conflicts, read_refusals
-from cbctl.core.workload import generate
+from cbctl.core.model import keys
+from cbctl.core.operator.preflight import check_node_ids, check_nodes, read_snapshot
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.operator.criteria import criterion_ownership
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.registration import MACHINE_ID_FILE, clear_conflicts, read_refusals
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import CBCTL, write_config
 from tests.integration.test_agent import AgentProcess, all_processed, check_exactly_once, redis_client_for, wait_record

@@ -25,15 +25,15 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from cbctl.core.bus.bridge import Bridge, SubscriberLagged, Subscription
-from cbctl.core.bus.natsconn import connect_nats
-from cbctl.core.bus.outbox import Outbox, OutboxMessage
-from cbctl.core.bus.publisher import Publisher
-from cbctl.core.bus.stream import ensure_stream, verify_stream
-from cbctl.core.config import NatsConfig, SecretRef, StreamConfig, TLSConfig
-from cbctl.core.errors import AuthFailed, BackendUnavailable
-from cbctl.core.events import Event, decode_event, encode_event, make_event, msg_id, subject
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.agent.bus.bridge import Bridge, SubscriberLagged, Subscription
+from cbctl.core.backends.nats.connect import connect_nats
+from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
+from cbctl.core.agent.bus.publisher import Publisher
+from cbctl.core.backends.nats.stream import ensure_stream, verify_stream
+from cbctl.core.model.config import NatsConfig, SecretRef, StreamConfig, TLSConfig
+from cbctl.core.model.errors import AuthFailed, BackendUnavailable
+from cbctl.core.model.events import Event, decode_event, encode_event, make_event, msg_id, subject
+from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, async_wait_until, free_port
 
 pytestmark = pytest.mark.integration
@@ -295,12 +295,12 @@ async def test_degraded_mode_buffers_and_drains_in_order(nats: NatsServer, tmp_p
 _CRASH_CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from cbctl.core.bus.natsconn import connect_nats
-    from cbctl.core.bus.outbox import Outbox
-    from cbctl.core.bus.publisher import Publisher
-    from cbctl.core.config import NatsConfig
-    from cbctl.core.events import make_event
-    from cbctl.core.metrics import AgentMetrics
+    from cbctl.core.backends.nats.connect import connect_nats
+    from cbctl.core.agent.bus.outbox import Outbox
+    from cbctl.core.agent.bus.publisher import Publisher
+    from cbctl.core.model.config import NatsConfig
+    from cbctl.core.model.events import make_event
+    from cbctl.core.model.metrics import AgentMetrics
 
     async def main():
         cfg = NatsConfig(servers=(sys.argv[2],))

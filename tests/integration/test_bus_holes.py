@@ -1,6 +1,6 @@
 """Issue 9 regressions for the event bus, against real etcd, nats-server and redis-server.
 
-* No holes: the fencing guard's publish marker (cbctl/core/lanes.py) makes every node publish a
+* No holes: the fencing guard's publish marker (cbctl/core/backends/redis/lanes.py) makes every node publish a
   workflow's events once its publishing began, so a flag transition applied at different times
   by different nodes (off -> shadow -> on, cluster.enabled false -> true, competing consumers)
   leaves no seq hole in the stream.  One test reproduces the issue's hole deterministically (a
@@ -23,17 +23,17 @@ from typing import Any
 import nats as nats_client
 import pytest
 
-from cbctl.core.agent import NodeAgent
-from cbctl.core.agent_bus import AgentBus, attach_bus
-from cbctl.core.bus.bridge import Bridge, GapFill
-from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import Context, StreamConfig, default_stream_name
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.events import encode_event, make_event, msg_id, subject
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.metrics import AgentMetrics
-from cbctl.core.workload import WorkloadReport, generate, workflow_transitions
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.bus.attach import AgentBus, attach_bus
+from cbctl.core.agent.bus.bridge import Bridge, GapFill
+from cbctl.core.backends.nats.stream import ensure_stream
+from cbctl.core.model.config import Context, StreamConfig, default_stream_name
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.events import encode_event, make_event, msg_id, subject
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed, set_flags
 from tests.integration.test_agent_bus import KEEPALIVE, TTL, SseReader, metric, stream_event_ids, wait_applied
@@ -337,9 +337,9 @@ async def test_flag_transition_hole_reproduced_deterministically(
     still off), 5 (a), 6 (b).  The stream must hold 3, 4, 5, 6: seq 4 and 6 are published by
     the lagging node because the guard's publish marker says the workflow's publishing began.
     Deciding from each node's own flags drops 4 and 6 (the hole seen in the issue)."""
-    from cbctl.core.agent import redis_client_for
-    from cbctl.core.config import load_config
-    from cbctl.core.coord import make_coordinator
+    from cbctl.core.agent.node import redis_client_for
+    from cbctl.core.model.config import load_config
+    from cbctl.core.backends.coord import make_coordinator
     from tests.integration.test_agent_bus import bus_config
 
     config = bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url,

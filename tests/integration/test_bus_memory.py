@@ -16,11 +16,11 @@ from typing import Any
 import nats as nats_client
 import pytest
 
-from cbctl.core.bus.bridge import Bridge, _Forgotten, _IdWindow, _MsgWindow
-from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import StreamConfig
-from cbctl.core.events import deterministic_event_id, encode_event, msg_id, subject
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.agent.bus.bridge import Bridge, _Forgotten, _IdWindow, _MsgWindow
+from cbctl.core.backends.nats.stream import ensure_stream
+from cbctl.core.model.config import StreamConfig
+from cbctl.core.model.events import deterministic_event_id, encode_event, msg_id, subject
+from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_bus import collect, ev, metric
 

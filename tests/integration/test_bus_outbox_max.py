@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.agent import NodeAgent
-from cbctl.core.agent_bus import attach_bus
-from cbctl.core.bus.outbox import DEFAULT_MAX_DEPTH
-from cbctl.core.config import Context, load_config
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.errors import ConfigError
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.workload import generate
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.bus.attach import attach_bus
+from cbctl.core.agent.bus.outbox import DEFAULT_MAX_DEPTH
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.errors import ConfigError
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed
 from tests.integration.test_agent_bus import (

@@ -26,17 +26,17 @@ from typing import Any
 import nats as nats_client
 import pytest
 
-from cbctl.core.agent import NodeAgent
-from cbctl.core.agent_bus import AgentBus, fill_from_record
-from cbctl.core.bus.bridge import Bridge, Subscription
-from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import Context
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.events import Event, encode_event, msg_id, subject
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.metrics import AgentMetrics
-from cbctl.core.workload import generate
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.bus.attach import AgentBus, fill_from_record
+from cbctl.core.agent.bus.bridge import Bridge, Subscription
+from cbctl.core.backends.nats.stream import ensure_stream
+from cbctl.core.model.config import Context
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model.events import Event, encode_event, msg_id, subject
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed, set_flags
 from tests.integration.test_agent_bus import STREAMING, metric, wait_applied, wait_lanes_spread

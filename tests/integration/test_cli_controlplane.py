@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core import keys
-from cbctl.core.config import load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.errors import Conflict
+from cbctl.core.model import keys
+from cbctl.core.model.config import load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.model.errors import Conflict
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -1,4 +1,4 @@
-"""The Coordinator contract (cbctl/core/coord/base.py), run against every backend.
+"""The Coordinator contract (cbctl/core/backends/coord/base.py), run against every backend.
 
 ``backend`` is ``etcd`` (always: a real etcd from ``cbctl.sandbox``) and ``consul`` (only when
 ``CBCTL_TEST_CONSUL_URL`` names a Consul agent — none exists on the development machines;
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from cbctl.core.config import Secret
-from cbctl.core.coord.base import Coordinator, LeaseKeeper, WatchEvent
-from cbctl.core.coord.etcd import EtcdCoordinator
-from cbctl.core.errors import AuthFailed, BackendUnavailable, CbctlError, Conflict, LeaseLost
+from cbctl.core.model.config import Secret
+from cbctl.core.backends.coord.base import Coordinator, LeaseKeeper, WatchEvent
+from cbctl.core.backends.coord.etcd import EtcdCoordinator
+from cbctl.core.model.errors import AuthFailed, BackendUnavailable, CbctlError, Conflict, LeaseLost
 from cbctl.sandbox import EtcdCluster, EtcdServer, async_wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -54,7 +54,7 @@ async def store(request: pytest.FixtureRequest, unique_cluster: str) -> AsyncIte
         # etcd may grant more than asked (its minimum TTL); the grant reports it.
         s = Store(coord, prefix, ttl=1.0, expiry_slack=3.0)
     else:
-        from cbctl.core.coord.consul import ConsulCoordinator
+        from cbctl.core.backends.coord.consul import ConsulCoordinator
 
         token = os.environ.get("CBCTL_TEST_CONSUL_TOKEN")
         coord = ConsulCoordinator([CONSUL_URL or ""], timeout=3.0,

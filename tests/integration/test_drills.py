@@ -1,5 +1,5 @@
 """Rollback drills against a real etcd: what `cbctl exit-criteria` accepts as proof that a
-capability's rollback works (cbctl/core/drills.py).
+capability's rollback works (cbctl/core/operator/drills.py).
 
 Each test runs real `cbctl runbook run` commands (in-process) that really write the rollout
 document and its audit log, then asks the exit criterion. Prometheus is deliberately absent:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import start_http_server
 
-from cbctl.core import keys
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.gates import evaluate_rules, gate_config
-from cbctl.core.metrics import AgentMetrics
-from cbctl.core.promql import PromClient
+from cbctl.core.model import keys
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.operator.gates import evaluate_rules, gate_config
+from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox.procs import free_port
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_run, write_config
@@ -84,7 +84,7 @@ async def wait_value(url: str, expr: str, value: float, timeout: float = 20.0) -
 
 async def wait_gates_pass(ctx, stage: int, timeout: float = 30.0) -> None:
     """Until every gate of ``stage`` passes, evaluated exactly as `stage advance` does."""
-    from cbctl.core.gates import stage_gates
+    from cbctl.core.operator.gates import stage_gates
 
     async def passing() -> bool:
         coord = make_coordinator(ctx)
@@ -283,7 +283,7 @@ def test_exit_criteria_pass_after_a_clean_run(tmp_path: Path, shared_etcd, prome
     assert by["no-degraded"]["status"] == "pass", by["no-degraded"]
     assert by["ordered-streaming"]["status"] == "pass", by["ordered-streaming"]
     assert by["ownership"]["status"] == "pass", by["ownership"]
-    # Run records alone prove no drill (cbctl/core/drills.py wants audit evidence; its own
+    # Run records alone prove no drill (cbctl/core/operator/drills.py wants audit evidence; its own
     # tests cover that): the metric criteria pass, the rollout is not done.
     assert by["rollback-runbooks"]["status"] == "fail"
     assert code == 1

@@ -14,9 +14,9 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cbctl.core.errors import BackendUnavailable, StaleFencingToken
-from cbctl.core.lanes import ApplyRequest, LaneGuard, LaneKeys, LaneQueue, lane_for, redis_client
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
+from cbctl.core.backends.redis.lanes import ApplyRequest, LaneGuard, LaneKeys, LaneQueue, lane_for, redis_client
+from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ async def test_guard_decision_per_mode(
     assert await guard.raise_fence(lane, 10) == 10
     before = decisions(metrics)
     if decision == "deny":
-        with caplog.at_level("WARNING", logger="cbctl.core.lanes"):
+        with caplog.at_level("WARNING", logger="cbctl.core.backends.redis.lanes"):
             with pytest.raises(StaleFencingToken) as exc:
                 await guard.apply(lane, token, mode, "wf-1", "task-1", {"state": "running"})
         assert (exc.value.lane, exc.value.token, exc.value.current_token) == (lane, 9, 10)

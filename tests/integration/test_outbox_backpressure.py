@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.config import Context
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.lanes import LaneGuard, LaneQueue
-from cbctl.core.workload import generate
+from cbctl.core.model.config import Context
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed
 from tests.integration.test_agent_bus import check_stream_exactly_once, streaming, wait_applied, wait_lanes_spread
@@ -34,7 +34,7 @@ async def test_full_outbox_stops_taking_tasks_drops_nothing_then_drains(
     bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="cbctl.core.bus.outbox")
+    caplog.set_level(logging.WARNING, logger="cbctl.core.agent.bus.outbox")
     a, bus = await bus_agents("node-a")
     rev = await streaming(coord, bus_ctx)
     await wait_applied([a], rev)

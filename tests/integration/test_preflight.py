@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from prometheus_client import start_http_server
 
-from cbctl.core import keys
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.model import keys
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, PrometheusServer
 from cbctl.sandbox.procs import free_port
 from cbctl.sandbox.waiting import wait_until
@@ -66,8 +66,8 @@ class Env:
     async def _stream(self, cfg: Path, overrides: dict[str, Any]) -> None:
         from dataclasses import replace
 
-        from cbctl.core.bus.natsconn import connect_nats
-        from cbctl.core.bus.stream import desired_config, ensure_stream
+        from cbctl.core.backends.nats.connect import connect_nats
+        from cbctl.core.backends.nats.stream import desired_config, ensure_stream
 
         os.environ["CBCTL_TEST_NATS_PW"] = NATS_PASSWORD
         ctx = load_config(cfg).context()
@@ -404,7 +404,7 @@ def test_only_runs_the_selected_checks_and_is_not_recorded(cfg: Path, unique_clu
 
 async def test_probe_all_reports_auth_and_unreachable(tmp_path: Path, env: Env, shared_etcd, redis_server,
                                                       unique_cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cbctl.core.probes import probe_all
+    from cbctl.core.backends.probes import probe_all
 
     cfg = make_config(tmp_path / "c.toml", env, shared_etcd.client_url, redis_server.url, unique_cluster)
     ctx = load_config(cfg).context()
@@ -425,7 +425,7 @@ def test_measure_clock_against_a_skewed_ntp_server(tmp_path: Path) -> None:
     """A real chronyd serving a clock 2 s ahead (faketime): the SNTP offset says so."""
     import shutil
 
-    from cbctl.core.probes import measure_clock
+    from cbctl.core.backends.probes import measure_clock
     from cbctl.sandbox import ChronyServer
 
     if shutil.which("chronyd", path="/usr/sbin:/usr/bin:/sbin") is None or shutil.which("faketime") is None:
@@ -444,7 +444,7 @@ def test_measure_clock_against_a_skewed_ntp_server(tmp_path: Path) -> None:
 
 async def test_probe_loop_reports_periodically(tmp_path: Path, env: Env, shared_etcd, shared_redis,
                                                unique_cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cbctl.core.probes import probe_loop
+    from cbctl.core.backends.probes import probe_loop
     from cbctl.sandbox.waiting import async_wait_until
 
     monkeypatch.setenv("CBCTL_TEST_NATS_PW", NATS_PASSWORD)

@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 from prometheus_client import start_http_server
 
-from cbctl.core import keys
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.model import keys
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import ChronyServer, NatsServer, PrometheusServer, RedisServer, Service
 from cbctl.sandbox.cluster import AgentProcess
 from cbctl.sandbox.procs import free_port
@@ -79,9 +79,9 @@ class Env:
     async def ensure_stream(self, cluster: str) -> None:
         """Each test's cluster has its own stream (subjects cb.<cluster>.events.>), as agents
         with the bus would create it; these agents run --no-bus."""
-        from cbctl.core.bus.natsconn import connect_nats
-        from cbctl.core.bus.stream import ensure_stream
-        from cbctl.core.config import NatsConfig, StreamConfig, default_stream_name
+        from cbctl.core.backends.nats.connect import connect_nats
+        from cbctl.core.backends.nats.stream import ensure_stream
+        from cbctl.core.model.config import NatsConfig, StreamConfig, default_stream_name
 
         nc = await connect_nats(NatsConfig(servers=(self.nats.url,)), name="test")
         try:

@@ -1,6 +1,6 @@
 """`cbctl runbook run` against a real etcd: steps run in-process, the run is recorded at
 runbooks/<run-id>, a failing run is recorded as failed with its resume command, and a completed
-declared drill is judged from the audit log (cbctl/core/drills.py; more in test_drills.py)."""
+declared drill is judged from the audit log (cbctl/core/operator/drills.py; more in test_drills.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.drills import drill_verdicts
-from cbctl.core.runbook import list_runs
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.operator.drills import drill_verdicts
+from cbctl.core.operator.runbook import list_runs
 from cbctl.sandbox import free_port
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 

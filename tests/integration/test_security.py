@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from cbctl.core import keys
-from cbctl.core.bus.natsconn import connect_nats
-from cbctl.core.bus.stream import ensure_stream
-from cbctl.core.config import NatsConfig, Secret, SecretRef, StreamConfig, TLSConfig, default_stream_name
-from cbctl.core.coord.etcd import EtcdCoordinator
+from cbctl.core.model import keys
+from cbctl.core.backends.nats.connect import connect_nats
+from cbctl.core.backends.nats.stream import ensure_stream
+from cbctl.core.model.config import NatsConfig, Secret, SecretRef, StreamConfig, TLSConfig, default_stream_name
+from cbctl.core.backends.coord.etcd import EtcdCoordinator
 from cbctl.sandbox import EtcdServer, NatsServer
 from cbctl.sandbox.tls import make_test_pki
 from tests.helpers import CBCTL, Result, cbctl_proc, write_config

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from cbctl.core import signals
-from cbctl.core.agent import AppliedUpdate, NodeAgent
-from cbctl.core.config import Context, load_config
-from cbctl.core.controlplane import ControlPlane
-from cbctl.core.coord import make_coordinator
-from cbctl.core.coord.base import Coordinator
-from cbctl.core.lanes import LaneGuard, lane_for
-from cbctl.core.signals import SignalRouter, attach_signals, send_signal, signal_update
+from cbctl.core.agent import signals
+from cbctl.core.agent.node import AppliedUpdate, NodeAgent
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.backends.redis.lanes import LaneGuard, lane_for
+from cbctl.core.agent.signals import SignalRouter, attach_signals, send_signal, signal_update
 from cbctl.sandbox import NatsServer
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run, write_config
@@ -92,7 +92,7 @@ async def coord(ctx: Context) -> AsyncIterator[Coordinator]:
 
 @pytest.fixture
 async def guard(ctx: Context) -> AsyncIterator[LaneGuard]:
-    from cbctl.core.agent import redis_client_for
+    from cbctl.core.agent.node import redis_client_for
 
     r = redis_client_for(ctx)
     yield LaneGuard(r, ctx.cluster, None, "test-reader")

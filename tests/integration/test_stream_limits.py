@@ -7,9 +7,9 @@ from dataclasses import replace
 import nats
 import pytest
 
-from cbctl.core.bus.stream import desired_config, ensure_stream, verify_stream
-from cbctl.core.config import StreamConfig, default_stream_name
-from cbctl.core.events import subject
+from cbctl.core.backends.nats.stream import desired_config, ensure_stream, verify_stream
+from cbctl.core.model.config import StreamConfig, default_stream_name
+from cbctl.core.model.events import subject
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

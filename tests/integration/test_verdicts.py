@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from cbctl.core.config import load_config
-from cbctl.core.coord import make_coordinator
-from cbctl.core.gates import evaluate_rules, evaluation_instant, gate_config, stage_entry
-from cbctl.core.promql import PromClient
+from cbctl.core.model.config import load_config
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.operator.gates import evaluate_rules, evaluation_instant, gate_config, stage_entry
+from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run
 from tests.integration.test_gates import write_preflight

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from cbctl.core.assignment import assign, lanes_of, moved_lanes, owner_of, weight
-from cbctl.core.config import lane_names
+from cbctl.core.model.assignment import assign, lanes_of, moved_lanes, owner_of, weight
+from cbctl.core.model.config import lane_names
 
 LANES = lane_names(64)
 NODES = [f"node-{i}" for i in range(8)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.config import (
+from cbctl.core.model.config import (
     Secret,
     SecretRef,
     check_private_file,
@@ -16,7 +16,7 @@ from cbctl.core.config import (
     parse_context,
     redacted,
 )
-from cbctl.core.errors import ConfigError
+from cbctl.core.model.errors import ConfigError
 
 SECRET = "hunter2-do-not-print"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.config import load_config, redact_url, redacted
-from cbctl.core.errors import ConfigError
+from cbctl.core.model.config import load_config, redact_url, redacted
+from cbctl.core.model.errors import ConfigError
 from tests.helpers import cbctl_run
 
 pytestmark = pytest.mark.timeout(60)

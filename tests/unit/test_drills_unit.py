@@ -1,4 +1,4 @@
-"""The drill rules (cbctl/core/drills.py) on hand-made records, and the executor's part in them:
+"""The drill rules (cbctl/core/operator/drills.py) on hand-made records, and the executor's part in them:
 step revisions, the resumes link, and interrupts. The same rules run against a real etcd in
 tests/integration/test_drills.py."""
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.audit import AuditEntry
-from cbctl.core.drills import chain_of, judge_run
-from cbctl.core.runbook import RunbookExecutor, parse_runbook
+from cbctl.core.model.audit import AuditEntry
+from cbctl.core.operator.drills import chain_of, judge_run
+from cbctl.core.operator.runbook import RunbookExecutor, parse_runbook
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from cbctl.core.errors import CbctlError
-from cbctl.core.events import (
+from cbctl.core.model.errors import CbctlError
+from cbctl.core.model.events import (
     BAD_EVENT_REASONS,
     MAX_EVENT_BYTES,
     BadEvent,

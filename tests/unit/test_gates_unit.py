@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cbctl.core.checks import (
+from cbctl.core.operator.preflight import (
     PreflightOptions,
     StoreSnapshot,
     check_clock,
@@ -14,11 +14,11 @@ from cbctl.core.checks import (
     check_node_ids,
     check_nodes,
 )
-from cbctl.core.config import parse_context
-from cbctl.core.coord.base import KV
-from cbctl.core.errors import BadInput, ConfigError
-from cbctl.core.gates import RULES, STAGE_GATES, gate_config
-from cbctl.core.promql import format_duration, parse_duration
+from cbctl.core.model.config import parse_context
+from cbctl.core.backends.coord.base import KV
+from cbctl.core.model.errors import BadInput, ConfigError
+from cbctl.core.operator.gates import RULES, STAGE_GATES, gate_config
+from cbctl.core.backends.prometheus import format_duration, parse_duration
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -169,13 +169,13 @@ def test_sparkline() -> None:
     ("vector(1) + 1e3", "vector(1) + 1e3"),
 ])
 def test_every_selector_is_scoped_to_the_cluster(expr: str, scoped: str) -> None:
-    from cbctl.core.promql import scope_selectors
+    from cbctl.core.backends.prometheus import scope_selectors
 
     assert scope_selectors(expr, {"cluster": "c"}) == scoped
 
 
 def test_range_spans_and_rule_rendering() -> None:
-    from cbctl.core.promql import range_spans
+    from cbctl.core.backends.prometheus import range_spans
 
     assert range_spans("min_over_time((max(x) - min(x))[15s:1s]) + rate(y[5m])") == [15.0, 300.0]
     q = RULES["rollout-lag"].query(10.0, 1.0)

@@ -1,4 +1,4 @@
-"""Pure logic of cbctl.core.lanes: lane hashing, mode resolution, key layout, validation.
+"""Pure logic of cbctl.core.backends.redis.lanes: lane hashing, mode resolution, key layout, validation.
 
 Nothing here talks to Redis: validation happens before any I/O, so a client pointed at a
 closed port is enough to construct the guard.
@@ -17,8 +17,8 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cbctl.core.errors import BackendUnavailable
-from cbctl.core.lanes import (
+from cbctl.core.model.errors import BackendUnavailable
+from cbctl.core.backends.redis.lanes import (
     GUARD_LUA,
     RESERVED_FIELDS,
     GuardResult,
@@ -49,7 +49,7 @@ def test_lane_for_known_values() -> None:
 
 
 def test_lane_for_is_stable_across_processes_with_different_hash_seeds() -> None:
-    code = "from cbctl.core.lanes import lane_for; print(','.join(lane_for(f'wf-{i}', [f'l{j}' for j in range(7)]) for i in range(50)))"
+    code = "from cbctl.core.backends.redis.lanes import lane_for; print(','.join(lane_for(f'wf-{i}', [f'l{j}' for j in range(7)]) for i in range(50)))"
     outputs = set()
     for seed in ("1", "2", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -1,4 +1,4 @@
-"""Unit tests of cbctl.core.lanesfile."""
+"""Unit tests of cbctl.core.model.lanesfile."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.errors import BadInput
-from cbctl.core.lanesfile import MAX_BYTES, LanesFileError, parse_lanes_file
+from cbctl.core.model.errors import BadInput
+from cbctl.core.model.lanesfile import MAX_BYTES, LanesFileError, parse_lanes_file
 
 KNOWN = [f"lane-{i:02d}" for i in range(16)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cbctl.core.metrics import AgentMetrics
+from cbctl.core.model.metrics import AgentMetrics
 
 
 def samples(m: AgentMetrics) -> dict[str, list[dict[str, str]]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.bus.outbox import Outbox, OutboxCorrupt, OutboxMessage
+from cbctl.core.agent.bus.outbox import Outbox, OutboxCorrupt, OutboxMessage
 
 
 def msgs(start: int, n: int, size: int = 100) -> list[OutboxMessage]:
@@ -52,7 +52,7 @@ def test_append_peek_delete_in_order(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import os, sys
-    from cbctl.core.bus.outbox import Outbox, OutboxMessage
+    from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
     path, mode, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ob = Outbox(path)
     i = 0

@@ -1,4 +1,4 @@
-"""Unit tests of cbctl.core.rollout: flags, stage plan, rollbacks, transitions, JSON."""
+"""Unit tests of cbctl.core.model.rollout: flags, stage plan, rollbacks, transitions, JSON."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cbctl.core import rollout as r
-from cbctl.core.errors import BadInput, CbctlError
-from cbctl.core.rollout import (
+from cbctl.core.model import rollout as r
+from cbctl.core.model.errors import BadInput, CbctlError
+from cbctl.core.model.rollout import (
     AlreadyAtStage,
     FlagChange,
     RolloutDocument,

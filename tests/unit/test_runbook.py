@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from cbctl.cli.common import AppState
 from cbctl.cli.main import app
 from cbctl.cli.runbook import check_cbctl_argv, in_process_runner, validate_commands
-from cbctl.core.errors import BackendUnavailable, BadInput
-from cbctl.core.runbook import (
+from cbctl.core.model.errors import BackendUnavailable, BadInput
+from cbctl.core.operator.runbook import (
     Expectation,
     RunbookError,
     RunbookExecutor,

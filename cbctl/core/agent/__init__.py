@@ -1,0 +1,1 @@
+"""The node agent: what runs on every node (never imported by the operator side)."""

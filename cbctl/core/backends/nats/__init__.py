@@ -1,0 +1,1 @@
+"""NATS: connecting, and the JetStream event stream."""

@@ -1,0 +1,1 @@
+"""Redis: the lane queue and the fencing guard."""
