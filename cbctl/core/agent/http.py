@@ -7,38 +7,42 @@ uses it).  The stdlib ``http.server`` would need a thread and cannot stream with
 
 Adding routes: call :meth:`AgentHttp.add_routes` (or ``agent.add_routes``) with
 ``aiohttp.web.RouteDef`` items *before* the server starts — aiohttp freezes the router when the
-app starts.  A handler gets the agent as ``request.app[AGENT_KEY]``.
+app starts.  The server knows only the node id, how to render the metrics and how to judge
+readiness (passed in as arguments: it needs nothing else of the agent).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-if TYPE_CHECKING:
-    from cbctl.core.agent.node import NodeAgent
-
 log = logging.getLogger(__name__)
 
-AGENT_KEY: web.AppKey[Any] = web.AppKey("cbctl_agent", object)
-"""``request.app[AGENT_KEY]`` is the :class:`~cbctl.core.agent.node.NodeAgent` serving the request."""
+__all__ = ["AgentHttp", "Readiness"]
 
-__all__ = ["AGENT_KEY", "AgentHttp"]
+Readiness = Callable[[], tuple[bool, dict[str, bool]]]
+"""``() -> (ready, checks)``: what ``/readyz`` reports (503 unless ready)."""
 
 
 class AgentHttp:
-    """One aiohttp server for one agent. ``port`` 0 picks a free port (see :attr:`bound`)."""
+    """One aiohttp server for one agent. ``port`` 0 picks a free port (see :attr:`bound`).
 
-    def __init__(self, agent: NodeAgent, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.agent = agent
+    ``render_metrics`` returns the Prometheus exposition of ``/metrics``; ``readiness`` is
+    called for every ``/readyz``.  Both run in the event loop and must not block.
+    """
+
+    def __init__(self, node_id: str, render_metrics: Callable[[], bytes], readiness: Readiness,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.node_id = node_id
+        self._render_metrics = render_metrics
+        self._readiness = readiness
         self.host = host
         self.port = port
         self.app = web.Application()
-        self.app[AGENT_KEY] = agent
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
@@ -85,16 +89,16 @@ class AgentHttp:
     # -- handlers --------------------------------------------------------------------------
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = self.agent.metrics.render()
+        body = self._render_metrics()
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "node_id": self.agent.node_id})
+        return web.json_response({"status": "ok", "node_id": self.node_id})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ready, checks = self.agent.readiness()
+        ready, checks = self._readiness()
         return web.json_response(
-            {"ready": ready, "node_id": self.agent.node_id, "checks": checks}, status=200 if ready else 503
+            {"ready": ready, "node_id": self.node_id, "checks": checks}, status=200 if ready else 503
         )

@@ -80,6 +80,7 @@ from cbctl.core.backends.coord.base import Coordinator, Lease, LeaseKeeper
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError, Conflict, LeaseLost, StaleFencingToken
 from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue, Task
 from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.agent.http import AgentHttp
 from cbctl.core.agent.ownership import LaneClaim, acquire_lane, release_lane
 from cbctl.core.agent.registration import (
     NodeIdConflict,
@@ -250,15 +251,13 @@ class NodeAgent:
         self._reclaim_idle_ms = int(1000 * (reclaim_idle if reclaim_idle is not None else max(5.0, 2 * self.lease_ttl)))
         self._reclaim_period = max(1.0, self._reclaim_idle_ms / 2000)
 
-        from cbctl.core.agent.http import AgentHttp
-
         self._http: AgentHttp | None = None
         self._http_host = http_host
         self._http_port = http_port
         self._advertise_host = advertise_host
         self.http_address: str | None = None
         if http_port is not None:
-            self._http = AgentHttp(self, http_host, http_port)
+            self._http = AgentHttp(self.node_id, self.metrics.render, self.readiness, http_host, http_port)
 
         self._flags: dict[str, Any] = dict(initial_document().flags)
         self._applied_revision = 0
