@@ -37,7 +37,7 @@ from cbctl.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from cbctl.core.operator.runbook import Runbook
+    from cbctl.core.operator.runbook.model import Runbook
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ app = new_app("On-call procedures as data: list, show and run runbooks (runbooks
 
 def _complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
     """Runbook names for tab completion: file names only, nothing parsed (it runs per key press)."""
-    from cbctl.core.operator.runbook import default_runbooks_dir
+    from cbctl.core.operator.runbook.parser import default_runbooks_dir
 
     directory = ctx.params.get("directory") or default_runbooks_dir()
     try:
@@ -85,7 +85,7 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 def _dir(directory: Path | None) -> Path:
-    from cbctl.core.operator.runbook import default_runbooks_dir
+    from cbctl.core.operator.runbook.parser import default_runbooks_dir
 
     return directory if directory is not None else default_runbooks_dir()
 
@@ -230,7 +230,7 @@ def in_process_runner(st: AppState, *, secrets: Sequence[str] = ()) -> Callable[
 
 
 def _redact(text: str, secrets: Sequence[str]) -> str:
-    from cbctl.core.operator.runbook import SECRET_PLACEHOLDER
+    from cbctl.core.operator.runbook.model import SECRET_PLACEHOLDER
 
     for value in secrets:
         if value:
@@ -282,14 +282,14 @@ def validate_commands(rb: Runbook, values: Mapping[str, str], *, directory: Path
     default), get its required variables and parse too.
     Raises ``RunbookError`` (``FILE:LINE: step N: ...``)."""
     from cbctl.core.model.errors import BadInput, NotFound
-    from cbctl.core.operator.runbook import (
+    from cbctl.core.operator.runbook.model import (
         SECRET_PLACEHOLDER,
         RunbookError,
-        find_runbook,
         masked,
         parse_var_assignments,
         resolve_vars,
     )
+    from cbctl.core.operator.runbook.parser import find_runbook
 
     root = _root_command()
     stack = (*_stack, rb.name)
@@ -323,7 +323,7 @@ def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None
 
     Invalid runbook files are reported on stderr with FILE:LINE and make the exit code 2.
     """
-    from cbctl.core.operator.runbook import load_all
+    from cbctl.core.operator.runbook.parser import load_all
 
     fmt = output_format(ctx, output)
 
@@ -347,7 +347,7 @@ def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None
 @app.command("show")
 def show(ctx: typer.Context, name: NameArg, directory: DirOpt = None, output: OutputOpt = None) -> None:
     """A runbook's summary, variables and steps (with their line numbers)."""
-    from cbctl.core.operator.runbook import find_runbook
+    from cbctl.core.operator.runbook.parser import find_runbook
 
     fmt = output_format(ctx, output)
 
@@ -393,14 +393,9 @@ def run_(
     shows the steps with variables substituted and runs and records nothing.
     """
     from cbctl.core.model.errors import BadInput
-    from cbctl.core.operator.runbook import (
-        ENV_DIR,
-        RunbookExecutor,
-        find_runbook,
-        masked,
-        parse_var_assignments,
-        resolve_vars,
-    )
+    from cbctl.core.operator.runbook.executor import RunbookExecutor
+    from cbctl.core.operator.runbook.model import masked, parse_var_assignments, resolve_vars
+    from cbctl.core.operator.runbook.parser import ENV_DIR, find_runbook
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -529,7 +524,7 @@ def _report_drill(st: AppState, result: Any) -> None:
 
     from cbctl.core.operator.drills import judge_run, read_audit
     from cbctl.core.model.errors import CbctlError
-    from cbctl.core.operator.runbook import list_runs
+    from cbctl.core.operator.runbook.store import list_runs
 
     async def judge() -> Any:
         async def inner(c: Any, coord: Any) -> Any:
@@ -554,7 +549,7 @@ def _report_drill(st: AppState, result: Any) -> None:
 def _check_resumes(st: AppState, rb: Runbook, run_id: str, from_step: int) -> None:
     import asyncio
 
-    from cbctl.core.operator.runbook import check_resumable, get_run
+    from cbctl.core.operator.runbook.store import check_resumable, get_run
 
     async def read() -> Any:
         async def inner(c: Any, coord: Any) -> Any:
@@ -605,7 +600,7 @@ def _recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
     in-process step opens its own event loop, so no connection outlives a step)."""
     import asyncio
 
-    from cbctl.core.operator.runbook import save_run
+    from cbctl.core.operator.runbook.store import save_run
 
     def record(data: dict[str, Any]) -> int:
         async def write() -> int:
@@ -642,7 +637,7 @@ def runs(
     output: OutputOpt = None,
 ) -> None:
     """Recorded runs (newest last): status, who, when, where a failed run stopped."""
-    from cbctl.core.operator.runbook import list_runs
+    from cbctl.core.operator.runbook.store import list_runs
 
     st = state(ctx)
     fmt = output_format(ctx, output)

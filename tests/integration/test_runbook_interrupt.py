@@ -19,7 +19,7 @@ import pytest
 
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.operator.runbook import list_runs
+from cbctl.core.operator.runbook.store import list_runs
 from tests.helpers import CBCTL, cbctl_run, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

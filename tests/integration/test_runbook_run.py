@@ -16,7 +16,7 @@ import pytest
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.drills import drill_verdicts
-from cbctl.core.operator.runbook import list_runs
+from cbctl.core.operator.runbook.store import list_runs
 from cbctl.sandbox import free_port
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 

@@ -13,7 +13,8 @@ import pytest
 
 from cbctl.core.model.audit import AuditEntry
 from cbctl.core.operator.drills import chain_of, judge_run
-from cbctl.core.operator.runbook import RunbookExecutor, parse_runbook
+from cbctl.core.operator.runbook.executor import RunbookExecutor
+from cbctl.core.operator.runbook.parser import parse_runbook
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -18,17 +18,9 @@ from cbctl.cli.common import AppState
 from cbctl.cli.main import app
 from cbctl.cli.runbook import check_cbctl_argv, in_process_runner, validate_commands
 from cbctl.core.model.errors import BackendUnavailable, BadInput
-from cbctl.core.operator.runbook import (
-    Expectation,
-    RunbookError,
-    RunbookExecutor,
-    default_runbooks_dir,
-    load_all,
-    load_runbook,
-    parse_runbook,
-    parse_var_assignments,
-    resolve_vars,
-)
+from cbctl.core.operator.runbook.executor import RunbookExecutor
+from cbctl.core.operator.runbook.model import Expectation, RunbookError, parse_var_assignments, resolve_vars
+from cbctl.core.operator.runbook.parser import default_runbooks_dir, load_all, load_runbook, parse_runbook
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -31,9 +31,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cbctl.core.model import keys, rollout
+from cbctl.core.model import keys
+from cbctl.core.model.flags import CONSUMER_SCHEMA_VERSION
+from cbctl.core.model.stages import ROLLBACKS
 from cbctl.core.model.audit import AuditEntry
-from cbctl.core.operator.runbook import STOPPED, list_runs, stopped_step
+from cbctl.core.operator.runbook.store import STOPPED, list_runs, stopped_step
 
 if TYPE_CHECKING:
     from cbctl.core.model.config import Context
@@ -111,11 +113,11 @@ def _changes(entry: AuditEntry, flags: Sequence[str]) -> dict[str, tuple[Any, An
 
 def _is_rollback(capability: str, changes: Mapping[str, tuple[Any, Any]]) -> bool:
     """The changes are what ``capability``'s rollback does (not a lift, not something else)."""
-    spec = rollout.ROLLBACKS[capability]
+    spec = ROLLBACKS[capability]
     if not changes:
         return False
     if spec.takes_schema_version:
-        pinned = changes.get(rollout.CONSUMER_SCHEMA_VERSION)
+        pinned = changes.get(CONSUMER_SCHEMA_VERSION)
         return (pinned is not None and isinstance(pinned[0], int) and isinstance(pinned[1], int)
                 and pinned[1] < pinned[0])
     return all(new == spec.fixed.get(flag) for flag, (_, new) in changes.items())
@@ -154,7 +156,7 @@ def judge_run(record: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]],
     if missing:
         return Verdict(capability, False, f"step {missing[0]} never completed in runs {', '.join(ids)}", ids)
 
-    flags = rollout.ROLLBACKS[capability].flags
+    flags = ROLLBACKS[capability].flags
     entries = sorted((e for e in audit if e.kind == "rollback" and e.to_revision is not None),
                      key=lambda e: e.to_revision or 0)
 
@@ -250,7 +252,7 @@ async def overrides_in_force(coord: Coordinator, cluster: str, record: Mapping[s
     for capability, flags in sorted(doc.rollbacks.items()):
         applied = [e for e in audit
                    if any(lo < (e.to_revision or 0) < hi for lo, hi in windows)
-                   and _is_rollback(capability, _changes(e, rollout.ROLLBACKS[capability].flags))]
+                   and _is_rollback(capability, _changes(e, ROLLBACKS[capability].flags))]
         out.append({"capability": capability, "flags": dict(flags), "by_this_run": bool(applied),
                     "revision": applied[-1].to_revision if applied else None})
     return out
