@@ -12,6 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
+
 VENV_BIN = Path(sys.executable).parent
 RUNS = 21
 
@@ -39,7 +44,7 @@ def main() -> None:
         med = statistics.median(values)
         print(f"{name:<26} median {med * 1000:7.1f} ms   ratio {med / base:5.2f}")
     ratio = statistics.median(samples["cbctl --help"]) / base
-    print(f"target: cbctl --help / import typer <= 1.30 -> {'OK' if ratio <= 1.3 else 'MISSED'} ({ratio:.2f})")
+    target("cli_startup", "cbctl --help / import typer", ratio, "<=", 1.3)
 
 
 if __name__ == "__main__":

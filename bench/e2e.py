@@ -38,6 +38,11 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.model.events import parse_time
 from cbctl.core.backends.redis.lanes import LaneQueue
 from cbctl.core.agent.registration import read_nodes
+
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
 from cbctl.core.operator.sse_client import SseParser
 from cbctl.sandbox import EtcdServer, NatsServer, RedisServer
 
@@ -156,6 +161,8 @@ async def main(rate: float, seconds: float) -> None:
             if lat:
                 print(f"  {name}: n={len(lat)} median {statistics.median(lat):.1f} ms  p90 {pct(lat, 90):.1f} ms  "
                       f"p99 {pct(lat, 99):.1f} ms  max {max(lat):.1f} ms")
+        target("e2e", "received / enqueued", received / max(1, total), ">=", 1.0)
+        target("e2e", "sustained / offered rate", received / recv_elapsed / rate, ">=", 0.95)
     finally:
         for p in procs:
             p.terminate()

@@ -35,6 +35,11 @@ from cbctl.core.model.events import Event, encode_event, make_event, msg_id, sub
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import free_port
 
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
+
 STREAM = StreamConfig(name="CB_BENCH")
 CLUSTER = "bench"  # subjects cb.bench.events.v<N>.<workflow>
 
@@ -132,7 +137,7 @@ async def run(url: str, state: Path, n: int) -> None:
     bench_append(state, n)
     await bench_buffered(state, n)
     rate = await bench_drain(url, state, n)
-    print(f"target: drain >= 5,000/s -> {'OK' if rate >= 5000 else 'MISSED'} ({rate:.0f})")
+    target("outbox", "drain events/s", rate, ">=", 5000, unit="/s")
 
 
 def main() -> None:

@@ -38,6 +38,11 @@ from cbctl.core.model.config import NatsConfig, StreamConfig
 from cbctl.core.model.events import Event, encode_event, make_event, msg_id, subject
 from cbctl.core.model.metrics import AgentMetrics
 
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
+
 STREAM = StreamConfig(name="CB_BENCH")
 CLUSTER = "bench"  # subjects cb.bench.events.v<N>.<workflow>
 
@@ -129,8 +134,7 @@ async def bench(url: str, n: int, rounds: int, state: Path) -> None:
               f"(min {min(values):.0f}, max {max(values):.0f})")
     ratio = statistics.median(paired)
     print(f"paired ratios publish_many/raw per round: {', '.join(f'{x:.2f}' for x in paired)}")
-    print(f"target: publish_many / raw >= 0.70 (median of paired ratios) -> "
-          f"{'OK' if ratio >= 0.7 else 'MISSED'} ({ratio:.2f})")
+    target("publish", "publish_many / raw (median of paired ratios)", ratio, ">=", 0.7)
 
 
 def main() -> None:

@@ -34,6 +34,11 @@ from pathlib import Path
 from cbctl.core.model.durations import parse_duration
 from cbctl.sandbox import cluster
 
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -207,7 +212,9 @@ def verdict(samples: list[Sample], names: list[str], duration: float, max_rss: f
         tail = [(t, v) for t, v in series if t >= duration * 2 / 3 - 1]
         slope = slope_per_min(tail)
         gone = any(s.rss[n] is None for s in samples)
-        ok = peak <= max_rss and slope <= max_slope and not gone
+        ok = target("soak", f"{n} peak RSS", peak, "<=", max_rss, unit=" MB")
+        ok &= target("soak", f"{n} RSS slope, last third", slope, "<=", max_slope, unit=" MB/min")
+        ok &= not gone
         failed |= not ok
         print(f"{n}: {'ok' if ok else 'FAIL'} peak RSS {peak:.0f} MB (limit {max_rss:g}), last-third slope "
               f"{slope:+.2f} MB/min over {len(tail)} samples (limit {max_slope:g})" + ("; agent died" if gone else ""))
