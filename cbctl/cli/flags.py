@@ -40,7 +40,7 @@ def get(
     """Show the effective value of one flag or of all flags."""
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.errors import BadInput
-    from cbctl.core.model.rollout import FLAGS
+    from cbctl.core.model.flags import FLAGS
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -80,7 +80,7 @@ def set_(
     """Set flags explicitly (overrides the stage plan until the next stage transition)."""
     from cbctl.cli.mutate import apply_plan
     from cbctl.core.operator.controlplane import ControlPlane
-    from cbctl.core.model.rollout import parse_flag_assignments
+    from cbctl.core.model.flags import parse_flag_assignments
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -46,7 +46,7 @@ def status_json(doc: Any, revision: int) -> dict[str, Any]:
 def status(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Stage, document revision, every flag, active rollback overrides, canary sets."""
     from cbctl.core.operator.controlplane import ControlPlane
-    from cbctl.core.model.rollout import STAGES
+    from cbctl.core.model.stages import STAGES
 
     st = state(ctx)
     fmt = output_format(ctx, output)

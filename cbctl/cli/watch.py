@@ -96,7 +96,7 @@ def watch(
     async def body() -> int:
         from cbctl.core.operator.gates import gate_config, watch_snapshot
         from cbctl.core.backends.prometheus import PromClient
-        from cbctl.core.model.rollout import STAGES
+        from cbctl.core.model.stages import STAGES
 
         step = parse_duration(interval, what="--interval")
         total = parse_duration(for_, what="--for") if for_ else None

@@ -1,4 +1,4 @@
-"""Unit tests of cbctl.core.model.rollout: flags, stage plan, rollbacks, transitions, JSON."""
+"""Unit tests of cbctl.core.model.{flags,stages,rollout}: flags, stage plan, rollbacks, transitions, JSON."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from cbctl.core.model import rollout as r
+from cbctl.core.model import flags as f
+from cbctl.core.model import stages as st
 from cbctl.core.model.errors import BadInput, CbctlError
+from cbctl.core.model.flags import parse_flag_assignment, parse_flag_assignments, validate_flag
 from cbctl.core.model.rollout import (
     AlreadyAtStage,
     FlagChange,
@@ -15,15 +17,12 @@ from cbctl.core.model.rollout import (
     apply_rollback,
     clear_rollback,
     diff,
-    effective_flags,
     initial_document,
-    parse_flag_assignment,
-    parse_flag_assignments,
     plan_advance,
     set_flags,
     unset_flags,
-    validate_flag,
 )
+from cbctl.core.model.stages import effective_flags
 
 LANES = ("lane-01", "lane-02")
 SUBS = ("sub-a",)
@@ -80,7 +79,7 @@ def at_stage(n: int) -> RolloutDocument:
 
 
 def test_flag_names_are_the_design_contract():
-    assert r.FLAG_NAMES == (
+    assert f.FLAG_NAMES == (
         "cluster.enabled",
         "ownership.guard",
         "eventbus.publish",
@@ -94,22 +93,35 @@ def test_flag_names_are_the_design_contract():
     )
 
 
+def test_flag_value_constants_are_the_table_values():
+    # The agents compare flag values through these constants: they must be exactly the table's.
+    assert f.GUARD_VALUES == f.FLAGS[f.OWNERSHIP_GUARD].allowed == (
+        f.GUARD_OFF, f.GUARD_OBSERVE, f.GUARD_CANARY, f.GUARD_ENFORCE)
+    assert f.PUBLISH_VALUES == f.FLAGS[f.EVENTBUS_PUBLISH].allowed == (f.PUBLISH_OFF, f.PUBLISH_SHADOW, f.PUBLISH_ON)
+    assert f.BRIDGE_VALUES == f.FLAGS[f.EVENTBUS_BRIDGE].allowed == (
+        f.BRIDGE_OFF, f.BRIDGE_READ_ONLY, f.BRIDGE_CANARY, f.BRIDGE_STREAMING)
+    assert f.ROUTING_VALUES == f.FLAGS[f.SIGNALS_ROUTING].allowed == (f.ROUTING_OFF, f.ROUTING_CANARY, f.ROUTING_ALL)
+    assert f.SOURCE_VALUES == f.FLAGS[f.STREAM_SOURCE].allowed == (f.SOURCE_LOCAL, f.SOURCE_CANONICAL)
+    assert (f.BRIDGE_READ_ONLY, f.BRIDGE_STREAMING, f.PUBLISH_SHADOW, f.SOURCE_CANONICAL) == (
+        "read-only", "streaming", "shadow", "canonical")
+
+
 def test_flag_spec_allowed_values_and_defaults():
-    assert r.FLAGS["ownership.guard"].allowed == ("off", "observe", "canary", "enforce")
-    assert r.FLAGS["eventbus.publish"].allowed == ("off", "shadow", "on")
-    assert r.FLAGS["eventbus.bridge"].allowed == ("off", "read-only", "canary", "streaming")
-    assert r.FLAGS["signals.routing"].allowed == ("off", "canary", "all")
-    assert r.FLAGS["stream.source"].allowed == ("local", "canonical")
-    assert {n: s.default_value() for n, s in r.FLAGS.items()} == STAGE0
-    for spec in r.FLAGS.values():
+    assert f.FLAGS["ownership.guard"].allowed == ("off", "observe", "canary", "enforce")
+    assert f.FLAGS["eventbus.publish"].allowed == ("off", "shadow", "on")
+    assert f.FLAGS["eventbus.bridge"].allowed == ("off", "read-only", "canary", "streaming")
+    assert f.FLAGS["signals.routing"].allowed == ("off", "canary", "all")
+    assert f.FLAGS["stream.source"].allowed == ("local", "canonical")
+    assert {n: s.default_value() for n, s in f.FLAGS.items()} == STAGE0
+    for spec in f.FLAGS.values():
         assert spec.help and "\n" not in spec.help
         assert spec.allowed_text
 
 
 def test_default_value_is_a_fresh_list():
-    v = r.FLAGS["eventbus.schema_versions"].default_value()
+    v = f.FLAGS["eventbus.schema_versions"].default_value()
     v.append(9)
-    assert r.FLAGS["eventbus.schema_versions"].default_value() == [1]
+    assert f.FLAGS["eventbus.schema_versions"].default_value() == [1]
 
 
 # ---------------------------------------------------------------- stage plan
@@ -123,17 +135,17 @@ def test_every_stage_flags(stage, name, expected):
     doc = at_stage(stage)
     assert doc.stage == stage
     assert doc.stage_name == name
-    assert r.STAGES[stage].name == name
-    assert r.STAGES[stage].description
+    assert st.STAGES[stage].name == name
+    assert st.STAGES[stage].description
     assert doc.flags == expected
 
 
 def test_stage_plan_is_complete_and_keeps_persistent_flags_constant():
-    for stage in r.STAGES:
-        assert set(stage.flags) == set(r.FLAG_NAMES) - {"canary.lanes", "canary.subscribers"}
-        for name in r.PERSISTENT_FLAGS:
+    for stage in st.STAGES:
+        assert set(stage.flags) == set(f.FLAG_NAMES) - {"canary.lanes", "canary.subscribers"}
+        for name in f.PERSISTENT_FLAGS:
             # The reason manual overrides of these survive a stage transition.
-            assert stage.flags[name] == r.FLAGS[name].default
+            assert stage.flags[name] == f.FLAGS[name].default
 
 
 def test_effective_flags_directly():
@@ -182,12 +194,12 @@ def test_effective_flags_returns_fresh_containers():
 
 @pytest.mark.parametrize(("text", "n"), [("0", 0), ("partial", 2), (" Full ", 3), (1, 1)])
 def test_parse_stage(text, n):
-    assert r.parse_stage(text) == n
+    assert st.parse_stage(text) == n
 
 
 def test_parse_stage_rejects():
     with pytest.raises(BadInput, match=r"invalid stage 'bogus'.*2 \(partial\)"):
-        r.parse_stage("bogus")
+        st.parse_stage("bogus")
 
 
 # ---------------------------------------------------------------- transitions
@@ -292,7 +304,7 @@ def test_rollback_touches_only_its_capability_and_clear_restores_plan(stage, cap
     assert rolled.flags == {**doc.flags, **changes}
     assert rolled.rollbacks == {capability: changes}
     touched = {c.name for c in diff(doc.flags, rolled.flags)}
-    assert touched <= set(r.ROLLBACKS[capability].flags)
+    assert touched <= set(st.ROLLBACKS[capability].flags)
     cleared = clear_rollback(rolled, capability)
     assert cleared.flags == doc.flags
     assert cleared == doc
@@ -488,7 +500,7 @@ def test_validate_flag_rejects_with_name_value_and_allowed(name, value):
     msg = str(info.value)
     assert f"flag {name}" in msg
     assert repr(value) in msg
-    assert f"(allowed: {r.FLAGS[name].allowed_text})" in msg
+    assert f"(allowed: {f.FLAGS[name].allowed_text})" in msg
 
 
 def test_validate_flag_normalizes():
@@ -564,16 +576,16 @@ def test_parse_flag_assignments_refuses_repeats():
         parse_flag_assignments(["signals.routing=all", "signals.routing=off"])
 
 
-@pytest.mark.parametrize("name", r.FLAG_NAMES)
+@pytest.mark.parametrize("name", f.FLAG_NAMES)
 def test_format_and_parse_round_trip(name):
     value = STAGE3[name]
-    assert r.parse_flag_value(name, r.format_flag_value(name, value)) == value
+    assert f.parse_flag_value(name, f.format_flag_value(name, value)) == value
 
 
 def test_format_flag_value():
-    assert r.format_flag_value("cluster.enabled", True) == "true"
-    assert r.format_flag_value("eventbus.schema_versions", [1, 2]) == "1,2"
-    assert r.format_flag_value("canary.lanes", []) == ""
+    assert f.format_flag_value("cluster.enabled", True) == "true"
+    assert f.format_flag_value("eventbus.schema_versions", [1, 2]) == "1,2"
+    assert f.format_flag_value("canary.lanes", []) == ""
 
 
 # ---------------------------------------------------------------- diff
@@ -763,7 +775,7 @@ def test_initial_document():
 
 def test_rollback_specs_touch_disjoint_flags():
     seen: set[str] = set()
-    for spec in r.ROLLBACKS.values():
+    for spec in st.ROLLBACKS.values():
         assert not seen & set(spec.flags)
         seen |= set(spec.flags)
-    assert r.CAPABILITIES == ("coordination", "event-bus", "consumers")
+    assert st.CAPABILITIES == ("coordination", "event-bus", "consumers")

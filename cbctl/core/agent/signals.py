@@ -57,7 +57,7 @@ from cbctl.core.model.config import Context
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, StaleFencingToken
 from cbctl.core.backends.redis.lanes import LaneQueue, Task, lane_for
-from cbctl.core.model.rollout import CANARY_LANES, OWNERSHIP_GUARD, SIGNALS_ROUTING
+from cbctl.core.model.flags import CANARY_LANES, OWNERSHIP_GUARD, SIGNALS_ROUTING
 
 if TYPE_CHECKING:
     from nats.aio.client import Client

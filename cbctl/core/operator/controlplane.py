@@ -27,7 +27,9 @@ from cbctl.core.model.audit import AuditEntry, current_actor
 from cbctl.core.model.config import Context
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import BadInput, Conflict
+from cbctl.core.model.flags import CANARY_LANES
 from cbctl.core.model.rollout import RolloutDocument
+from cbctl.core.model.stages import effective_flags, parse_stage
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ class ControlPlane:
 
     async def plan_flags(self, assignments: Mapping[str, Any], *, command: str = "flags set") -> Plan:
         """Explicit flag overrides; ``canary.lanes`` values are checked against the lane inventory."""
-        lanes = assignments.get(rollout.CANARY_LANES)
+        lanes = assignments.get(CANARY_LANES)
         if lanes is not None:
             unknown = [lane for lane in lanes if lane not in self.ctx.lanes]
             if unknown:
@@ -163,7 +165,7 @@ class ControlPlane:
         rollback overrides and canary sets unless new ones are given; any stage 0-3 may be asked
         for. Writes nothing. Stage 2 needs canary lanes (given, or already in the document)."""
         doc, revision = await self.read()
-        number = rollout.parse_stage(stage)
+        number = parse_stage(stage)
         lanes: Sequence[str] = ()
         subs: Sequence[str] = ()
         if number >= 2:
@@ -171,7 +173,7 @@ class ControlPlane:
             subs = canary_subscribers if canary_subscribers is not None else doc.canary_subscribers
             if not lanes:
                 raise BadInput(f"stage {number} needs canary lanes: pass --canary FILE")
-        target = rollout.effective_flags(number, lanes, subs, rollbacks=doc.rollbacks)
+        target = effective_flags(number, lanes, subs, rollbacks=doc.rollbacks)
         return doc, revision, rollout.diff(doc.flags, target)
 
     # -- writes --------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def _size(n: int | None) -> str:
 
 async def read_snapshot(ctx: Context, coord: Coordinator) -> StoreSnapshot:
     """Nodes, conflicts, identities and the rollout's schema versions, read concurrently."""
-    from cbctl.core.model.rollout import SCHEMA_VERSIONS, RolloutDocument
+    from cbctl.core.model.flags import SCHEMA_VERSIONS
+    from cbctl.core.model.rollout import RolloutDocument
 
     nodes_kv, conflicts, idents, doc_kv = await asyncio.gather(
         coord.list(keys.nodes_prefix(ctx.cluster)),
