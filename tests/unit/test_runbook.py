@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cbctl.cli.common import AppState
 from cbctl.cli.main import app
-from cbctl.cli.runbook import check_cbctl_argv, in_process_runner, validate_commands
+from cbctl.cli.runbook_steps import check_cbctl_argv, in_process_runner, validate_commands
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.operator.runbook.executor import RunbookExecutor
 from cbctl.core.operator.runbook.model import Expectation, RunbookError, parse_var_assignments, resolve_vars
@@ -738,7 +738,7 @@ def test_a_signal_just_before_a_step_starts_stops_that_step() -> None:
     announced but before it is marked running; the step must not run to its end."""
     import signal
 
-    from cbctl.cli.runbook import Interrupts
+    from cbctl.core.operator.runbook.interrupts import Interrupts
 
     guard = Interrupts()
     guard.depth.append(False)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.labels import CLUSTER_LABEL
 from cbctl.core.backends.prometheus import PromClient, Target, format_duration, parse_duration, scope_selectors
+from cbctl.core.operator.drills import SHIPPED, drill_verdicts
 
 if TYPE_CHECKING:
     from cbctl.core.model.config import Context
@@ -205,11 +206,27 @@ async def criterion_ordered_streaming(prom: PromClient, window: float, at: float
 
 
 async def criterion_runbooks(ctx: Context, coord: Coordinator) -> Criterion:
-    """Each capability's rollback drilled, proven by run records and audit revisions: the rules
-    and the evidence live in cbctl/core/operator/drills.py."""
-    from cbctl.core.operator.drills import criterion_drills
-
-    return await criterion_drills(ctx, coord)
+    """Each capability's rollback drilled, proven by run records and audit revisions (the rules:
+    cbctl/core/operator/drills.py). Evidence per shipped runbook name: ``"no record"``, or the
+    verdict with run ids and the audit revisions (and flag diffs) of the rollback and of the
+    restore."""
+    verdicts = await drill_verdicts(coord, ctx.cluster)
+    evidence: dict[str, Any] = {}
+    missing: list[str] = []
+    for capability, verdict in verdicts.items():
+        slot = SHIPPED[capability]
+        if verdict is None:
+            evidence[slot] = "no record"
+            missing.append(capability)
+        else:
+            evidence[slot] = verdict.public()
+            if not verdict.ok:
+                missing.append(capability)
+    if missing:
+        evidence["reason"] = f"no proven rollback drill for {', '.join(missing)}"
+        return Criterion("rollback-runbooks", "fail", evidence)
+    evidence["reason"] = "every capability's rollback was drilled: rolled back and restored, per the audit log"
+    return Criterion("rollback-runbooks", "pass", evidence)
 
 
 async def evaluate(ctx: Context, coord: Coordinator, window: float) -> CriteriaReport:

@@ -38,9 +38,7 @@ from cbctl.core.model.audit import AuditEntry
 from cbctl.core.operator.runbook.store import STOPPED, list_runs, stopped_step
 
 if TYPE_CHECKING:
-    from cbctl.core.model.config import Context
     from cbctl.core.backends.coord.base import Coordinator
-    from cbctl.core.operator.criteria import Criterion
 
 # The shipped runbook of each capability's drill: the slot a capability's evidence is shown under.
 SHIPPED: Mapping[str, str] = {
@@ -207,6 +205,16 @@ async def read_audit(coord: Coordinator, cluster: str) -> list[AuditEntry]:
     return out
 
 
+async def judge_recorded_run(coord: Coordinator, cluster: str, record: Mapping[str, Any],
+                             capability: str) -> Verdict:
+    """Whether the run ``record`` (as stored under its ``run_id``, else as given) is a drill of
+    ``capability``, judged against this cluster's run records and audit log. Raises
+    ``BackendUnavailable``."""
+    by_id = {str(r.get("run_id")): r for r in await list_runs(coord, cluster)}
+    data = by_id.get(str(record.get("run_id")), record)
+    return judge_run(data, by_id, await read_audit(coord, cluster), capability)
+
+
 async def drill_verdicts(coord: Coordinator, cluster: str) -> dict[str, Verdict | None]:
     """Capability -> the verdict of its most recent drill; when none qualifies, the verdict of
     the most recent candidate (a completed run that declared the capability, else a completed
@@ -258,30 +266,5 @@ async def overrides_in_force(coord: Coordinator, cluster: str, record: Mapping[s
     return out
 
 
-async def criterion_drills(ctx: Context, coord: Coordinator) -> Criterion:
-    """The ``rollback-runbooks`` exit criterion: every capability has a drill (module doc).
-    Evidence per shipped runbook name: ``"no record"``, or the verdict with run ids and the
-    audit revisions (and flag diffs) of the rollback and of the restore."""
-    from cbctl.core.operator.criteria import Criterion
-
-    verdicts = await drill_verdicts(coord, ctx.cluster)
-    evidence: dict[str, Any] = {}
-    missing: list[str] = []
-    for capability, verdict in verdicts.items():
-        slot = SHIPPED[capability]
-        if verdict is None:
-            evidence[slot] = "no record"
-            missing.append(capability)
-        else:
-            evidence[slot] = verdict.public()
-            if not verdict.ok:
-                missing.append(capability)
-    if missing:
-        evidence["reason"] = f"no proven rollback drill for {', '.join(missing)}"
-        return Criterion("rollback-runbooks", "fail", evidence)
-    evidence["reason"] = "every capability's rollback was drilled: rolled back and restored, per the audit log"
-    return Criterion("rollback-runbooks", "pass", evidence)
-
-
-__all__ = ["SHIPPED", "Verdict", "chain_of", "criterion_drills", "drill_verdicts", "judge_run", "overrides_in_force",
+__all__ = ["SHIPPED", "Verdict", "chain_of", "drill_verdicts", "judge_recorded_run", "judge_run", "overrides_in_force",
            "read_audit"]
