@@ -61,6 +61,10 @@ def run_one(name: str, args: list[str], limit: float) -> tuple[list[dict[str, ob
     return results, "ok" if code == 0 or results else f"exit {code}"
 
 
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="benches to run (default: all)")
@@ -82,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             all_ok = False
         for r in results:
             unit = str(r["unit"])
-            rows.append((name, str(r["what"]), f"{float(r['value']):.3g}{unit}",
-                         f"{r['op']} {float(r['goal']):g}{unit}", "met" if r["met"] else "MISSED"))
+            rows.append((name, str(r["what"]), _num(float(r["value"])) + unit,
+                         f"{r['op']} {_num(float(r['goal']))}{unit}", "met" if r["met"] else "MISSED"))
             all_ok &= bool(r["met"])
     widths = [max(len(row[i]) for row in [("bench", "what", "value", "target", "result"), *rows]) for i in range(5)]
     print("\n=== summary")

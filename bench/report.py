@@ -19,7 +19,7 @@ def target(bench: str, what: str, value: float, op: Literal["<=", ">="], goal: f
     """Print ``what`` = ``value`` against ``op goal`` (human and machine line); True when met."""
     met = value <= goal if op == "<=" else value >= goal
     shown = f"{value:.3g}{unit}" if abs(value) < 1000 else f"{value:,.0f}{unit}"
-    print(f"target: {what} {op} {goal:g}{unit} -> {'met' if met else 'MISSED'} ({shown})"
+    print(f"target: {what} {op} {goal:,g}{unit} -> {'met' if met else 'MISSED'} ({shown})"
           + (f"; {detail}" if detail else ""))
     print(PREFIX + json.dumps({"bench": bench, "what": what, "value": value, "op": op, "goal": goal,
                                "unit": unit, "met": met}), flush=True)
