@@ -1,14 +1,8 @@
-"""The agent's Prometheus metrics. Names are a contract (README.md, and the tables in
-``cbctl/core/operator/gates.py`` and ``cbctl/core/operator/preflight.py`` that query them).
+"""The agent's Prometheus exporter registry: every series a node agent exports.
 
-Each :class:`AgentMetrics` owns its own ``CollectorRegistry`` so that several agents can live in
-one process (tests, benchmarks) without colliding in the global registry.  Only
-``prometheus_client`` is imported here: it is light and needed by every agent.
-
-Every exported series carries the agent's cluster as the label ``cluster`` (added at
-exposition by :class:`ClusterRegistry`, so no call site has to pass it): gates, ``watch`` and
-``exit-criteria`` select their cluster's series with it, and one Prometheus can scrape several
-clusters' agents without mixing their verdicts.
+Contract: names come from cbctl/core/model/metric_names.py (the one spelling, also used by the
+queries). Each :class:`AgentMetrics` owns its own registry (several agents may share a process),
+and every series carries the agent's cluster as the label ``cluster`` (docs/model.md, Metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +12,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from cbctl.core.model import metric_names as m
 from cbctl.core.model.labels import CLUSTER_LABEL
 
 
@@ -86,53 +81,53 @@ class AgentMetrics:
         r = self.registry = registry
         # Coordination
         self.ownership_changes = Counter(
-            "cluster_ownership_changes_total", "Lane ownership acquisitions and releases by this node", ["lane"], registry=r
+            m.M_CLUSTER_OWNERSHIP_CHANGES_TOTAL, "Lane ownership acquisitions and releases by this node", ["lane"], registry=r
         )
-        self.lease_lost = Counter("cluster_lease_lost_total", "Leases this node lost (expiry, TTL 0, partition)", registry=r)
+        self.lease_lost = Counter(m.M_CLUSTER_LEASE_LOST_TOTAL, "Leases this node lost (expiry, TTL 0, partition)", registry=r)
         self.applied_revision = UnsetUntilKnownGauge(
-            "cluster_rollout_applied_revision", "Rollout document revision this node has applied", r
+            m.M_CLUSTER_ROLLOUT_APPLIED_REVISION, "Rollout document revision this node has applied", r
         )
-        self.owned_lanes = Gauge("cluster_owned_lanes", "Lanes this node currently owns", registry=r)
+        self.owned_lanes = Gauge(m.M_CLUSTER_OWNED_LANES, "Lanes this node currently owns", registry=r)
         # Ownership enforcement
         self.lane_decisions = Counter(
-            "redis_lane_ownership_decision_total", "Fencing guard decisions", ["decision"], registry=r
+            m.M_REDIS_LANE_OWNERSHIP_DECISION_TOTAL, "Fencing guard decisions", ["decision"], registry=r
         )
         self.stale_fencing = Counter(
-            "redis_lane_stale_fencing_total", "Lane writes rejected because of a stale fencing token", registry=r
+            m.M_REDIS_LANE_STALE_FENCING_TOTAL, "Lane writes rejected because of a stale fencing token", registry=r
         )
         # Event bus
-        self.publish = Counter("event_bus_publish_total", "Canonical event publishes by outcome", ["status"], registry=r)
-        self.publish_retries = Counter("event_bus_publish_retries_total", "Publish retries", registry=r)
-        self.degraded = Gauge("event_bus_degraded", "1 while events go to the local outbox", registry=r)
-        self.outages = Counter("event_bus_outages_total", "Event bus outages (entries into degraded mode)", registry=r)
-        self.outbox_depth = Gauge("event_bus_outbox_depth", "Events waiting in the local outbox", registry=r)
+        self.publish = Counter(m.M_EVENT_BUS_PUBLISH_TOTAL, "Canonical event publishes by outcome", ["status"], registry=r)
+        self.publish_retries = Counter(m.M_EVENT_BUS_PUBLISH_RETRIES_TOTAL, "Publish retries", registry=r)
+        self.degraded = Gauge(m.M_EVENT_BUS_DEGRADED, "1 while events go to the local outbox", registry=r)
+        self.outages = Counter(m.M_EVENT_BUS_OUTAGES_TOTAL, "Event bus outages (entries into degraded mode)", registry=r)
+        self.outbox_depth = Gauge(m.M_EVENT_BUS_OUTBOX_DEPTH, "Events waiting in the local outbox", registry=r)
         self.outbox_backpressure = Gauge(
-            "event_bus_outbox_backpressure", "1 while the outbox is full and publishers wait (no new tasks)", registry=r
+            m.M_EVENT_BUS_OUTBOX_BACKPRESSURE, "1 while the outbox is full and publishers wait (no new tasks)", registry=r
         )
         self.bridge_duplicates = Counter(
-            "event_bus_bridge_duplicates_suppressed_total", "Duplicates suppressed by the bridge", registry=r
+            m.M_EVENT_BUS_BRIDGE_DUPLICATES_SUPPRESSED_TOTAL, "Duplicates suppressed by the bridge", registry=r
         )
         self.bridge_ordering_violations = Counter(
-            "event_bus_bridge_ordering_violations_total", "Gaps timed out or out-of-order deliveries", registry=r
+            m.M_EVENT_BUS_BRIDGE_ORDERING_VIOLATIONS_TOTAL, "Gaps timed out or out-of-order deliveries", registry=r
         )
         self.consumer_dedup_mismatch = Counter(
-            "event_bus_consumer_dedup_mismatch_total",
+            m.M_EVENT_BUS_CONSUMER_DEDUP_MISMATCH_TOTAL,
             "Duplicates the broker should have suppressed that reached the consumer",
             registry=r,
         )
         self.bridge_delivered = Counter(
-            "event_bus_bridge_delivered_total", "Events delivered to subscribers", ["origin"], registry=r
+            m.M_EVENT_BUS_BRIDGE_DELIVERED_TOTAL, "Events delivered to subscribers", ["origin"], registry=r
         )
-        self.bad_events = Counter("event_bus_bad_events_total", "Undecodable events skipped", ["reason"], registry=r)
+        self.bad_events = Counter(m.M_EVENT_BUS_BAD_EVENTS_TOTAL, "Undecodable events skipped", ["reason"], registry=r)
         # Signals
-        self.signals_routed = Counter("signals_routed_total", "Signals routed to lane owners", ["result"], registry=r)
+        self.signals_routed = Counter(m.M_SIGNALS_ROUTED_TOTAL, "Signals routed to lane owners", ["result"], registry=r)
         # Tasks
-        self.tasks = Counter("cbctl_tasks_total", "Lane tasks processed", ["result"], registry=r)
-        self.info = Gauge("cbctl_agent_info", "Constant 1, labelled with the node id", ["node_id"], registry=r)
+        self.tasks = Counter(m.M_CBCTL_TASKS_TOTAL, "Lane tasks processed", ["result"], registry=r)
+        self.info = Gauge(m.M_CBCTL_AGENT_INFO, "Constant 1, labelled with the node id", ["node_id"], registry=r)
         self.info.labels(node_id=node_id).set(1)
-        for decision in ("allow", "deny", "would_deny"):
+        for decision in m.DECISIONS:
             self.lane_decisions.labels(decision=decision)
-        for status in ("ok", "duplicate", "error", "buffered"):
+        for status in m.PUBLISH_STATUSES:
             self.publish.labels(status=status)
 
     def render(self) -> bytes:
