@@ -1,37 +1,11 @@
 """Consul backend of :class:`~cbctl.core.backends.coord.base.Coordinator` (py-consul's ``consul.aio``).
 
-Mapping onto Consul (all through the HTTP API of a local agent or a server):
-
-* Keys: ours start with ``/`` (``/cbctl/<cluster>/...``); Consul's must not, so one leading ``/``
-  is stripped on the way in and added back on the way out.
-* Revisions: ``ModifyIndex``/``CreateIndex`` are Raft indexes — store-wide, strictly increasing,
-  never reused — so they satisfy the base contract (a ``CreateIndex`` is a valid fencing token).
-  ``current_revision`` is the ``X-Consul-Index`` of a KV read (the KV table's highest index).
-* Writes go through the transaction endpoint (``/v1/txn``), even single puts, because it is the
-  only write that returns the new ``ModifyIndex``.  ``commit`` = ``cas`` on the guarded key (index
-  0 = create only), or ``check-index``/``check-not-exists`` + ``lock`` when a lease is attached,
-  plus ``set`` for ``also_put``: all-or-nothing.  Consul allows 64 operations per transaction.
-* Leases are TTL sessions with ``behavior=delete`` and ``lock-delay 0``: a key is attached to a
-  session by acquiring it (``lock``), and deleted when the session is invalidated.  Consul only
-  accepts TTLs of 10 s .. 24 h (shorter requests are raised to 10 s, reported in ``Lease.ttl``)
-  and may keep an expired session up to twice its TTL; :class:`LeaseKeeper` stops work before
-  ``ttl - interval``, so that slack is on the safe side.  ``put``/``commit`` with a lease fail
-  with ``Conflict`` if another session holds the key.
-* Watch: blocking queries on the key or prefix (``index``/``wait``); each answer is diffed with
-  the previous listing.  This is level-triggered: changes between two answers are coalesced (a
-  key written twice shows once, with its last value and index; written and deleted shows
-  nothing), and a delete's revision is the index of the answer that first misses the key.
-  Revisions still only grow and no state change is lost.
-* Auth: the context's ``password`` secret is the ACL token (``username`` is not used).  HTTP 401/403
-  (and "Permission denied" inside a transaction) -> :class:`AuthFailed`.
-
-py-consul quirks worked around: its ``txn.put`` sends no ACL token and raises a bare
-``ClientError("409 ...")`` on a rolled-back transaction, so transactions are sent with
-``http.put`` and our own response handling; ``session.renew`` raises ``NotFound`` for a gone
-session; the client's ``CONSUL_HTTP_TOKEN`` environment override is undone (the context wins).
-
-No Consul server exists on the development machines: this module is exercised by the contract
-suite only when ``CBCTL_TEST_CONSUL_URL`` names an agent.
+Keys lose their leading ``/`` on the way in; revisions are Raft indexes (``ModifyIndex``,
+``CreateIndex``); writes go through ``/v1/txn``; leases are TTL sessions (10 s .. 24 h); the
+watch is level-triggered (blocking queries, diffed).  :class:`_ConsulErrors` is the one converter
+of py-consul/aiohttp exceptions.  The mapping and py-consul quirks: docs/backends.md.
+No Consul server exists on the development machines: the contract suite runs it only when
+``CBCTL_TEST_CONSUL_URL`` names an agent.
 """
 
 from __future__ import annotations
@@ -39,13 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import math
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import consul
@@ -53,28 +24,23 @@ import consul.aio
 from consul import base as consul_base
 from consul.exceptions import BadRequest, ClientError
 
-from cbctl.core.backends.coord.base import KV, Coordinator, Lease, WatchEvent
-from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, Conflict, LeaseLost
+from cbctl.core.backends.coord.base import KV, Lease, WatchEvent
+from cbctl.core.backends.coord.failover import WATCH_RESUME, ErrorEdge, FailoverCoordinator, Unreachable
+from cbctl.core.backends.retry import Backoff
+from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, Conflict, LeaseLost
 
 if TYPE_CHECKING:
     from cbctl.core.model.config import Context, Secret
 
 __all__ = ["ConsulCoordinator"]
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 BACKEND = "consul"
 _MAX_TXN_OPS = 64  # Consul's limit per transaction
 _MIN_SESSION_TTL = 10  # seconds; Consul refuses shorter session TTLs
 
 
-class _Unreachable(BackendUnavailable):
-    """Internal: the agent did not answer. ``maybe_applied`` when a write may have landed."""
-
-    def __init__(self, message: str, *, maybe_applied: bool) -> None:
-        super().__init__(message, backend=BACKEND)
-        self.maybe_applied = maybe_applied
+def _unreachable(message: str, *, maybe_applied: bool) -> Unreachable:
+    return Unreachable(message, backend=BACKEND, maybe_applied=maybe_applied)
 
 
 def _convert(exc: BaseException, what: str) -> CbctlError:
@@ -85,55 +51,27 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
         return BadInput(f"consul rejected {what}: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         # Refused/unresolvable before anything was sent: safe to send elsewhere.
-        return _Unreachable(f"consul {what}: {exc}", maybe_applied=False)
+        return _unreachable(f"consul {what}: {exc}", maybe_applied=False)
     if isinstance(exc, (aiohttp.ClientError, TimeoutError, consul.Timeout, OSError)):
-        return _Unreachable(f"consul {what}: {exc or type(exc).__name__}", maybe_applied=True)
+        return _unreachable(f"consul {what}: {exc or type(exc).__name__}", maybe_applied=True)
     text = str(exc)
     if "invalid session" in text.lower():
         return LeaseLost(f"consul {what}: {text}")
     if isinstance(exc, ClientError):  # other 4xx, e.g. 429 rate limited
         return BackendUnavailable(f"consul {what}: {text}", backend=BACKEND)
     # ConsulException: 5xx ("No cluster leader", "rpc error ...") or an undecodable answer.
-    return _Unreachable(f"consul {what}: {text}", maybe_applied=True)
+    return _unreachable(f"consul {what}: {text}", maybe_applied=True)
 
 
 _SOURCE_ERRORS = (consul.ConsulException, aiohttp.ClientError, TimeoutError, OSError)
 
 
-class _ConsulErrors:
+class _ConsulErrors(ErrorEdge):
     """``with _ConsulErrors(what):`` — the one edge where py-consul/aiohttp errors become ours."""
 
-    __slots__ = ("what",)
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and isinstance(exc, _SOURCE_ERRORS):
-            raise _convert(exc, self.what) from exc
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    url: str
-    host: str
-    port: int
-    scheme: str
-
-
-def _parse_endpoint(url: str) -> _Endpoint:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"consul endpoint {url!r}: expected http(s)://host:port")
-    try:
-        port = parts.port or (8501 if parts.scheme == "https" else 8500)
-    except ValueError:
-        raise ConfigError(f"consul endpoint {url!r}: invalid port") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return _Endpoint(url=url, host=host, port=port, scheme=parts.scheme)
+    __slots__ = ()
+    sources = _SOURCE_ERRORS
+    convert = staticmethod(_convert)
 
 
 def _ck(key: str) -> str:
@@ -162,7 +100,7 @@ def _raw(response: consul_base.Response) -> consul_base.Response:
     return response
 
 
-class ConsulCoordinator(Coordinator):
+class ConsulCoordinator(FailoverCoordinator["consul.aio.Consul"]):
     """Coordinator on Consul's KV store and sessions (see the module docstring).
 
     ``endpoints``: ``http(s)://host:port`` of Consul agents, tried in order on failure.
@@ -174,6 +112,9 @@ class ConsulCoordinator(Coordinator):
     """
 
     backend_name = BACKEND
+    errors = _ConsulErrors
+    http_port, https_port = 8500, 8501
+    endpoint_word = "agents"
 
     def __init__(
         self,
@@ -188,24 +129,12 @@ class ConsulCoordinator(Coordinator):
         watch_wait: float = 30.0,
         probe_key: str = "/cbctl/",
     ) -> None:
-        if isinstance(endpoints, str):
-            endpoints = [endpoints]
-        if not endpoints:
-            raise ConfigError("consul: at least one endpoint is required")
-        self._endpoints = [_parse_endpoint(u) for u in endpoints]
-        if bool(cert_file) != bool(key_file):
-            raise ConfigError("consul TLS: give both cert-file and key-file, or neither")
-        if timeout <= 0:
-            raise ConfigError(f"consul timeout must be positive, got {timeout!r}")
-        self._timeout = float(timeout)
+        super().__init__(endpoints, timeout=timeout, cert_file=cert_file, key_file=key_file,
+                         reconnect_deadline=reconnect_deadline)
         self._token = token
         self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
-        self._reconnect_deadline = float(reconnect_deadline) if reconnect_deadline is not None else 2 * self._timeout
         self._watch_wait = max(1, int(watch_wait))
         self._probe = _ck(probe_key)
-        self._clients: list[consul.aio.Consul | None] = [None] * len(self._endpoints)
-        self._current = 0
-        self._closed = False
 
     @classmethod
     def from_context(cls, ctx: Context) -> ConsulCoordinator:
@@ -221,61 +150,23 @@ class ConsulCoordinator(Coordinator):
             probe_key=ctx.prefix,
         )
 
-    @property
-    def endpoints(self) -> list[str]:
-        return [ep.url for ep in self._endpoints]
-
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _client(self, idx: int) -> consul.aio.Consul:
-        client = self._clients[idx]
-        if client is None:
-            ep = self._endpoints[idx]
-            # http: verify=False only stops py-consul from building an SSL context it won't use.
-            verify: bool | str = (self._ca_file or True) if ep.scheme == "https" else False
-            cert = (self._cert_file, self._key_file) if self._cert_file else None
-            with warnings.catch_warnings():
-                # py-consul 1.8 passes aiohttp's deprecated verify_ssl/ssl_context: its noise.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                client = consul.aio.Consul(
-                    host=ep.host, port=ep.port, scheme=ep.scheme, verify=verify, cert=cert,
-                    connections_timeout=self._timeout,
-                )
-            # py-consul lets CONSUL_HTTP_TOKEN override the token we pass; the context wins.
-            client.token = self._token.reveal() if self._token is not None else None
-            self._clients[idx] = client
+    def _new_client(self, idx: int) -> consul.aio.Consul:
+        ep = self._endpoints[idx]
+        # http: verify=False only stops py-consul from building an SSL context it won't use.
+        verify: bool | str = (self._ca_file or True) if ep.scheme == "https" else False
+        cert = (self._cert_file, self._key_file) if self._cert_file else None
+        with warnings.catch_warnings():
+            # py-consul 1.8 passes aiohttp's deprecated verify_ssl/ssl_context: its noise.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client = consul.aio.Consul(
+                host=ep.host, port=ep.port, scheme=ep.scheme, verify=verify, cert=cert,
+                connections_timeout=self._timeout,
+            )
+        # py-consul lets CONSUL_HTTP_TOKEN override the token we pass; the context wins.
+        client.token = self._token.reveal() if self._token is not None else None
         return client
-
-    def _rotate(self, failed_idx: int) -> None:
-        if self._current == failed_idx and len(self._endpoints) > 1:
-            self._current = (failed_idx + 1) % len(self._endpoints)
-            log.info("consul: %s failed, switching to %s", self._endpoints[failed_idx].url,
-                     self._endpoints[self._current].url)
-
-    async def _call(
-        self, what: str, op: Callable[[consul.aio.Consul], Awaitable[T]], *, idempotent: bool,
-        budget: float | None = None,
-    ) -> T:
-        """Run ``op`` on the current agent under the deadline, failing over to the next agent
-        for idempotent calls (writes only when nothing was sent)."""
-        if self._closed:
-            raise BackendUnavailable("consul coordinator is closed", backend=BACKEND)
-        failures: list[str] = []
-        n = len(self._endpoints)
-        while True:
-            idx = self._current
-            try:
-                with _ConsulErrors(f"{what} at {self._endpoints[idx].url}"):
-                    async with asyncio.timeout(budget if budget is not None else self._timeout):
-                        return await op(self._client(idx))
-            except _Unreachable as exc:
-                self._rotate(idx)
-                failures.append(str(exc))
-                retry = idempotent or not exc.maybe_applied
-                if not retry or len(failures) >= n:
-                    message = failures[0] if len(failures) == 1 else (
-                        f"consul unreachable ({len(failures)} agents tried): " + "; ".join(failures))
-                    raise BackendUnavailable(message, backend=BACKEND) from exc
 
     async def _txn(self, what: str, ops: list[dict[str, Any]], *, idempotent: bool = False) -> tuple[bool, Any]:
         """Send one transaction. (True, Results) when applied, (False, Errors) when rolled back."""
@@ -316,28 +207,6 @@ class ConsulCoordinator(Coordinator):
         """The index a successful write transaction landed at (all its writes share it)."""
         indexes = [int(r["KV"]["ModifyIndex"]) for r in results if r.get("KV") and r["KV"].get("Key") == consul_key]
         return max(indexes)
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Reach one agent and read through it; ``BackendUnavailable``/``AuthFailed`` if none."""
-        self._closed = False
-        try:
-            await self.current_revision()
-        except BaseException:
-            # ``async with`` does not call close() when connect() fails: release what we opened.
-            await self._close_clients()
-            raise
-
-    async def close(self) -> None:
-        self._closed = True
-        await self._close_clients()
-
-    async def _close_clients(self) -> None:
-        clients, self._clients = self._clients, [None] * len(self._endpoints)
-        for client in clients:
-            if client is not None:
-                await client.close()
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -487,8 +356,7 @@ class ConsulCoordinator(Coordinator):
             for item in sorted(known.values(), key=lambda i: int(i["ModifyIndex"])):
                 if int(item["ModifyIndex"]) >= start_revision:
                     yield WatchEvent("put", "/" + item["Key"], item.get("Value") or b"", int(item["ModifyIndex"]))
-        failing_since: float | None = None
-        backoff = 0.05
+        resume = Backoff(WATCH_RESUME, give_up_after=self._reconnect_deadline, clock=loop.time)
         last_rev = index
         while not self._closed:
             try:
@@ -496,17 +364,14 @@ class ConsulCoordinator(Coordinator):
             except AuthFailed:
                 raise
             except BackendUnavailable as exc:
-                now = loop.time()
-                failing_since = failing_since if failing_since is not None else now
-                if now - failing_since >= self._reconnect_deadline:
+                if resume.failed():
                     raise BackendUnavailable(
-                        f"consul watch {key!r}: no agent answered for {now - failing_since:.1f}s ({exc})",
+                        f"consul watch {key!r}: no agent answered for {resume.failing_for:.1f}s ({exc})",
                         backend=BACKEND,
                     ) from exc
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await resume.pause()
                 continue
-            failing_since, backoff = None, 0.05
+            resume.reset()
             events: list[WatchEvent] = []
             for k, item in now_items.items():
                 old = known.get(k)

@@ -1,32 +1,10 @@
 """etcd backend of :class:`~cbctl.core.backends.coord.base.Coordinator` (aetcd 1.0, asyncio gRPC).
 
-Thin on purpose: every primitive is one or two aetcd calls run through :meth:`EtcdCoordinator._call`,
-which is the only place that picks an endpoint, applies the deadline, fails over and — through
-:class:`_EtcdErrors`, the one converter — turns aetcd/gRPC exceptions into cbctl errors.  The
-watch iterator goes through the same converter.
-
-Failover.  One gRPC channel per configured endpoint, created lazily; calls go to the *current*
-endpoint and move to the next one when it is unreachable, does not answer in time, or a caller
-gave up on it.  (aetcd can also take ``host='ipv4:A:p,B:p,C', port=q``, gRPC's own multi-address
-form — measured to work for a killed member — but it accepts IP literals only, keeps talking to a
-SIGSTOPped member until its deadline, and cannot report per-member status; so we do it here.)
-Reads, lease refreshes/grants/revokes are retried on the next endpoint within the same deadline.
-Writes (``put``, ``commit``, ``delete``) are retried only when the failure proves the request never
-reached a server (connection refused): a write that may have been applied is not repeated, the
-caller gets :class:`BackendUnavailable` and decides (a blind retry of a CAS could report a false
-``Conflict``).
-
-Sharp edges of aetcd 1.0 handled here (measured against etcd 3.4.23):
-
-* ``transaction()`` needs an explicit ``failure`` list (``None`` raises TypeError).
-* a keep-alive of an expired/unknown lease answers TTL 0 without error -> :class:`LeaseLost`.
-* a watch whose member dies raises ``ConnectionFailedError``; a watch whose client is closed just
-  ends.  Both resume on the next endpoint, from the revision of the last delivered event (events
-  of that revision already delivered are skipped), so nothing is lost or repeated.
-* aetcd opens insecure channels only and authenticates once; :class:`_Client` adds TLS and
-  re-authentication when etcd reports ``invalid auth token`` (the simple token's TTL is 5 min).
-* etcd 3.4 answers a watch the user may not read with ``created`` + ``canceled`` (watch id -1),
-  which aetcd ignores: we report it as :class:`AuthFailed`.
+Every primitive is one or two aetcd calls run through the shared failover loop
+(:class:`~cbctl.core.backends.coord.failover.FailoverCoordinator`); :class:`_EtcdErrors` is the one
+converter of aetcd/gRPC exceptions into cbctl errors, used by the watch iterator too.  Writes are
+retried on another member only when the failure proves the request never reached a server.
+Failover rules and the aetcd 1.0 sharp edges handled here: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -36,17 +14,23 @@ import builtins
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import aetcd
 import grpc
 from aetcd import rpc, transactions, watcher
 from aetcd.utils import prefix_range_end
 
-from cbctl.core.backends.coord.base import KV, Coordinator, Lease, WatchEvent
+from cbctl.core.backends.coord.base import KV, Lease, WatchEvent
+from cbctl.core.backends.coord.failover import (
+    WATCH_RESUME,
+    ErrorEdge,
+    FailoverCoordinator,
+    ReauthNeeded,
+    Unreachable,
+)
+from cbctl.core.backends.retry import Backoff
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, Conflict, LeaseLost
 
 if TYPE_CHECKING:
@@ -55,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["EtcdCoordinator", "RevisionCompacted"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 BACKEND = "etcd"
 
@@ -76,10 +59,6 @@ _CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.http2.ping_timeout_ms": 4_000,
     "grpc.http2.max_pings_without_data": 0,
 }
-
-# A caller that cancels an RPC that has been running this long (LeaseKeeper's per-refresh
-# timeout, a CLI deadline) has found the member slow: the next call goes to another endpoint.
-_SLOW_RPC = 0.5
 
 # Substrings of etcd error details that mean "your credentials/permissions", whatever the gRPC
 # code (etcd 3.4 reports a wrong password as INVALID_ARGUMENT, a denied key as PERMISSION_DENIED).
@@ -113,16 +92,8 @@ class RevisionCompacted(CbctlError):
         self.compacted_revision = compacted_revision
 
 
-class _Unreachable(BackendUnavailable):
-    """Internal: the endpoint did not answer. ``maybe_applied`` when a write may have landed."""
-
-    def __init__(self, message: str, *, maybe_applied: bool) -> None:
-        super().__init__(message, backend=BACKEND)
-        self.maybe_applied = maybe_applied
-
-
-class _TokenExpired(AuthFailed):
-    """Internal: the auth token is no longer valid; authenticate again and retry once."""
+def _unreachable(message: str, *, maybe_applied: bool) -> Unreachable:
+    return Unreachable(message, backend=BACKEND, maybe_applied=maybe_applied)
 
 
 def _grpc_status(exc: BaseException) -> tuple[grpc.StatusCode | None, str]:
@@ -141,16 +112,16 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
             compacted_revision=exc.compacted_revision,
         )
     if isinstance(exc, TimeoutError):
-        return _Unreachable(f"etcd {what}: no answer in time", maybe_applied=True)
+        return _unreachable(f"etcd {what}: no answer in time", maybe_applied=True)
     if isinstance(exc, aetcd.WatchTimeoutError):
-        return _Unreachable(f"etcd {what}: watch not created in time", maybe_applied=False)
+        return _unreachable(f"etcd {what}: watch not created in time", maybe_applied=False)
     code, details = _grpc_status(exc)
     low = details.lower()
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or any(
         m in low for m in _AUTH_MARKERS
     ):
         if any(m in low for m in _REAUTH_MARKERS):
-            return _TokenExpired(f"etcd {what}: {details}", backend=BACKEND)
+            return ReauthNeeded(f"etcd {what}: {details}", backend=BACKEND)
         if "user name is empty" in low:  # etcd's words for "auth is on and you sent no credentials"
             details += " (authentication required: set coordination.username and password-env or password-file)"
         return AuthFailed(f"etcd {what}: {details}", backend=BACKEND)
@@ -159,35 +130,24 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         return BadInput(f"etcd rejected {what}: {details}")
     if isinstance(exc, grpc.aio.UsageError):  # e.g. RPC on a channel closed under us
-        return _Unreachable(f"etcd {what}: {exc}", maybe_applied=False)
+        return _unreachable(f"etcd {what}: {exc}", maybe_applied=False)
     if any(m in low for m in _TLS_MARKERS):  # gRPC's words say little about the likely cause
         details += (" (TLS handshake failed: check coordination.tls ca-file, cert-file and key-file;"
                     " the server may require a client certificate)")
     not_sent = code == grpc.StatusCode.UNAVAILABLE and any(m in low for m in _NOT_SENT_MARKERS)
-    return _Unreachable(f"etcd {what}: {details or type(exc).__name__}", maybe_applied=not not_sent)
+    return _unreachable(f"etcd {what}: {details or type(exc).__name__}", maybe_applied=not not_sent)
 
 
 # What the converter takes; anything else (our own errors, CancelledError, bugs) passes through.
 _SOURCE_ERRORS = (aetcd.ClientError, grpc.RpcError, grpc.aio.BaseError, TimeoutError)
 
 
-class _EtcdErrors:
-    """``with _EtcdErrors(what):`` — the one edge where aetcd/gRPC exceptions become cbctl errors.
+class _EtcdErrors(ErrorEdge):
+    """``with _EtcdErrors(what):`` — the one edge where aetcd/gRPC exceptions become cbctl errors."""
 
-    A class, not ``@contextmanager``: it wraps every RPC and should cost next to nothing.
-    """
-
-    __slots__ = ("what",)
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and isinstance(exc, _SOURCE_ERRORS):
-            raise _convert(exc, self.what) from exc
+    __slots__ = ()
+    sources = _SOURCE_ERRORS
+    convert = staticmethod(_convert)
 
 
 class _Client(aetcd.Client):
@@ -261,26 +221,6 @@ class _Client(aetcd.Client):
                 await self._authenticate()
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    url: str
-    host: str  # as gRPC wants it in a target: IPv6 literals in brackets
-    port: int
-    tls: bool
-
-
-def _parse_endpoint(url: str) -> _Endpoint:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"etcd endpoint {url!r}: expected http(s)://host:port")
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise ConfigError(f"etcd endpoint {url!r}: invalid port") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return _Endpoint(url=url, host=host, port=port, tls=parts.scheme == "https")
-
-
 def _read_pem(path: str | None, what: str) -> bytes | None:
     if path is None:
         return None
@@ -306,7 +246,7 @@ def _key(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-class EtcdCoordinator(Coordinator):
+class EtcdCoordinator(FailoverCoordinator[_Client]):
     """Coordinator on etcd v3 (see the module docstring for failover and error rules).
 
     ``endpoints``: ``http(s)://host:port`` URLs of the members (all http or all https).
@@ -319,6 +259,12 @@ class EtcdCoordinator(Coordinator):
     """
 
     backend_name = BACKEND
+    errors = _EtcdErrors
+    http_port = https_port = 2379
+    shared_deadline = True
+    # A caller that cancels an RPC that has been running this long (LeaseKeeper's per-refresh
+    # timeout, a CLI deadline) has found the member slow: the next call goes to another endpoint.
+    slow_rpc = 0.5
 
     def __init__(
         self,
@@ -333,33 +279,23 @@ class EtcdCoordinator(Coordinator):
         reconnect_deadline: float | None = None,
         probe_key: str = "/cbctl/",
     ) -> None:
-        if isinstance(endpoints, str):
-            endpoints = [endpoints]
-        if not endpoints:
-            raise ConfigError("etcd: at least one endpoint is required")
-        self._endpoints = [_parse_endpoint(u) for u in endpoints]
+        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
+        super().__init__(endpoints, timeout=timeout, cert_file=cert_file, key_file=key_file,
+                         reconnect_deadline=reconnect_deadline)
+        if (username is None) != (password is None):
+            raise ConfigError("etcd auth: a username needs a password (password-env or password-file), and vice versa")
+        self._username = username
+        self._password = password
+        self._probe = _key(probe_key)
+        self._credentials: grpc.ChannelCredentials | None = None
+
+    def _check_endpoints(self) -> None:
         schemes = {ep.tls for ep in self._endpoints}
         if len(schemes) > 1:
             raise ConfigError("etcd endpoints mix http:// and https://; use one scheme")
         self._tls = schemes == {True}
-        if not self._tls and (ca_file or cert_file or key_file):
+        if not self._tls and (self._ca_file or self._cert_file or self._key_file):
             raise ConfigError("etcd TLS files are configured but the endpoints are http://; use https://")
-        if bool(cert_file) != bool(key_file):
-            raise ConfigError("etcd TLS: give both cert-file and key-file, or neither")
-        if (username is None) != (password is None):
-            raise ConfigError("etcd auth: a username needs a password (password-env or password-file), and vice versa")
-        if timeout <= 0:
-            raise ConfigError(f"etcd timeout must be positive, got {timeout!r}")
-        self._timeout = float(timeout)
-        self._username = username
-        self._password = password
-        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
-        self._reconnect_deadline = float(reconnect_deadline) if reconnect_deadline is not None else 2 * self._timeout
-        self._probe = _key(probe_key)
-        self._credentials: grpc.ChannelCredentials | None = None
-        self._clients: list[_Client | None] = [None] * len(self._endpoints)
-        self._current = 0
-        self._closed = False
 
     @classmethod
     def from_context(cls, ctx: Context) -> EtcdCoordinator:
@@ -376,113 +312,32 @@ class EtcdCoordinator(Coordinator):
             probe_key=ctx.prefix,
         )
 
-    @property
-    def endpoints(self) -> list[str]:
-        """The configured endpoint URLs, in order."""
-        return [ep.url for ep in self._endpoints]
-
-    @property
-    def current_endpoint(self) -> str:
-        """The endpoint the next call goes to."""
-        return self._endpoints[self._current].url
-
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _client(self, idx: int) -> _Client:
-        client = self._clients[idx]
-        if client is None:
-            if self._tls and self._credentials is None:
-                self._credentials = grpc.ssl_channel_credentials(
-                    root_certificates=_read_pem(self._ca_file, "ca-file"),
-                    private_key=_read_pem(self._key_file, "key-file"),
-                    certificate_chain=_read_pem(self._cert_file, "cert-file"),
-                )
-            ep = self._endpoints[idx]
-            client = self._clients[idx] = _Client(
-                ep.host,
-                ep.port,
-                username=self._username,
-                password=self._password.reveal() if self._password is not None else None,
-                timeout=self._timeout,
-                credentials=self._credentials,
+    def _new_client(self, idx: int) -> _Client:
+        if self._tls and self._credentials is None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(self._ca_file, "ca-file"),
+                private_key=_read_pem(self._key_file, "key-file"),
+                certificate_chain=_read_pem(self._cert_file, "cert-file"),
             )
-        return client
+        ep = self._endpoints[idx]
+        return _Client(
+            ep.host,
+            ep.port,
+            username=self._username,
+            password=self._password.reveal() if self._password is not None else None,
+            timeout=self._timeout,
+            credentials=self._credentials,
+        )
 
-    def _rotate(self, failed_idx: int) -> None:
-        # Only the first of several concurrent failures on one endpoint moves us on.
-        if self._current == failed_idx and len(self._endpoints) > 1:
-            self._current = (failed_idx + 1) % len(self._endpoints)
-            log.info("etcd: %s failed, switching to %s", self._endpoints[failed_idx].url, self.current_endpoint)
+    def _auth_generation(self, client: _Client) -> int:
+        return client.token_generation
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BackendUnavailable("etcd coordinator is closed", backend=BACKEND)
-
-    async def _call(self, what: str, op: Callable[[_Client], Awaitable[T]], *, idempotent: bool) -> T:
-        """Run ``op`` on the current endpoint under the deadline, failing over (see module doc)."""
-        self._check_open()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        n = len(self._endpoints)
-        failures: list[str] = []
-        reauthenticated = False
-        while True:
-            idx = self._current
-            client = self._client(idx)
-            started = loop.time()
-            left = n - len(failures)
-            # An idempotent call splits what is left of the deadline over the endpoints not yet
-            # tried, so one silent member cannot use all of it.
-            budget = max(deadline - started, 0.001)
-            if idempotent and left > 1:
-                budget /= left
-            generation = client.token_generation
-            try:
-                with _EtcdErrors(f"{what} at {self._endpoints[idx].url}"):
-                    async with asyncio.timeout(budget):
-                        return await op(client)
-            except _TokenExpired:
-                if reauthenticated:
-                    raise
-                reauthenticated = True
-                with _EtcdErrors(f"re-authentication at {self._endpoints[idx].url}"):
-                    async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
-                        await client.reauthenticate(generation)
-            except _Unreachable as exc:
-                self._rotate(idx)
-                failures.append(str(exc))
-                retry = idempotent or not exc.maybe_applied
-                if not retry or len(failures) >= n or loop.time() >= deadline:
-                    message = failures[0] if len(failures) == 1 else (
-                        f"etcd unreachable ({len(failures)} endpoints tried): " + "; ".join(failures))
-                    raise BackendUnavailable(message, backend=BACKEND) from exc
-            except asyncio.CancelledError:
-                if loop.time() - started >= _SLOW_RPC:
-                    self._rotate(idx)
-                raise
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Reach one endpoint (and authenticate); ``BackendUnavailable``/``AuthFailed`` if none."""
-        self._closed = False
-        try:
-            await self.current_revision()
-        except BaseException:
-            # ``async with`` does not call close() when connect() fails: release what we opened.
-            await self._close_clients()
-            raise
-
-    async def close(self) -> None:
-        """Close every channel; running watches end. Idempotent."""
-        self._closed = True
-        await self._close_clients()
-
-    async def _close_clients(self) -> None:
-        clients, self._clients = self._clients, [None] * len(self._endpoints)
-        for client in clients:
-            if client is not None:
-                await client.close()
+    async def _reauthenticate(self, client: _Client, seen_generation: int, url: str, budget: float) -> None:
+        with _EtcdErrors(f"re-authentication at {url}"):
+            async with asyncio.timeout(budget):
+                await client.reauthenticate(seen_generation)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -599,11 +454,10 @@ class EtcdCoordinator(Coordinator):
         range_end = prefix_range_end(k) if prefix else None
         if start_revision is None:
             start_revision = await self.current_revision() + 1
-        loop = asyncio.get_running_loop()
         last_rev: int | None = None  # revision of the last delivered event
         delivered_at_last = 0  # how many events of last_rev were delivered
-        failing_since: float | None = None
-        backoff = 0.05
+        resume = Backoff(WATCH_RESUME, give_up_after=self._reconnect_deadline,
+                         clock=asyncio.get_running_loop().time)
         reauthenticated = False
         while not self._closed:
             idx = self._current
@@ -620,7 +474,8 @@ class EtcdCoordinator(Coordinator):
                     if w.watch_id is not None and w.watch_id < 0:
                         # etcd 3.4 creates-and-cancels a watch the user may not read.
                         raise AuthFailed(f"etcd {what}: permission denied", backend=BACKEND)
-                    failing_since, backoff, reauthenticated = None, 0.05, False
+                    resume.reset()
+                    reauthenticated = False
                     with _EtcdErrors(what):
                         async for ev in w:
                             rev = ev.kv.mod_revision
@@ -643,25 +498,20 @@ class EtcdCoordinator(Coordinator):
                 # The stream ended without an error: its client was closed (by close(), or
                 # under us); resume unless we are closing.
                 continue
-            except _TokenExpired:
+            except ReauthNeeded:
                 if reauthenticated:
                     raise
                 reauthenticated = True
-                with _EtcdErrors(f"re-authentication at {self._endpoints[idx].url}"):
-                    async with asyncio.timeout(self._timeout):
-                        await client.reauthenticate(generation)
-            except _Unreachable as exc:
+                await self._reauthenticate(client, generation, self._endpoints[idx].url, self._timeout)
+            except Unreachable as exc:
                 self._rotate(idx)
-                now = loop.time()
-                failing_since = failing_since if failing_since is not None else now
-                if now - failing_since >= self._reconnect_deadline:
+                if resume.failed():
                     raise BackendUnavailable(
-                        f"etcd watch {key!r}: no member answered for {now - failing_since:.1f}s ({exc})",
+                        f"etcd watch {key!r}: no member answered for {resume.failing_for:.1f}s ({exc})",
                         backend=BACKEND,
                     ) from exc
                 log.info("etcd %s failed, resuming from revision %s: %s", what, from_rev, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await resume.pause()
 
     @staticmethod
     async def _cancel_watch(w: Any) -> None:
