@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from cbctl.core.model import keys
-from cbctl.core.agent.node import AppliedUpdate, NodeAgent, redis_client_for
+from cbctl.core.agent.hooks import AppliedUpdate
+from cbctl.core.agent.node import NodeAgent, redis_client_for
 from cbctl.core.model.assignment import assign
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from cbctl.core.agent import signals
-from cbctl.core.agent.node import AppliedUpdate, NodeAgent
+from cbctl.core.agent.hooks import AppliedUpdate
+from cbctl.core.agent.node import NodeAgent
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator

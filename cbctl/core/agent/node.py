@@ -56,47 +56,37 @@ Hooks for the other subsystems (event bus, bridge, preflight probes):
 * ``agent.extra_record_fields`` / ``await agent.update_record(probes=..., clock=...)`` — fields
   of the registration record owned by other modules.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from cbctl import __version__
-from cbctl.core.model import keys
-from cbctl.core.model.assignment import lanes_of
-from cbctl.core.model.config import Context
-from cbctl.core.backends.coord.base import Coordinator, Lease, LeaseKeeper
-from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError, Conflict, LeaseLost, StaleFencingToken
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue, Task
-from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.agent.hooks import AppliedHook, AppliedUpdate, FlagsListener, TaskHandler
 from cbctl.core.agent.http import AgentHttp
-from cbctl.core.agent.ownership import LaneClaim, acquire_lane, release_lane
-from cbctl.core.agent.registration import (
-    NodeIdConflict,
-    check_identity,
-    default_state_dir,
-    holder_conflict,
-    holder_is_dead_local,
-    peek_machine_id,
-    read_holder,
-    record_refusal,
-    register,
-    save_machine_id,
-    validate_node_id,
-)
-from cbctl.core.model.rollout import RolloutDocument, initial_document
+from cbctl.core.agent.lanes import LaneReconciler
+from cbctl.core.agent.ownership import LaneClaim
+from cbctl.core.agent.follower import RolloutFollower
+from cbctl.core.agent.registration import check_identity, default_state_dir, peek_machine_id, save_machine_id, validate_node_id
+from cbctl.core.agent.session import LeaseSession, Session, check_lease_settings, lease_hex
+from cbctl.core.agent.tasks import cancel_all
+from cbctl.core.agent.worker import LaneRun, LaneWorkers
 from cbctl.core.agent.workload import lifecycle_handler
+from cbctl.core.backends.coord.base import Coordinator, Lease
+from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.model import keys
+from cbctl.core.model.config import Context
+from cbctl.core.model.errors import BadInput, CbctlError
+from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.model.rollout import initial_document
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -104,81 +94,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AppliedUpdate", "NodeAgent", "TaskHandler", "check_lease_settings", "redis_client_for"]
-
-TaskHandler = Callable[[Task], Awaitable[Mapping[str, Any] | None]]
-"""``async handler(task) -> update``: the workflow state fields to write for this task, or
-``None`` to drop the task (it is acked without a state write).  An exception leaves the task
-pending (it is retried after the worker restarts)."""
-
-AppliedHook = Callable[["AppliedUpdate"], Awaitable[None]]
-FlagsListener = Callable[[Mapping[str, Any], int], Awaitable[None]]
+__all__ = ["NodeAgent", "redis_client_for"]
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedUpdate:
-    """A task the guard applied (or had applied before: ``already_applied``), before its ack."""
-
-    node_id: str
-    lane: str
-    token: int
-    workflow_id: str
-    task_id: str
-    type: str
-    seq: int
-    update: Mapping[str, Any]
-    payload: Mapping[str, Any]
-    occurred_at: float
-    already_applied: bool
-    decision: str
-    history_id: str | None = None
-    publish_versions: tuple[int, ...] | None = None  # the guard's publish decision (lanes.py); None = unknown
-
-
-def check_lease_settings(lease_ttl: float, keepalive_interval: float) -> None:
-    """Refuse lease settings under which a keep-alive hiccup would lose the lease (exit 2).
-
-    The keeper must get at least three refresh attempts inside one TTL: it declares the lease
-    lost one interval before the store can expire it, so with fewer the margin is gone.
-    """
-    if lease_ttl <= 0 or keepalive_interval <= 0:
-        raise BadInput(f"lease TTL ({lease_ttl:g} s) and keep-alive interval ({keepalive_interval:g} s) must be positive")
-    if keepalive_interval * 3 > lease_ttl:
-        raise BadInput(
-            f"keep-alive interval {keepalive_interval:g} s is too long for lease TTL {lease_ttl:g} s: "
-            f"keep-alive * 3 must be <= TTL (use --keepalive <= {lease_ttl / 3:g} or a longer --lease-ttl)"
-        )
-
-
-@dataclass(eq=False)
-class _LaneRun:
-    """One lane being worked on. ``active`` is the "still owner" flag checked before writes."""
-
-    lane: str
-    token: int
-    local: bool
-    claim: LaneClaim | None = None
-    active: bool = True
-    stale: bool = False
-    task: asyncio.Task[None] | None = None
-    started: float = 0.0
-
-
-@dataclass(eq=False)
-class _Session:
-    """One registration: a lease, the record on it, and the tasks that live as long as it."""
-
-    number: int
-    lease: Lease
-    record_rev: int = 0
-    keeper: LeaseKeeper | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    members: dict[str, bool] = field(default_factory=dict)  # node id -> cluster_enabled
-    lost: bool = False
-    lost_event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class NodeAgent:
+class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
     """The node agent. Use as ``await agent.start()`` ... ``await agent.stop()``, or
     ``async with NodeAgent(...) as agent``, or ``await agent.run()`` (until :meth:`request_stop`).
 
@@ -273,13 +192,13 @@ class NodeAgent:
         self._stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self._hooks_started = False
 
-        self._owned: dict[str, _LaneRun] = {}
-        self._local: dict[str, _LaneRun] = {}
+        self._owned: dict[str, LaneRun] = {}
+        self._local: dict[str, LaneRun] = {}
         self._to_release: dict[str, LaneClaim] = {}
         self._lanes_lock = asyncio.Lock()
         self._record_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._sessions = 0
         self._started_at = 0.0
         self._started = False
@@ -489,7 +408,7 @@ class NodeAgent:
             log.info(
                 "agent %s started: instance %s, host %s, http %s, lease %s (ttl %gs, keep-alive %gs), "
                 "rollout revision %d, cluster.enabled=%s",
-                self.node_id, self.instance_id, self.host, self.http_address, _lease_hex(self.lease),
+                self.node_id, self.instance_id, self.host, self.http_address, lease_hex(self.lease),
                 self.lease_ttl, self.keepalive_interval, self._applied_revision, self.cluster_enabled,
             )
         except BaseException:
@@ -530,666 +449,6 @@ class NodeAgent:
     async def crash(self) -> None:
         """Stop abruptly WITHOUT revoking the lease, as a killed process would (tests)."""
         await self._teardown(revoke=False)
-
-    # -- sessions (registration + lease) ---------------------------------------------------
-
-    async def _open_session(self, *, first: bool, start_tasks: bool = True) -> None:
-        """Grant a new lease and create the record on it; start the session's tasks.
-
-        The node's key is read first: a live holder that is not us is refused without a single
-        write (:meth:`_refuse`).  The create-if-absent that follows is the atomic check (two
-        starts racing both pass the read).  ``start_tasks=False`` leaves the session's tasks to
-        :meth:`_start_session_tasks` (the first start creates the record before anything else).
-
-        Raises ``NodeIdConflict`` if another instance holds the node id, ``BackendUnavailable``
-        if the store cannot be reached.
-        """
-        coord = self.coordinator
-        loop = asyncio.get_running_loop()
-        waited_for_stale = False
-        key = keys.node(self.ctx.cluster, self.node_id)
-        while True:
-            holder = await read_holder(coord, self.ctx.cluster, self.node_id)
-            if holder is not None and holder.get("instance_id") != self.instance_id:
-                if first and not waited_for_stale and self._holder_is_stale(holder):
-                    await self._wait_stale_holder(holder, key)
-                    waited_for_stale = True
-                    continue
-                await self._refuse(holder_conflict(self.node_id, key, holder))
-            requested = loop.time()
-            lease = await coord.grant_lease(self.lease_ttl)
-            if lease.granted_at is None:  # a backend that does not stamp it: our request time
-                lease.granted_at = requested
-            session = _Session(number=self._sessions + 1, lease=lease)
-            try:
-                session.record_rev = await register(
-                    coord, self.ctx.cluster, self.node_id, self._record(session), lease
-                )
-                break
-            except NodeIdConflict as exc:
-                await self._revoke(lease)
-                holder = exc.holder
-                if holder.get("instance_id") == self.instance_id:
-                    # Our own previous session's record: we declared that lease lost before the
-                    # store expired it.  Revoke it (never reuse it) and register afresh.
-                    old = _lease_from_hex(holder.get("lease"))
-                    if old is not None:
-                        await self._revoke(old)
-                    await asyncio.sleep(0.1)
-                    continue
-                if first and not waited_for_stale and self._holder_is_stale(holder):
-                    await self._wait_stale_holder(holder, key)
-                    waited_for_stale = True
-                    continue
-                await self._refuse(exc)
-            except BaseException:
-                await self._revoke(lease)
-                raise
-        self._sessions = session.number
-        self._session = session
-        session.keeper = coord.keep_alive(
-            lease, interval=self.keepalive_interval, on_lost=lambda exc, s=session: self._on_lease_lost(s, exc)
-        )
-        if start_tasks:
-            self._start_session_tasks(session)
-        if not first:
-            log.info("agent %s registered again: session %d, lease %s", self.node_id, session.number, _lease_hex(lease))
-
-    def _start_session_tasks(self, session: _Session) -> None:
-        session.tasks = [
-            self._spawn(self._heartbeat_loop(session), "heartbeat"),
-            self._spawn(self._members_loop(session), "members-watch"),
-            self._spawn(self._lanes_watch_loop(session), "lanes-watch"),
-            self._spawn(self._reconcile_loop(session), "reconcile"),
-        ]
-        self._wake.set()
-
-    def _holder_is_stale(self, holder: dict[str, Any]) -> bool:
-        """A record left by a dead process of this machine (a crash, then a restart)."""
-        return bool(self.machine_id) and holder_is_dead_local(holder, machine_id=self.machine_id or "", host=self.host)
-
-    async def _wait_stale_holder(self, holder: dict[str, Any], key: str) -> None:
-        log.warning(
-            "node id %s is still registered by a dead process of this machine (pid %s); "
-            "waiting for its lease to expire", self.node_id, holder.get("pid"),
-        )
-        await self._wait_key_gone(key, 2 * self.lease_ttl + 15)
-
-    async def _refuse(self, exc: NodeIdConflict) -> NoReturn:
-        """Refuse a duplicate start: report it on an expiring lease of its own, then raise.
-
-        Nothing of the holder's is written (record, identity binding, conflicts), so its
-        preflight rows and the exit criteria stay as they were (see cbctl/core/agent/registration.py).
-        """
-        holder = exc.holder
-        log.error("agent %s: %s", self.node_id, exc)
-        with contextlib.suppress(BackendUnavailable, TimeoutError):
-            async with asyncio.timeout(max(1.0, self.keepalive_interval)):
-                await record_refusal(
-                    self.coordinator, self.ctx.cluster, self.node_id, self.instance_id,
-                    {
-                        "kind": "duplicate-node-id",
-                        "host": self.host,
-                        "pid": os.getpid(),
-                        "holder_instance_id": holder.get("instance_id"),
-                        "holder_host": holder.get("host"),
-                        "holder_pid": holder.get("pid"),
-                    },
-                )
-        raise exc
-
-    def _on_lease_lost(self, session: _Session, exc: LeaseLost | BackendUnavailable) -> None:
-        """Synchronous on purpose: every lane stops in this very callback, before any await."""
-        if session.lost or self._stopping:
-            return
-        session.lost = True
-        lanes = sorted(self._owned)
-        for run in self._owned.values():
-            run.active = False
-            if run.task is not None:
-                run.task.cancel()
-        self.metrics.lease_lost.inc()
-        log.error("agent %s lost its lease %s (%s): stopped work on %d lanes %s",
-                  self.node_id, _lease_hex(session.lease), exc, len(lanes), lanes)
-        session.lost_event.set()
-
-    async def _supervise(self) -> None:
-        """Wait for a lost lease; then end that session and register again with a new lease."""
-        while not self._stopping:
-            session = self._session
-            if session is None:
-                return
-            await session.lost_event.wait()
-            await self._end_session(session, revoke=True)
-            backoff = 0.1
-            while not self._stopping:
-                try:
-                    await self._open_session(first=False)
-                    break
-                except NodeIdConflict as exc:
-                    log.error("agent %s cannot register again: %s", self.node_id, exc)
-                    self.fatal_error = exc
-                    self.request_stop()
-                    return
-                except (BackendUnavailable, LeaseLost) as exc:
-                    log.warning("agent %s: registering again failed (%s); retrying in %.1fs", self.node_id, exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-
-    async def _end_session(self, session: _Session, *, revoke: bool) -> None:
-        """Stop everything that belongs to ``session``; revoke its lease (best effort).
-
-        Bounded: each wait has a limit, and the lanes lock is not waited for longer than a
-        second (a step stuck on a frozen store may hold it; the workers' "still owner" flags
-        are dropped either way), so a stuck task can never keep the revoke from happening.
-        """
-        session.lost = True
-        await _cancel_all(session.tasks, timeout=1.0)
-        if session.keeper is not None:
-            await session.keeper.stop(timeout=1.0)
-        locked = False
-        try:
-            async with asyncio.timeout(1.0):
-                await self._lanes_lock.acquire()
-                locked = True
-        except TimeoutError:
-            log.warning("agent %s: lanes lock busy; ending session %d without it", self.node_id, session.number)
-        try:
-            runs = list(self._owned.values())
-            self._owned.clear()
-            self._to_release.clear()  # their keys die with the lease
-            for run in runs:
-                run.active = False
-            await _cancel_all([r.task for r in runs], timeout=1.0)
-            for run in runs:
-                self.metrics.ownership_changes.labels(lane=run.lane).inc()
-            self.metrics.owned_lanes.set(0)
-        finally:
-            if locked:
-                self._lanes_lock.release()
-        if revoke:
-            await self._revoke(session.lease)
-        if self._session is session:
-            self._session = None
-
-    async def _revoke(self, lease: Lease) -> None:
-        """Revoke ``lease``; never raises (a lease we cannot revoke expires on its own)."""
-        if self._coord is None:
-            return
-        budget = max(1.0, self.keepalive_interval)
-        try:
-            async with asyncio.timeout(budget):
-                await self._coord.revoke_lease(lease)
-        except (BackendUnavailable, LeaseLost, TimeoutError) as exc:
-            why = str(exc) or f"no answer within {budget:g}s"
-            if self._stopping:
-                self._stop_outcome.append(f"lease {_lease_hex(lease)} not revoked ({why}); it expires on its own "
-                                          f"within {self.lease_ttl:g}s")
-            log.warning("gave up revoking lease %s (%s); it expires on its own within %gs",
-                        _lease_hex(lease), why, self.lease_ttl)
-
-    async def _wait_key_gone(self, key: str, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if await self.coordinator.get(key) is None:
-                return
-            await asyncio.sleep(0.2)
-
-    # -- the record ------------------------------------------------------------------------
-
-    def _record(self, session: _Session) -> dict[str, Any]:
-        rec: dict[str, Any] = dict(self.extra_record_fields)
-        rec.update(
-            {
-                "node_id": self.node_id,
-                "machine_id": self.machine_id,
-                "instance_id": self.instance_id,
-                "host": self.host,
-                "pid": os.getpid(),
-                "version": self.version,
-                "started_at": self._started_at,
-                "lease": _lease_hex(session.lease),
-                "session": session.number,
-                "applied_revision": self._applied_revision,
-                "cluster_enabled": self.cluster_enabled,
-                "guard": self._flags.get("ownership.guard", "off"),
-                "lanes": sorted(lane for lane, run in self._owned.items() if run.active) if self._session is session else [],
-                "heartbeat": time.time(),
-                "http": self.http_address,
-            }
-        )
-        return rec
-
-    async def _write_record(self, session: _Session | None = None) -> None:
-        """Rewrite our record by CAS on its revision (we only ever overwrite our own record).
-
-        A conflict or a missing lease means the record is not ours any more: the session is
-        declared lost.  Raises ``BackendUnavailable`` when the store cannot be reached.
-        """
-        session = session or self._session
-        if session is None or session.lost:
-            return
-        async with self._record_lock:
-            if session.lost:
-                return
-            body = json.dumps(self._record(session), sort_keys=True, separators=(",", ":")).encode()
-            try:
-                session.record_rev = await self.coordinator.commit(
-                    keys.node(self.ctx.cluster, self.node_id), body,
-                    expected_revision=session.record_rev, lease=session.lease,
-                )
-            except (Conflict, LeaseLost) as exc:
-                self._on_lease_lost(session, LeaseLost(f"our record changed under us or its lease is gone: {exc}"))
-
-    async def _heartbeat_loop(self, session: _Session) -> None:
-        while not session.lost:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                await self._write_record(session)
-            except BackendUnavailable as exc:
-                log.warning("heartbeat of %s failed: %s", self.node_id, exc)
-
-    # -- flags -----------------------------------------------------------------------------
-
-    def _parse(self, value: bytes | None, revision: int) -> tuple[RolloutDocument | None, int]:
-        if value is None:
-            return initial_document(), revision
-        try:
-            return RolloutDocument.from_json(value), revision
-        except BadInput as exc:
-            self._apply_error = f"revision {revision}: {exc}"
-            log.error("agent %s cannot apply rollout revision %d: %s", self.node_id, revision, exc)
-            return None, revision
-
-    async def _rollout_loop(self, watch_from: int) -> None:
-        """Follow the rollout document; apply each revision; resync after store trouble."""
-        key = keys.rollout(self.ctx.cluster)
-        backoff = 0.1
-        resync = False
-        while not self._stopping:
-            try:
-                if resync:
-                    start_rev = await self.coordinator.current_revision()
-                    kv = await self.coordinator.get(key)
-                    if kv is not None:
-                        await self._apply(kv.value, kv.mod_revision)
-                    elif not self._doc_deleted and (self._applied_revision or self._refused_revision):
-                        # Deleted while we were not watching: the delete event is gone, but a
-                        # missing document means stage 0 (everything off), as in the watch.
-                        await self._apply(None, start_rev)
-                    watch_from = max(start_rev, kv.mod_revision if kv else 0) + 1
-                    resync = False
-                async for ev in self.coordinator.watch(key, start_revision=watch_from):
-                    backoff = 0.1
-                    watch_from = ev.revision + 1
-                    await self._apply(ev.value if ev.kind == "put" else None, ev.revision)
-            except CbctlError as exc:  # unreachable store, compacted history: re-read, re-watch
-                if self._stopping:
-                    return
-                log.warning("rollout watch of %s interrupted (%s); re-reading in %.1fs", self.node_id, exc, backoff)
-                resync = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _apply(self, value: bytes | None, revision: int) -> None:
-        """Apply one rollout revision, all or nothing, and report it in the record.
-
-        ``value`` None is a deleted document: stage 0 flags.  Order: parse; hand the new flags
-        to every listener (they may refuse: then the ones already told are given the running
-        flags back and nothing else changed); only then switch this agent's own state and mode.
-        A refused revision is logged once and skipped until a newer revision arrives.
-        """
-        if revision == self._refused_revision:
-            return
-        if revision < self._applied_revision or (revision == self._applied_revision and self._flags_applied):
-            return
-        doc, _ = self._parse(value, revision)
-        if doc is None:
-            self._refused_revision = revision
-            return
-        new_flags = dict(doc.flags)
-        if not await self._notify_flags(new_flags, revision):
-            self._refused_revision = revision
-            return
-        was_enabled = self.cluster_enabled
-        self._flags = new_flags
-        self._doc_deleted = value is None
-        if self.cluster_enabled != was_enabled:
-            await self._enter_mode(self.cluster_enabled)
-        self._applied_revision = revision
-        self._refused_revision = 0
-        self._flags_applied = True
-        self._apply_error = None
-        self.metrics.applied_revision.set(revision)
-        self._wake.set()
-        log.info("agent %s applied rollout revision %d (stage %d%s)", self.node_id, revision, doc.stage,
-                 ", document deleted" if value is None else "")
-        try:
-            await self._write_record()
-        except BackendUnavailable as exc:
-            log.warning("agent %s could not report revision %d yet: %s", self.node_id, revision, exc)
-
-    async def _notify_flags(self, flags: Mapping[str, Any], revision: int) -> bool:
-        """Hand ``flags`` to every listener; False (and listeners rolled back) if one refused.
-
-        A listener refuses by raising.  The listeners that had already taken the new flags get
-        the running ones again, so no subsystem is left half on the refused revision.
-        """
-        told = 0
-        try:
-            for listener in self._flag_listeners:
-                await listener(dict(flags), revision)
-                told += 1
-        except Exception as exc:  # any refusal, also a listener's bug: the revision is not applied
-            self._apply_error = f"revision {revision}: {exc}"
-            log.error("agent %s refused rollout revision %d (%s); keeping revision %d until a newer one arrives",
-                      self.node_id, revision, exc, self._applied_revision, exc_info=not isinstance(exc, CbctlError))
-            for listener in self._flag_listeners[:told + 1]:
-                try:
-                    await listener(dict(self._flags), self._applied_revision)
-                except Exception as back:  # noqa: BLE001 - logged; the refusal stands either way
-                    log.error("agent %s: restoring revision %d in a flags listener failed: %s",
-                              self.node_id, self._applied_revision, back)
-            return False
-        return True
-
-    async def _enter_mode(self, enabled: bool) -> None:
-        """Switch between coordinated ownership and local competing consumers."""
-        async with self._lanes_lock:
-            if enabled:
-                runs = list(self._local.values())
-                self._local.clear()
-                await self._stop_runs(runs)
-                log.info("agent %s: cluster.enabled — taking part in lane ownership", self.node_id)
-            else:
-                await self._release(list(self._owned.values()))
-                for lane in self.ctx.lanes:
-                    if lane not in self._local:
-                        run = _LaneRun(lane=lane, token=0, local=True)
-                        self._local[lane] = run
-                        self._start_worker(run)
-                log.info("agent %s: cluster disabled — consuming all %d lanes locally", self.node_id, len(self.ctx.lanes))
-        self._wake.set()
-
-    # -- ownership -------------------------------------------------------------------------
-
-    async def _members_loop(self, session: _Session) -> None:
-        """Keep ``session.members`` (live node ids and their cluster_enabled) current."""
-        prefix = keys.nodes_prefix(self.ctx.cluster)
-        backoff = 0.1
-        while not session.lost:
-            try:
-                rev = await self.coordinator.current_revision()
-                members: dict[str, bool] = {}
-                for kv in await self.coordinator.list(prefix):
-                    members[kv.key[len(prefix):]] = _enabled(kv.value)
-                if members != session.members:
-                    session.members = members
-                    self._wake.set()
-                async for ev in self.coordinator.watch(prefix, prefix=True, start_revision=rev + 1):
-                    node = ev.key[len(prefix):]
-                    before = session.members.get(node)
-                    if ev.kind == "delete":
-                        session.members.pop(node, None)
-                    else:
-                        session.members[node] = _enabled(ev.value)
-                    if session.members.get(node) != before:
-                        log.debug("agent %s: member %s %s", self.node_id, node, session.members.get(node))
-                        self._wake.set()
-                    backoff = 0.1
-            except CbctlError as exc:
-                log.warning("membership watch of %s interrupted: %s", self.node_id, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _lanes_watch_loop(self, session: _Session) -> None:
-        """Wake the reconciler whenever a lane owner key disappears (released or expired)."""
-        prefix = keys.lanes_prefix(self.ctx.cluster)
-        backoff = 0.1
-        while not session.lost:
-            try:
-                async for ev in self.coordinator.watch(prefix, prefix=True):
-                    if ev.kind == "delete":
-                        self._wake.set()
-                    backoff = 0.1
-            except CbctlError as exc:
-                log.warning("lanes watch of %s interrupted: %s", self.node_id, exc)
-                self._wake.set()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _reconcile_loop(self, session: _Session) -> None:
-        period = max(0.5, self.keepalive_interval)
-        while not session.lost:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._reconcile(session)
-            except BackendUnavailable as exc:
-                log.warning("lane reconciliation of %s failed (%s); retrying", self.node_id, exc)
-
-    async def _reconcile(self, session: _Session) -> None:
-        """Make the owned lanes match the rendezvous assignment (release first, then take)."""
-        async with self._lanes_lock:
-            if session.lost or self._session is not session:
-                return
-            changed = False
-            for lane, claim in list(self._to_release.items()):
-                await release_lane(self.coordinator, self.ctx.cluster, claim)
-                del self._to_release[lane]
-            if not self.cluster_enabled:
-                changed = bool(self._owned)
-                await self._release(list(self._owned.values()))
-            else:
-                members = {n for n, enabled in session.members.items() if enabled} | {self.node_id}
-                mine = lanes_of(self.node_id, self.ctx.lanes, members)
-                mine_set = set(mine)
-                log.debug("agent %s reconcile: members %s, mine %s, owned %s", self.node_id, sorted(members), mine,
-                          sorted(self._owned))
-                leaving = [run for lane, run in self._owned.items() if lane not in mine_set or not run.active]
-                changed = bool(leaving)
-                await self._release(leaving)
-                wanted = [lane for lane in mine if lane not in self._owned]
-                if wanted:
-                    results = await asyncio.gather(
-                        *(acquire_lane(self.coordinator, self.ctx.cluster, lane, node_id=self.node_id,
-                                       instance_id=self.instance_id, lease=session.lease) for lane in wanted),
-                        return_exceptions=True,
-                    )
-                    failure: BaseException | None = None
-                    for lane, result in zip(wanted, results):
-                        if isinstance(result, BaseException):
-                            failure = failure or result
-                            continue
-                        if result is None:
-                            continue  # held by someone else: its delete event wakes us
-                        if session.lost:
-                            break  # the key dies with the lease; never work with a lost lease
-                        run = _LaneRun(lane=lane, token=result.token, local=False, claim=result)
-                        self._owned[lane] = run
-                        self.metrics.ownership_changes.labels(lane=lane).inc()
-                        self._start_worker(run)
-                        changed = True
-                        log.info("agent %s took lane %s (token %d)", self.node_id, lane, result.token)
-                    if failure is not None and not isinstance(failure, BackendUnavailable):
-                        raise failure
-            self.metrics.owned_lanes.set(sum(1 for r in self._owned.values() if r.active))
-        if changed:
-            await self._write_record(session)
-
-    async def _release(self, runs: list[_LaneRun]) -> None:
-        """Stop the lanes' workers, then delete their owner keys (caller holds the lanes lock).
-
-        Workers stop first, so no write with a token happens after its key is gone.
-        """
-        if not runs:
-            return
-        await self._stop_runs(runs)
-        for run in runs:
-            self._owned.pop(run.lane, None)
-        claimed = [run for run in runs if run.claim is not None]
-        results = await asyncio.gather(
-            *(release_lane(self.coordinator, self.ctx.cluster, run.claim) for run in claimed if run.claim),
-            return_exceptions=True,
-        )
-        for run, result in zip(claimed, results):
-            assert run.claim is not None
-            self.metrics.ownership_changes.labels(lane=run.lane).inc()
-            log.info("agent %s released lane %s (token %d%s)", self.node_id, run.lane, run.token,
-                     ", fenced off by a newer owner" if run.stale else "")
-            if isinstance(result, BackendUnavailable):
-                # Retried by the next reconciliation (or the key dies with the lease).
-                log.warning("agent %s could not delete the owner key of lane %s yet: %s", self.node_id, run.lane, result)
-                self._to_release[run.lane] = run.claim
-            elif isinstance(result, BaseException):
-                raise result
-
-    async def _stop_runs(self, runs: list[_LaneRun]) -> None:
-        for run in runs:
-            run.active = False
-        await _cancel_all([r.task for r in runs])
-
-    # -- lane workers ----------------------------------------------------------------------
-
-    def _start_worker(self, run: _LaneRun) -> None:
-        run.started = time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._lane_worker(run), name=f"{self.node_id}:lane-{run.lane}")
-        task.add_done_callback(lambda t: self._worker_done(run, t))
-        run.task = task
-
-    def _worker_done(self, run: _LaneRun, task: asyncio.Task[None]) -> None:
-        """A lane worker ended. If it died of an error (the handler's, or a bug) while we still
-        own the lane, restart it after a pause; its unacked task is redelivered by the claim."""
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("agent %s: worker of lane %s failed; restarting it in 1s", self.node_id, run.lane,
-                  exc_info=task.exception())
-        self.metrics.tasks.labels(result="error").inc()
-
-        def restart() -> None:
-            if run.active and run.task is task and not self._stopping:
-                self._start_worker(run)
-
-        asyncio.get_running_loop().call_later(1.0, restart)
-
-    async def _lane_worker(self, run: _LaneRun) -> None:
-        """Work one lane until ``run.active`` drops, the task is cancelled, or we are fenced off."""
-        assert self.guard is not None and self.queue is not None
-        lane, consumer = run.lane, self.node_id
-        loop = asyncio.get_running_loop()
-        setup = True
-        takeover = not run.local
-        next_reclaim = 0.0
-        backoff = 0.1
-        while run.active:
-            try:
-                if setup:
-                    await self.queue.ensure_group(lane)
-                    await self._raise_fence(run)
-                    setup = False
-                if loop.time() >= next_reclaim:
-                    if not takeover:
-                        # Again every reclaim period: a Redis that restarted (the client may
-                        # reconnect without us seeing an error) has forgotten the fence.
-                        await self._raise_fence(run)
-                    # At takeover: everything the previous owner read but never acked (idle 0);
-                    # afterwards: entries stuck on another consumer for a long time.
-                    idle = 0 if takeover else self._reclaim_idle_ms
-                    claimed = await self.queue.claim_pending(lane, consumer, idle)
-                    takeover = False
-                    next_reclaim = loop.time() + self._reclaim_period
-                    if claimed:
-                        log.info("agent %s lane %s: took over %d pending tasks", self.node_id, lane, len(claimed))
-                    for task in claimed:
-                        if not run.active:
-                            return
-                        await self._process(run, task)
-                tasks = await self.queue.read(lane, consumer, count=64, block_ms=self._block_ms)
-                for task in tasks:
-                    if not run.active:
-                        return
-                    await self._process(run, task)
-                backoff = 0.1
-            except BackendUnavailable as exc:
-                log.warning("agent %s lane %s: %s; retrying in %.1fs", self.node_id, lane, exc, backoff)
-                setup = True
-                next_reclaim = 0.0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            except StaleFencingToken as exc:
-                log.warning("agent %s lane %s: fenced off (%s); stopping work on it", self.node_id, lane, exc)
-                run.active = False
-                run.stale = True
-                self._wake.set()
-                return
-
-    async def _raise_fence(self, run: _LaneRun) -> None:
-        """Fence the previous owners off at Redis (no-op for token 0, i.e. local mode).
-
-        Raises ``StaleFencingToken`` when Redis already holds a higher token: someone acquired
-        the lane after us, so we are not the owner.
-        """
-        assert self.guard is not None
-        if run.token <= 0:
-            return
-        fence = await self.guard.raise_fence(run.lane, run.token)
-        if fence > run.token:
-            raise StaleFencingToken(
-                f"lane {run.lane!r}: our token {run.token} is already below the fence {fence}",
-                lane=run.lane, token=run.token, current_token=fence,
-            )
-
-    async def _process(self, run: _LaneRun, task: Task) -> None:
-        """Handle one task and write its result + ack through the guard with the lane's token."""
-        assert self.guard is not None
-        lane, token = run.lane, run.token
-        mode = "off" if run.local else self._flags.get("ownership.guard", "off")
-        canary = tuple(self._flags.get("canary.lanes", ()))
-        if not task.workflow_id:
-            log.warning("lane %s entry %s has no workflow id; dropping it", lane, task.entry_id)
-            if run.active:
-                await self.guard.ack(lane, token, mode, task.entry_id, canary_lanes=canary)
-                self.metrics.tasks.labels(result="dropped").inc()
-            return
-        update = await self.handler(task)
-        if not run.active:  # "still owner" check right before the guarded write
-            return
-        if update is None:
-            await self.guard.ack(lane, token, mode, task.entry_id, canary_lanes=canary)
-            self.metrics.tasks.labels(result="dropped").inc()
-            return
-        two_step = bool(self._applied_hooks)
-        try:
-            result = await self.guard.apply(
-                lane, token, mode, task.workflow_id, task.task_id, update,
-                None if two_step else task.entry_id,
-                task_type=task.type or "task", canary_lanes=canary,
-            )
-        except ValueError as exc:  # the task itself is malformed (reserved field, bad id)
-            log.error("lane %s: task %s of workflow %s is invalid (%s); dropping it", lane, task.task_id,
-                      task.workflow_id, exc)
-            await self.guard.ack(lane, token, mode, task.entry_id, canary_lanes=canary)
-            self.metrics.tasks.labels(result="invalid").inc()
-            return
-        if two_step:
-            applied = AppliedUpdate(
-                node_id=self.node_id, lane=lane, token=token, workflow_id=task.workflow_id,
-                task_id=task.task_id, type=task.type, seq=result.seq, update=update, payload=task.payload,
-                occurred_at=time.time(), already_applied=result.already_applied, decision=result.decision,
-                history_id=result.history_id, publish_versions=result.publish_versions,
-            )
-            for hook in self._applied_hooks:
-                await hook(applied)
-            if not run.active:
-                return
-            await self.guard.ack(lane, token, mode, task.entry_id, canary_lanes=canary)
-        self.metrics.tasks.labels(result="duplicate" if result.already_applied else "applied").inc()
-        self.tasks_processed += 1
-
-    # -- plumbing --------------------------------------------------------------------------
 
     def _spawn(self, coro: Awaitable[None], name: str, *, fatal: bool = True) -> asyncio.Task[None]:
         """A background task whose unexpected death is logged (and, if ``fatal``, stops the agent)."""
@@ -1245,11 +504,11 @@ class NodeAgent:
                 if revoke:
                     await self._bounded("lease revoke", self._end_session(session, revoke=True),
                                         until(reserve_close), gave_up=(
-                                            f"lease {_lease_hex(session.lease)} not revoked; it expires on its own "
+                                            f"lease {lease_hex(session.lease)} not revoked; it expires on its own "
                                             f"within {self.lease_ttl:g}s"))
                 else:
                     session.lost = True
-                    await self._bounded("session tasks", _cancel_all(session.tasks, timeout=1.0), until(reserve_close))
+                    await self._bounded("session tasks", cancel_all(session.tasks, timeout=1.0), until(reserve_close))
                     if session.keeper is not None:
                         await self._bounded("lease keeper", session.keeper.stop(), until(reserve_close))
                 self._owned.clear()
@@ -1271,19 +530,19 @@ class NodeAgent:
                      else "lease left to expire", gave_up)
 
     async def _cancel_bg(self) -> None:
-        await _cancel_all(self._bg, timeout=1.0)
+        await cancel_all(self._bg, timeout=1.0)
         self._bg.clear()
         if self._session is not None:
             # First, so that a reconciliation waiting on the store does not hold the lanes lock.
             self._session.lost = True
-            await _cancel_all(self._session.tasks, timeout=1.0)
+            await cancel_all(self._session.tasks, timeout=1.0)
 
     async def _stop_all_runs(self) -> None:
         runs = list(self._local.values()) + list(self._owned.values())
         for run in runs:
             run.active = False  # the "still owner" flag: no guarded write after this
         self._local.clear()
-        left = await _cancel_all([r.task for r in runs], timeout=1.5)
+        left = await cancel_all([r.task for r in runs], timeout=1.5)
         if left:
             log.warning("agent %s: %d lane workers did not end within 1.5s (a command in flight); "
                         "their tasks are not acked and will be delivered again", self.node_id, left)
@@ -1327,49 +586,3 @@ def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
         # Generous: a reply that arrived while the process was suspended must still be read.
         socket_timeout=block_ms / 1000 + 10.0,
     )
-
-
-async def _cancel_all(tasks: Iterable[asyncio.Task[Any] | None], timeout: float | None = None) -> int:
-    """Cancel tasks and wait until they have finished (at most ``timeout`` s when given);
-    return how many are still running.  Errors were logged by done callbacks.
-
-    The cancel is repeated every 50 ms: redis-py 8.1's asyncio client swallows a cancel that
-    arrives while a command is in flight (measured: 200 of 200 cancels during ``GET`` were
-    lost — the command completed and the task went on), so one ``cancel()`` is not enough.
-    Without ``timeout`` this waits as long as a task takes to give in: a command against a
-    frozen server can take its whole socket timeout, so teardown paths always pass one.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    current = asyncio.current_task()
-    pending = {t for t in tasks if t is not None and t is not current and not t.done()}
-    while pending:
-        if deadline is not None and loop.time() >= deadline:
-            return len(pending)
-        for t in pending:
-            t.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=0.05)
-    return 0
-
-
-def _enabled(value: bytes) -> bool:
-    try:
-        rec = json.loads(value)
-    except ValueError:
-        return False
-    return isinstance(rec, dict) and rec.get("cluster_enabled") is True
-
-
-def _lease_hex(lease: Lease | None) -> str | None:
-    if lease is None:
-        return None
-    return format(lease.id, "x") if isinstance(lease.id, int) else str(lease.id)
-
-
-def _lease_from_hex(value: Any) -> Lease | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return Lease(id=int(value, 16), ttl=0)
-    except ValueError:
-        return None

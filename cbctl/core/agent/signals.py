@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import nats.errors
 
 from cbctl.core.model import keys
-from cbctl.core.agent.node import AppliedUpdate, NodeAgent
+from cbctl.core.agent.hooks import AppliedUpdate
+from cbctl.core.agent.node import NodeAgent
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
 from cbctl.core.model.config import Context
 from cbctl.core.backends.coord.base import Coordinator
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from redis.asyncio import Redis
 
-    from cbctl.core.agent.node import TaskHandler
+    from cbctl.core.agent.hooks import TaskHandler
 
 log = logging.getLogger(__name__)
 

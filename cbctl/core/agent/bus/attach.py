@@ -104,7 +104,8 @@ if TYPE_CHECKING:
     from cbctl.core.model.config import Context
     from cbctl.core.backends.redis.lanes import LaneGuard
 
-    from cbctl.core.agent.node import AppliedUpdate, NodeAgent
+    from cbctl.core.agent.hooks import AppliedUpdate
+    from cbctl.core.agent.node import NodeAgent
 
 log = logging.getLogger(__name__)
 
