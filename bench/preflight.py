@@ -26,12 +26,12 @@ from prometheus_client import start_http_server
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cbctl.core.model import keys  # noqa: E402
-from cbctl.core.operator.preflight import PreflightOptions, run_preflight  # noqa: E402
+from cbctl.core.operator.preflight import run_preflight  # noqa: E402
+from cbctl.core.operator.preflight_report import PreflightOptions  # noqa: E402
 from cbctl.core.model.config import load_config  # noqa: E402
 from cbctl.core.backends.coord import make_coordinator  # noqa: E402
 from cbctl.core.model.metrics import AgentMetrics  # noqa: E402
-from cbctl.sandbox import EtcdServer, NatsServer, PrometheusServer, RedisServer  # noqa: E402
-from cbctl.sandbox.procs import free_port  # noqa: E402
+from cbctl.sandbox import EtcdServer, NatsServer, PrometheusServer, RedisServer, free_port  # noqa: E402
 from cbctl.sandbox.waiting import wait_until  # noqa: E402
 
 try:

@@ -6,8 +6,7 @@ in a temporary directory with its own contexts file, advances it to stage 3 (``c
 advance --force``: the soak measures memory, not the gates), then samples every ``--interval``
 seconds for ``--duration``:
 
-- each agent's RSS (``/proc/PID/status`` VmRSS) and CPU (utime+stime over the interval, % of
-  one core);
+- each agent's RSS and CPU (user+system time over the interval, % of one core), from psutil;
 - Redis ``used_memory`` (INFO memory);
 - the event stream's bytes and messages (JetStream stream info), and the events/s it grew by.
 
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from cbctl.core.model.durations import parse_duration
 from cbctl.sandbox import cluster
 
@@ -39,25 +40,21 @@ try:
 except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def rss_mb(pid: int) -> float | None:
+    """Resident set size of ``pid`` in MiB (the kernel's VmRSS), None when it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        return psutil.Process(pid).memory_info().rss / (1024 * 1024)
+    except psutil.Error:
         return None
-    return None
 
 
 def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` has used, None when it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    return times.user + times.system
 
 
 def slope_per_min(points: list[tuple[float, float]]) -> float:

@@ -15,7 +15,7 @@ import typer
 from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, print_table, state
 
 if TYPE_CHECKING:
-    from cbctl.sandbox.cluster import Sandbox
+    from cbctl.sandbox.state import Sandbox
 
 app = new_app("A local cluster on loopback (etcd, NATS, Redis, Prometheus, NTP, agents, load) and real faults.")
 chaos_app = new_app(
@@ -40,7 +40,8 @@ def _dir(ctx: typer.Context, given: Path | None) -> Path:
     """--dir, else the ``sandbox.dir`` of the config's sandbox context, else the default."""
     from cbctl.core.model.config import load_config
     from cbctl.core.model.errors import ConfigError
-    from cbctl.sandbox.cluster import CONTEXT_NAME, default_sandbox_dir
+    from cbctl.sandbox.services.cbctl_procs import CONTEXT_NAME
+    from cbctl.sandbox.state import default_sandbox_dir
 
     if given is not None:
         return given.expanduser()
@@ -58,8 +59,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _load(ctx: typer.Context, given: Path | None) -> Sandbox:
-    from cbctl.sandbox.cluster import load_sandbox
-    from cbctl.sandbox.procs import HarnessError
+    from cbctl.sandbox.state import load_sandbox
+    from cbctl.sandbox.services.base import HarnessError
 
     d = _dir(ctx, given)
     try:
@@ -87,7 +88,7 @@ def up(
     generator on free loopback ports; write the `sandbox` context into the config and make it
     current. A second `up` while one runs says so and exits 0."""
     from cbctl.sandbox import cluster
-    from cbctl.sandbox.procs import HarnessError
+    from cbctl.sandbox.services.base import HarnessError
 
     d = directory.expanduser() if directory is not None else cluster.default_sandbox_dir()
     try:
@@ -130,7 +131,7 @@ def down_cmd(ctx: typer.Context, directory: DirOpt = None) -> None:
     """Stop every process the sandbox started (and nothing else); remove its partition rules and
     state file. Logs stay in the directory; the `sandbox` context stays in the config."""
     from cbctl.sandbox.cluster import down
-    from cbctl.sandbox.procs import HarnessError
+    from cbctl.sandbox.services.base import HarnessError
 
     d = _dir(ctx, directory)
     try:
@@ -147,7 +148,7 @@ def down_cmd(ctx: typer.Context, directory: DirOpt = None) -> None:
 
 def _act(ctx: typer.Context, directory: Path | None, action: Any, *args: Any) -> Sandbox:
     from cbctl.sandbox.chaos import ChaosError
-    from cbctl.sandbox.cluster import locked
+    from cbctl.sandbox.state import locked
 
     sb = _load(ctx, directory)
     try:

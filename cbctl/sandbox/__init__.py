@@ -1,23 +1,23 @@
 """Real services on loopback for ``cbctl sandbox`` and the test fixtures (one code path).
 
-See :mod:`cbctl.sandbox.procs` for the process contract and :mod:`cbctl.sandbox.waiting` for
-polling under a deadline. Importing this package starts nothing and imports no client library.
+The services live in :mod:`cbctl.sandbox.services` (contract in its ``base`` module), polling
+under a deadline in :mod:`cbctl.sandbox.waiting`. Importing this package starts nothing and
+imports no client library. How the tests use it: docs/testing.md.
 """
 
-from cbctl.sandbox.procs import (
-    ChronyServer,
-    EtcdCluster,
-    EtcdServer,
+from cbctl.sandbox.services.base import (
     HarnessError,
-    NatsServer,
-    PrometheusServer,
-    RedisServer,
     Service,
     free_port,
     group_members,
     port_answers,
     stop_all,
 )
+from cbctl.sandbox.services.chrony import ChronyServer
+from cbctl.sandbox.services.etcd import EtcdCluster, EtcdServer
+from cbctl.sandbox.services.nats import NatsServer
+from cbctl.sandbox.services.prometheus import PrometheusServer
+from cbctl.sandbox.services.redis import RedisServer
 from cbctl.sandbox.waiting import async_wait_until, wait_until
 
 __all__ = [

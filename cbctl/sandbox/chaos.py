@@ -1,20 +1,11 @@
 """Real faults on a running sandbox (``cbctl sandbox chaos ...``).
 
-Every action works on the processes recorded in the sandbox's state file, re-attached only
-after the pid check of :mod:`cbctl.sandbox.cluster` (a recycled pid is never signalled), and
-returns a one-line description of what it did. It raises :class:`ChaosError` when it could not
-do it (unknown node, process not running, not root for a partition, nft failed).
-
-- ``kill_service`` / ``restore_service``: SIGKILL a server's process group / start it again on
-  the same ports and data dir (JetStream store included).
-- ``kill_node`` / ``start_node``: SIGKILL an agent / start it again (same node id, port, dir).
-- ``pause_node`` / ``resume_node``: SIGSTOP / SIGCONT an agent's process group.
-- ``partition_node`` / ``heal_node``: an nftables rule in table ``inet cbctl_sandbox`` (output
-  hook) drops every packet that the agent's sockets send to etcd, NATS and Redis. The match is
-  ``meta skgid``: each sandbox agent runs with its own group id (see ``cluster.AgentProcess``),
-  and locally generated loopback packets pass the output hook carrying their socket's owner.
-  Needs root (for nft, and the agents must have been started as root).
-- ``skew_node``: restart an agent under ``faketime -f +Xs`` (offset 0 removes the skew).
+Every action works on processes recorded in the sandbox's state, re-attached only when
+:func:`cbctl.sandbox.state.owns` says the pid is still ours (a recycled pid is never signalled),
+and returns a one-line description of what it did; :class:`ChaosError` when it could not (unknown
+node, process not running, not root for a partition, nft failed). Partitions are nftables rules
+in table ``inet cbctl_sandbox`` matching the agent's own group id (``meta skgid``; agents get one
+when the sandbox is started as root). What each action does: docs/testing.md.
 """
 
 from __future__ import annotations
@@ -27,15 +18,9 @@ import subprocess
 import time
 from typing import Any
 
-from cbctl.sandbox.cluster import (
-    AgentProcess,
-    Sandbox,
-    SandboxProcess,
-    _owns,
-    build_service,
-    process_state,
-)
-from cbctl.sandbox.procs import HarnessError, Service, group_members
+from cbctl.sandbox.services.base import HarnessError, Service, group_members
+from cbctl.sandbox.services.cbctl_procs import AgentProcess
+from cbctl.sandbox.state import Sandbox, SandboxProcess, build_service, owns, process_state
 from cbctl.sandbox.waiting import wait_until
 
 __all__ = [
@@ -59,7 +44,7 @@ def _agent(sb: Sandbox, node: str) -> SandboxProcess:
 
 def _live(sb: Sandbox, proc: SandboxProcess) -> Service:
     """The attached Service of a process that must be running now."""
-    if not _owns(sb, proc):
+    if not owns(sb, proc):
         raise ChaosError(f"{proc.name} is not running (start it first)")
     return build_service(sb, proc)
 
@@ -80,7 +65,7 @@ def _sigkill(sb: Sandbox, proc: SandboxProcess) -> str:
 
 def _start(sb: Sandbox, proc: SandboxProcess, timeout: float = 30.0, **changes: Any) -> Service:
     """Start ``proc`` again (after applying ``changes`` to its recorded args) and record its pid."""
-    if _owns(sb, proc):
+    if owns(sb, proc):
         raise ChaosError(f"{proc.name} is already running (pid {proc.pid})")
     proc.args.update(changes)
     svc = build_service(sb, proc, attach=False)
@@ -154,7 +139,7 @@ def skew_node(sb: Sandbox, node: str, offset: float) -> str:
     if shutil.which("faketime") is None and offset:
         raise ChaosError("skew-node needs the faketime executable (apt-get install faketime)")
     proc = _agent(sb, node)
-    if _owns(sb, proc):
+    if owns(sb, proc):
         build_service(sb, proc).stop(timeout=10.0)
         sb.update_pid(node, None)
     svc = _start(sb, proc, clock_offset=offset or None)

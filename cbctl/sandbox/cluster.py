@@ -1,85 +1,46 @@
-"""A whole local cluster on loopback: ``cbctl sandbox up|status|down``.
+"""``cbctl sandbox up|status|down``: a whole local cluster on loopback, all or nothing.
 
-What ``up`` starts, every one a real process on free loopback ports through
-:mod:`cbctl.sandbox.procs` (``stop_at_exit=False``, so they outlive the command):
-
-- etcd, nats-server (JetStream), redis-server, prometheus (1 s scrapes of every agent, labels
-  ``node=<id>``) and chronyd (a loopback NTP server the agents measure their clocks against);
-- N node agents (``cbctl agent run``), node ids ``node-1 .. node-N``;
-- a load generator (a long ``cbctl agent load`` at a modest rate).
-
-Contracts:
-
-- **State file** ``DIR/sandbox.json`` records each process: kind, name, pid, ports and the
-  constructor arguments needed to rebuild its :class:`~cbctl.sandbox.procs.Service`. Every
-  later command (``status``, ``down``, ``chaos``) re-attaches by pid only after checking that
-  the pid still leads its process group, runs in our data dir (``/proc/PID/cwd``) and names
-  our program in ``/proc/PID/cmdline``, so a recycled pid is never signalled.
-- **One sandbox per dir**: ``up`` while a sandbox in DIR has a live process raises
-  :class:`AlreadyRunning` and starts nothing. ``up``/``down``/chaos hold ``DIR/.lock``
-  (flock) while they run.
-- **All or nothing**: if ``up`` fails midway it stops everything it started, removes the state
-  file, leaves the user's config untouched and raises :class:`~cbctl.sandbox.procs.HarnessError` with the failing service's log tail.
-- ``down`` stops exactly the recorded processes (agents first, gracefully, so they give their
-  leases back), removes this sandbox's nftables rules and the state file. The ``sandbox``
-  context stays in the config (it names dead endpoints until the next ``up`` rewrites it).
-- **Config**: ``up`` writes the ``sandbox`` context into the user's contexts file (other
-  contexts untouched) and makes it current; agents read a private copy, ``DIR/agent-config.toml``.
-- **Partition support**: when running as root each agent runs with its own group id
-  (``setpriv --regid``), so an nftables rule ``meta skgid G`` can cut exactly that agent off
-  (:mod:`cbctl.sandbox.chaos`). The uid stays root, so no file permission changes are needed.
-
+``up`` starts etcd, nats-server, redis-server, prometheus and chronyd (services in
+:mod:`cbctl.sandbox.services`), N node agents, a load generator and one standing subscriber per
+node, records them in the state file (:mod:`cbctl.sandbox.state`) and writes the ``sandbox``
+context. Contracts: one sandbox per directory (:class:`AlreadyRunning`); a failed ``up`` stops
+what it started and leaves the user's config untouched; ``down`` stops exactly the recorded
+processes that are still ours (agents gracefully) and removes this sandbox's partition rules.
 No typer/rich and no printing here: functions return data, progress goes to a callback.
+The walkthrough: docs/testing.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cbctl.sandbox.procs import (
-    ChronyServer,
-    EtcdServer,
-    HarnessError,
-    NatsServer,
-    PrometheusServer,
-    RedisServer,
-    Service,
-    _http,
-    _proc_stat,
-    free_port,
+from cbctl.sandbox import chaos
+from cbctl.sandbox.services.base import HarnessError, Service, free_port
+from cbctl.sandbox.services.cbctl_procs import CONTEXT_NAME, AgentProcess, LoadGenerator, Subscriber
+from cbctl.sandbox.services.chrony import ChronyServer
+from cbctl.sandbox.services.etcd import EtcdServer
+from cbctl.sandbox.services.nats import NatsServer
+from cbctl.sandbox.services.prometheus import PrometheusServer
+from cbctl.sandbox.services.redis import RedisServer
+from cbctl.sandbox.state import (
+    Sandbox,
+    SandboxProcess,
+    build_service,
+    default_sandbox_dir,
+    load_sandbox,
+    locked,
+    owns,
+    process_state,
 )
 
-__all__ = [
-    "AgentProcess",
-    "AlreadyRunning",
-    "LoadGenerator",
-    "Sandbox",
-    "SandboxProcess",
-    "cbctl_executable",
-    "default_sandbox_dir",
-    "down",
-    "load_sandbox",
-    "status",
-    "up",
-]
+__all__ = ["AlreadyRunning", "down", "sandbox_context", "status", "up"]
 
-CONTEXT_NAME = "sandbox"
-STATE_FILE = "sandbox.json"
-AGENT_CONFIG = "agent-config.toml"
-CANARY_FILE = "canary-lanes.txt"
-LOCK_FILE = ".lock"
-STATE_VERSION = 1
 #: First group id handed to sandbox agents (agent i gets BASE + i); only used as root.
 AGENT_GID_BASE = 61000
 # Sub-directories `up` creates; a new `up` in the same dir removes them first (fresh data).
@@ -95,325 +56,9 @@ def _quiet(_: str) -> None:
 class AlreadyRunning(Exception):
     """``up`` found a live sandbox in the directory; ``sandbox`` is its state."""
 
-    def __init__(self, sandbox: "Sandbox") -> None:
+    def __init__(self, sandbox: Sandbox) -> None:
         super().__init__(f"a sandbox is already running in {sandbox.dir}")
         self.sandbox = sandbox
-
-
-def default_sandbox_dir() -> Path:
-    """``$XDG_STATE_HOME/cbctl/sandbox`` or ``~/.local/state/cbctl/sandbox``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "cbctl" / "sandbox"
-
-
-def cbctl_executable() -> str:
-    """The ``cbctl`` script of the running interpreter's environment (not whatever PATH finds:
-    the agents must run the same code as the command that started them)."""
-    candidate = Path(sys.executable).parent / "cbctl"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which("cbctl")
-    if found is None:
-        raise HarnessError(f"cbctl executable not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def _proc_cmdline(pid: int) -> str:
-    """``/proc/PID/cmdline`` with NULs as spaces ("" if the process is gone)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Our two process kinds (the servers come from procs)
-
-class AgentProcess(Service):
-    """``cbctl agent run`` for one node; ready when ``GET /healthz`` answers 200.
-
-    ``gid`` (root only) runs it with that real/effective group id and no supplementary groups,
-    so nftables can match its packets (``meta skgid``). ``clock_offset`` (seconds) runs it under
-    ``faketime -f +Xs``: its wall clock is off by that much.
-    """
-
-    def __init__(
-        self,
-        base_dir: str | os.PathLike[str],
-        *,
-        name: str,
-        config_path: str,
-        context: str = CONTEXT_NAME,
-        port: int | None = None,
-        gid: int | None = None,
-        clock_offset: float | None = None,
-        lease_ttl: float | None = None,
-        keepalive: float | None = None,
-        stop_at_exit: bool = True,
-    ) -> None:
-        wrapper: list[str] = []
-        if gid is not None:
-            setpriv = shutil.which("setpriv")
-            if setpriv is None:
-                raise HarnessError(f"{name}: a group id for partitions needs setpriv (util-linux)")
-            wrapper += [setpriv, f"--regid={gid}", "--clear-groups"]
-        if clock_offset:
-            faketime = shutil.which("faketime")
-            if faketime is None:
-                raise HarnessError(f"{name}: a clock offset needs the faketime executable")
-            wrapper += [faketime, "-f", f"{clock_offset:+g}s"]
-        super().__init__(base_dir, name=name, port=port, wrapper=wrapper, stop_at_exit=stop_at_exit)
-        self.config_path = config_path
-        self.context = context
-        self.gid = gid
-        self.clock_offset = clock_offset
-        self.lease_ttl = lease_ttl
-        self.keepalive = keepalive
-        self.state_dir = self.data_dir / "state"
-
-    def _resolve_binary(self) -> str:
-        return cbctl_executable()
-
-    def prepare(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-
-    def command(self) -> list[str]:
-        argv = ["cbctl", "--config", self.config_path, "--context", self.context, "agent", "run",
-                "--node-id", self.name, "--http-port", str(self.port), "--state-dir", str(self.state_dir)]
-        if self.lease_ttl is not None:
-            argv += ["--lease-ttl", f"{self.lease_ttl:g}"]
-        if self.keepalive is not None:
-            argv += ["--keepalive", f"{self.keepalive:g}"]
-        return argv
-
-    def env(self) -> dict[str, str]:
-        # The agent must use exactly the context we hand it, whatever the caller's shell says.
-        env = {k: v for k, v in os.environ.items() if k not in ("CBCTL_CONTEXT", "CBCTL_CONFIG")}
-        env["NO_COLOR"] = "1"
-        return env
-
-    def probe(self) -> bool:
-        status, _ = _http(f"http://{self.host}:{self.port}/healthz")
-        return status == 200
-
-    def extra_info(self) -> dict[str, Any]:
-        return {"url": f"http://{self.host}:{self.port}", "gid": self.gid, "clock_offset": self.clock_offset}
-
-
-class LoadGenerator(Service):
-    """A long-running ``cbctl agent load`` at ``rate`` workflows/s. No port; healthy while alive."""
-
-    def __init__(
-        self,
-        base_dir: str | os.PathLike[str],
-        *,
-        name: str = "loadgen",
-        config_path: str,
-        context: str = CONTEXT_NAME,
-        rate: float = 20.0,
-        workflows: int = 100_000_000,
-        stop_at_exit: bool = True,
-    ) -> None:
-        super().__init__(base_dir, name=name, port=0, stop_at_exit=stop_at_exit)
-        self.config_path = config_path
-        self.context = context
-        self.rate = rate
-        self.workflows = workflows
-
-    def _resolve_binary(self) -> str:
-        return cbctl_executable()
-
-    def tcp_endpoints(self) -> list[tuple[str, int]]:
-        return []
-
-    def command(self) -> list[str]:
-        return ["cbctl", "--config", self.config_path, "--context", self.context, "agent", "load",
-                "--workflows", str(self.workflows), "--rate", f"{self.rate:g}", "--prefix", "sbx"]
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("CBCTL_CONTEXT", "CBCTL_CONFIG")}
-        env["NO_COLOR"] = "1"
-        return env
-
-    def probe(self) -> bool:
-        return True  # alive is all we can say; the agents' metrics show the work
-
-    def extra_info(self) -> dict[str, Any]:
-        return {"rate": self.rate}
-
-
-class Subscriber(Service):
-    """A standing streaming subscriber on one node: ``cbctl events tail --follow --quiet``.
-
-    It asks every second until the rollout lets it in (bridge ``streaming``, or it is a canary
-    subscriber), then receives every workflow's updates from that node's bridge — the
-    cross-node deliveries that ``cbctl exit-criteria`` looks for. No port; healthy while alive.
-    """
-
-    def __init__(
-        self,
-        base_dir: str | os.PathLike[str],
-        *,
-        name: str,
-        node: str,
-        config_path: str,
-        context: str = CONTEXT_NAME,
-        stop_at_exit: bool = True,
-    ) -> None:
-        super().__init__(base_dir, name=name, port=0, stop_at_exit=stop_at_exit)
-        self.node = node
-        self.config_path = config_path
-        self.context = context
-
-    def _resolve_binary(self) -> str:
-        return cbctl_executable()
-
-    def tcp_endpoints(self) -> list[tuple[str, int]]:
-        return []
-
-    def command(self) -> list[str]:
-        return ["cbctl", "--config", self.config_path, "--context", self.context, "events", "tail",
-                "--node", self.node, "--subscriber", self.name, "--follow", "--quiet"]
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("CBCTL_CONTEXT", "CBCTL_CONFIG")}
-        env["NO_COLOR"] = "1"
-        return env
-
-    def probe(self) -> bool:
-        return True
-
-    def extra_info(self) -> dict[str, Any]:
-        return {"node": self.node}
-
-
-# kind (class name) -> class; the state file names kinds, never arbitrary classes.
-KINDS: dict[str, type[Service]] = {
-    cls.__name__: cls
-    for cls in (EtcdServer, NatsServer, RedisServer, PrometheusServer, ChronyServer, AgentProcess, LoadGenerator,
-                Subscriber)
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# State
-
-@dataclass
-class SandboxProcess:
-    """One recorded process: enough to rebuild its Service and re-attach to it safely."""
-
-    kind: str
-    name: str
-    args: dict[str, Any]
-    pid: int | None = None
-    role: str = "service"  # service | agent | loadgen | subscriber
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "role": self.role, "pid": self.pid, "args": self.args}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "SandboxProcess":
-        return cls(kind=str(data["kind"]), name=str(data["name"]), args=dict(data.get("args") or {}),
-                   pid=data.get("pid"), role=str(data.get("role", "service")))
-
-
-@dataclass
-class Sandbox:
-    """The state file's content. ``processes`` in start order."""
-
-    dir: Path
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    config_path: str | None = None
-    context: str = CONTEXT_NAME
-    nodes: list[str] = field(default_factory=list)
-    lane_count: int = 16
-    created_at: float = field(default_factory=time.time)
-    processes: list[SandboxProcess] = field(default_factory=list)
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / STATE_FILE
-
-    @property
-    def agent_config_path(self) -> Path:
-        return self.dir / AGENT_CONFIG
-
-    @property
-    def canary_path(self) -> Path:
-        return self.dir / CANARY_FILE
-
-    def process(self, name: str) -> SandboxProcess:
-        for p in self.processes:
-            if p.name == name:
-                return p
-        known = ", ".join(p.name for p in self.processes)
-        raise KeyError(f"no process {name!r} in the sandbox (known: {known})")
-
-    def agent(self, node: str) -> SandboxProcess:
-        """The agent process of ``node``; ``KeyError`` naming the known nodes otherwise."""
-        for p in self.processes:
-            if p.role == "agent" and p.name == node:
-                return p
-        raise KeyError(f"no node {node!r} in the sandbox (nodes: {', '.join(self.nodes) or 'none'})")
-
-    def service(self, name: str) -> Service:
-        """The Service of ``name``, attached to its process when that is still ours."""
-        return build_service(self, self.process(name))
-
-    def any_alive(self) -> bool:
-        return any(_owns(self, p) for p in self.processes)
-
-    def save(self) -> None:
-        data = {
-            "version": STATE_VERSION, "id": self.id, "dir": str(self.dir), "config_path": self.config_path,
-            "context": self.context, "nodes": self.nodes, "lane_count": self.lane_count,
-            "created_at": self.created_at, "processes": [p.to_json() for p in self.processes],
-        }
-        tmp = self.state_path.with_name(f".{STATE_FILE}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.state_path)
-
-    def update_pid(self, name: str, pid: int | None, **args: Any) -> None:
-        """Record a new pid (and changed constructor args) for ``name`` and save."""
-        proc = self.process(name)
-        proc.pid = pid
-        proc.args.update(args)
-        self.save()
-
-
-def load_sandbox(directory: str | os.PathLike[str] | None = None) -> Sandbox | None:
-    """The sandbox recorded in ``directory`` (default :func:`default_sandbox_dir`), or None.
-
-    Raises :class:`HarnessError` when the state file exists but cannot be read.
-    """
-    d = Path(directory).expanduser() if directory is not None else default_sandbox_dir()
-    path = d / STATE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise HarnessError(f"{path}: cannot read the sandbox state: {exc}") from exc
-    if data.get("version") != STATE_VERSION:
-        raise HarnessError(f"{path}: unknown state version {data.get('version')!r}")
-    return Sandbox(
-        dir=d.resolve(), id=str(data.get("id", "")), config_path=data.get("config_path"),
-        context=str(data.get("context", CONTEXT_NAME)), nodes=list(data.get("nodes", [])),
-        lane_count=int(data.get("lane_count", 16)), created_at=float(data.get("created_at", 0.0)),
-        processes=[SandboxProcess.from_json(p) for p in data.get("processes", [])],
-    )
-
-
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold ``DIR/.lock`` exclusively (blocks while another up/down/chaos runs in DIR)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,14 +277,7 @@ def _start(d: Path, n_nodes: int, n_lanes: int, config_path: str | os.PathLike[s
 
 def _all_scraped(prometheus: PrometheusServer, count: int) -> bool:
     """True once ``count`` targets are up in Prometheus (one probe; errors count as "not yet")."""
-    try:
-        status, body = _http(f"{prometheus.url}/api/v1/targets?state=active")
-    except OSError:
-        return False
-    if status != 200:
-        return False
-    targets = json.loads(body).get("data", {}).get("activeTargets", [])
-    return sum(1 for t in targets if t.get("health") == "up") >= count
+    return prometheus.active_targets_up() >= count
 
 
 def _provision_stream(agent_config: Path) -> None:
@@ -668,62 +306,6 @@ def _provision_stream(agent_config: Path) -> None:
         asyncio.run(body())
     except CbctlError as exc:
         raise HarnessError(f"nats: cannot create stream {ctx.nats.stream.name}: {exc}") from exc
-
-
-def _base_of(sb: Sandbox, proc: SandboxProcess) -> Path:
-    sub = proc.args.get("_base")
-    return sb.dir / sub if sub else sb.dir
-
-
-def build_service(sb: Sandbox, proc: SandboxProcess, *, attach: bool = True) -> Service:
-    """Rebuild ``proc``'s Service (same ports, dirs, args); attach it when the pid is ours."""
-    args = {k: v for k, v in proc.args.items() if not k.startswith("_")}
-    if proc.kind == "PrometheusServer" and "targets" in args:
-        args["targets"] = [(hp, labels) for hp, labels in args["targets"]]
-    cls = KINDS.get(proc.kind)
-    if cls is None:
-        raise HarnessError(f"{sb.state_path}: unknown process kind {proc.kind!r}")
-    base = _base_of(sb, proc)
-    svc = cls(base, name=proc.name, stop_at_exit=False, **args)
-    if attach and proc.pid is not None and _owns(sb, proc):
-        svc.attach(proc.pid)
-    return svc
-
-
-def _proc_cwd(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:  # gone, or not ours to inspect
-        return ""
-
-
-def _owns(sb: Sandbox, proc: SandboxProcess) -> bool:
-    """Is the recorded pid still the process we started?
-
-    It must be alive, lead its own process group, have our data dir as its working directory
-    (every process is started there; none of them changes it) and name its program in its
-    command line. A recycled pid fails these, so it is never signalled. (The data dir is not
-    always in argv: redis-server rewrites its process title.)
-    """
-    if proc.pid is None:
-        return False
-    stat = _proc_stat(proc.pid)
-    if stat is None or stat[0] in ("Z", "X") or stat[1] != proc.pid:
-        return False
-    if _proc_cwd(proc.pid) != str(_base_of(sb, proc) / proc.name):
-        return False
-    cls = KINDS.get(proc.kind)
-    program = "cbctl" if proc.role in ("agent", "loadgen", "subscriber") else (cls.binary if cls is not None else "")
-    return bool(program) and program in _proc_cmdline(proc.pid)
-
-
-def process_state(sb: Sandbox, proc: SandboxProcess) -> str:
-    """``running``, ``paused`` (SIGSTOP) or ``dead`` (gone, or the pid is no longer ours)."""
-    if not _owns(sb, proc):
-        return "dead"
-    assert proc.pid is not None
-    stat = _proc_stat(proc.pid)
-    return "paused" if stat is not None and stat[0] == "T" else "running"
 
 
 def status(sb: Sandbox) -> list[dict[str, Any]]:
@@ -774,13 +356,13 @@ def _stop_processes(sb: Sandbox, progress: Progress) -> list[str]:
     for group in groups:
         services = []
         for proc in group:
-            if _owns(sb, proc):
+            if owns(sb, proc):
                 services.append((proc, build_service(sb, proc)))
         for _, svc in services:
-            svc._send_stop()
+            svc.send_stop()
         deadline = time.monotonic() + 10.0
         for proc, svc in services:
-            svc._finish_stop(deadline)
+            svc.finish_stop(deadline)
             stopped.append(proc.name)
             progress(f"stopped {proc.name} (pid {proc.pid})")
     return stopped
@@ -796,8 +378,6 @@ def down(directory: str | os.PathLike[str] | None = None, *, progress: Progress 
         if sb is None:
             return None
         stopped = _stop_processes(sb, progress)
-        from cbctl.sandbox import chaos
-
         chaos.heal_all(sb)
         sb.state_path.unlink(missing_ok=True)
         return stopped

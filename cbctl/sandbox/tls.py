@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbctl.sandbox.procs import HarnessError
+from cbctl.sandbox.services.base import HarnessError
 
 __all__ = ["make_test_pki"]
 

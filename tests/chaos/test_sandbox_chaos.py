@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from cbctl.sandbox import wait_until
-from cbctl.sandbox.procs import group_members
+from cbctl.sandbox import group_members, wait_until
 from tests.helpers import CBCTL, cbctl_proc
 
 pytestmark = pytest.mark.skipif(
@@ -147,13 +147,13 @@ def test_pause_node_for_a_while(sbx: Sbx) -> None:
     assert pid is not None
 
     def state() -> str:
-        return Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][0]
+        return str(psutil.Process(pid).status())
 
     env = {**os.environ, "CBCTL_CONFIG": str(sbx.cfg), "NO_COLOR": "1"}
     proc = subprocess.Popen([CBCTL, "sandbox", "chaos", "pause-node", "node-2", "--for", "2s"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: state() == "T", 10, 0.05, "node-2 stopped (T)")
+        wait_until(lambda: state() == psutil.STATUS_STOPPED, 10, 0.05, "node-2 stopped (T)")
         assert sbx.status()["node-2"]["state"] == "paused"
         out, errs = proc.communicate(timeout=20)
     finally:
@@ -161,7 +161,7 @@ def test_pause_node_for_a_while(sbx: Sbx) -> None:
             proc.kill()
     assert proc.returncode == 0, errs
     assert "SIGSTOP node-2" in errs and "SIGCONT node-2" in errs
-    assert state() in ("S", "R")
+    assert state() in (psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING)
     wait_until(lambda: _healthy(sbx, "node-2"), 10, 0.2, "node-2 healthy after resume")
     wait_until(lambda: sbx.all_lanes_owned_by({"node-1", "node-2", "node-3"}), 3 * TTL + MARGIN, 0.3,
                "three owners again after the pause")
@@ -197,8 +197,8 @@ def test_skew_node_shifts_its_clock(sbx: Sbx) -> None:
     try:
         pid = sbx.pid("node-2")
         assert pid is not None
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"faketime" in cmdline[0] and b"+2s" in cmdline
+        cmdline = psutil.Process(pid).cmdline()
+        assert "faketime" in cmdline[0] and "+2s" in cmdline
         assert _healthy(sbx, "node-2")
         # The node's own heartbeat timestamp runs ~2 s ahead of ours.
         wait_until(lambda: sbx.record("node-2") is not None, 15, 0.2, "node-2 registered")
@@ -219,7 +219,7 @@ def test_skew_node_shifts_its_clock(sbx: Sbx) -> None:
         res = sbx.cli("sandbox", "chaos", "skew-node", "node-2", "--offset", "0")
         assert res.exit_code == 0, res.stderr
     pid = sbx.pid("node-2")
-    assert pid is not None and b"faketime" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert pid is not None and "faketime" not in " ".join(psutil.Process(pid).cmdline())
 
 
 @pytest.mark.timeout(30)

@@ -18,10 +18,11 @@ from prometheus_client import start_http_server
 from cbctl.core.model import keys
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.operator.gates import evaluate_rules, gate_config
+from cbctl.core.operator.gate_eval import evaluate_rules
+from cbctl.core.operator.gates import gate_config
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.backends.prometheus import PromClient
-from cbctl.sandbox.procs import free_port
+from cbctl.sandbox import free_port
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_run, write_config
 
@@ -84,7 +85,7 @@ async def wait_value(url: str, expr: str, value: float, timeout: float = 20.0) -
 
 async def wait_gates_pass(ctx, stage: int, timeout: float = 30.0) -> None:
     """Until every gate of ``stage`` passes, evaluated exactly as `stage advance` does."""
-    from cbctl.core.operator.gates import stage_gates
+    from cbctl.core.operator.gate_eval import stage_gates
 
     async def passing() -> bool:
         coord = make_coordinator(ctx)

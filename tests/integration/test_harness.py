@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -64,7 +65,7 @@ NO_RETRY = Retry(NoBackoff(), 0)
 
 
 def cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return " ".join(psutil.Process(pid).cmdline())
 
 
 class ShellService(Service):
@@ -217,7 +218,7 @@ def test_stop_real_server_and_stop_is_idempotent(redis_server: RedisServer) -> N
     pid = redis_server.pid
     assert pid is not None
     redis_server.stop()
-    assert not Path(f"/proc/{pid}").exists() or group_members(pid) == []
+    assert not psutil.pid_exists(pid) or group_members(pid) == []
     assert not port_answers("127.0.0.1", redis_server.port)
     redis_server.stop()  # again: no-op
     assert redis_server.to_dict()["healthy"] is False

@@ -36,9 +36,8 @@ from cbctl.core.model import keys
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.model.metrics import AgentMetrics
-from cbctl.sandbox import ChronyServer, NatsServer, PrometheusServer, RedisServer, Service
-from cbctl.sandbox.cluster import AgentProcess
-from cbctl.sandbox.procs import free_port
+from cbctl.sandbox import ChronyServer, NatsServer, PrometheusServer, RedisServer, Service, free_port
+from cbctl.sandbox.services.cbctl_procs import AgentProcess
 from cbctl.sandbox.waiting import wait_until
 from tests.helpers import cbctl_run, write_config
 

@@ -4,7 +4,6 @@ touched, a second `up` is a no-op, a failed `up` cleans up after itself."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,11 +11,12 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import tomli_w
 
-from cbctl.sandbox import cluster
-from cbctl.sandbox.procs import HarnessError, group_members
+from cbctl.sandbox import HarnessError, cluster, group_members, state
+from cbctl.sandbox.services.cbctl_procs import AgentProcess
 from tests.helpers import cbctl_proc
 
 pytestmark = pytest.mark.skipif(
@@ -29,23 +29,20 @@ pytestmark = pytest.mark.skipif(
 def _alive(pid: int) -> bool:
     """A live (non-zombie) process with this pid exists."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def _procs_under(d: Path) -> list[int]:
     """Live processes whose working directory lies under ``d`` (what a sandbox would leave)."""
     found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(f"/proc/{entry.name}/cwd")
-            except OSError:
-                continue
-            if cwd.startswith(str(d)) and _alive(int(entry.name)):
-                found.append(int(entry.name))
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) and proc.cwd().startswith(str(d)):
+                found.append(proc.pid)
+        except psutil.Error:  # gone, or not ours to inspect
+            continue
     return found
 
 
@@ -123,10 +120,10 @@ def test_recycled_pid_is_never_signalled(sbx: tuple[Path, Path]) -> None:
     d.mkdir(parents=True)
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        sb = cluster.Sandbox(dir=d.resolve(), processes=[
-            cluster.SandboxProcess("RedisServer", "redis", {"port": 1}, pid=stranger.pid)])
+        sb = state.Sandbox(dir=d.resolve(), processes=[
+            state.SandboxProcess("RedisServer", "redis", {"port": 1}, pid=stranger.pid)])
         sb.save()
-        assert not cluster.load_sandbox(d).any_alive()  # type: ignore[union-attr]
+        assert not state.load_sandbox(d).any_alive()  # type: ignore[union-attr]
         assert cluster.down(d) == []
         assert stranger.poll() is None
     finally:
@@ -139,12 +136,12 @@ def test_failed_up_stops_what_it_started(sbx: tuple[Path, Path], monkeypatch: py
     """An agent that cannot start: up raises with its log tail, and nothing is left running."""
     d, cfg = sbx
     before = cfg.read_bytes()
-    original = cluster.AgentProcess.command
+    original = AgentProcess.command
 
-    def bad_command(self: cluster.AgentProcess) -> list[str]:
+    def bad_command(self: AgentProcess) -> list[str]:
         return [*original(self), "--no-such-option"]
 
-    monkeypatch.setattr(cluster.AgentProcess, "command", bad_command)
+    monkeypatch.setattr(AgentProcess, "command", bad_command)
     with pytest.raises(HarnessError) as info:
         cluster.up(directory=d, nodes=2, config_path=cfg, wait_scraped=False, timeout=30)
     assert "node-1" in str(info.value) and "no-such-option" in str(info.value)

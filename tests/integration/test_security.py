@@ -4,7 +4,7 @@ user/password and TLS, and no secret ever in any output, log, audit entry or com
 Every server is started by ``cbctl.sandbox`` on free loopback ports; the TLS material is made
 by the test (:func:`cbctl.sandbox.tls.make_test_pki`). Passwords reach the servers through
 stdin (etcdctl) or a mode-0600 config file (nats-server), never through an argv, so the
-``/proc/*/cmdline`` check below also holds for the test's own helper processes.
+command-line check of every process below also holds for the test's own helper processes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from cbctl.core.model import keys
@@ -462,14 +463,11 @@ def test_secrets_never_leak(etcd: EtcdServer, nats_pw: tuple[NatsServer, str], t
     # No command line of any process, the servers above all, carries a secret.
     for pid in (etcd.pid, nats_server.pid):
         assert pid is not None
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        assert cmdline  # really the running server
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+        assert psutil.Process(pid).cmdline()  # really the running server
+    for proc in psutil.process_iter():
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:  # gone meanwhile, or not ours to read
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile, or not ours to read
             continue
         for name, secret in secrets.items():
-            assert secret.encode() not in cmdline, (name, proc.name, cmdline)
+            assert secret not in cmdline, (name, proc.pid, cmdline)
