@@ -30,7 +30,8 @@ def preflight(
     store itself is unreachable. A full run is recorded; `stage advance` requires a recent pass.
     """
     from cbctl.core.model.audit import current_actor
-    from cbctl.core.operator.preflight import PreflightOptions, record_preflight, run_preflight
+    from cbctl.core.operator.preflight import record_preflight, run_preflight
+    from cbctl.core.operator.preflight_report import PreflightOptions
     from cbctl.core.backends.coord import make_coordinator
     from cbctl.core.model.errors import BackendUnavailable
 

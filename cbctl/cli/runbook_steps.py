@@ -208,9 +208,9 @@ def recorder(st: AppState) -> Callable[[dict[str, Any]], None]:
 
 def prom_query(st: AppState) -> Callable[[str], list[float]]:
     """A runbook ``check:`` is judged like a gate: scoped to the context's cluster and evaluated
-    at the settled instant (``cbctl.core.operator.gates.instant_values``), so a check and ``watch``
+    at the settled instant (``cbctl.core.operator.instant.instant_values``), so a check and ``watch``
     agree on the same data."""
-    from cbctl.core.operator.gates import instant_values
+    from cbctl.core.operator.instant import instant_values
 
     ctx = st.context()
 

@@ -113,7 +113,7 @@ def advance(
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.errors import BadInput, CheckFailed
     from cbctl.core.model.durations import parse_duration
-    from cbctl.core.operator.gates import advance_gate_check
+    from cbctl.core.operator.gate_eval import advance_gate_check
     from cbctl.core.model.lanesfile import parse_lanes_file
 
     st = state(ctx)

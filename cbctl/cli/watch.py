@@ -11,7 +11,7 @@ import typer
 from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, run, state
 
 if TYPE_CHECKING:
-    from cbctl.core.operator.gates import WatchRow
+    from cbctl.core.operator.watch import WatchRow
 
 app = command_app()  # a single command
 
@@ -94,7 +94,8 @@ def watch(
     fmt = output_format(ctx, output)
 
     async def body() -> int:
-        from cbctl.core.operator.gates import gate_config, watch_snapshot
+        from cbctl.core.operator.gates import gate_config
+        from cbctl.core.operator.watch import watch_snapshot
         from cbctl.core.backends.prometheus import PromClient
         from cbctl.core.model.stages import STAGES
 
@@ -105,7 +106,7 @@ def watch(
         from cbctl.cli.common import with_coordinator
         from cbctl.core.operator.controlplane import ControlPlane
         from cbctl.core.model.errors import BackendUnavailable
-        from cbctl.core.operator.gates import stage_entry
+        from cbctl.core.operator.instant import stage_entry
 
         c = st.context()
         cfg = gate_config(c)
@@ -174,7 +175,7 @@ async def _live(c: Any, stage: int, cfg: Any, prom: Any, step: float, points: in
     from rich.console import Console
     from rich.live import Live
 
-    from cbctl.core.operator.gates import watch_snapshot
+    from cbctl.core.operator.watch import watch_snapshot
 
     console = Console(markup=False, highlight=False)  # honours NO_COLOR by itself
     with Live(console=console, auto_refresh=False, transient=False) as live:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from cbctl.core.model import keys
-from cbctl.core.operator.preflight import check_node_ids, check_nodes, read_snapshot
+from cbctl.core.operator.preflight_nodes import check_node_ids, check_nodes, read_snapshot
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.criteria import criterion_ownership

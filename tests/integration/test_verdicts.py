@@ -24,7 +24,9 @@ import tomli_w
 
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.operator.gates import evaluate_rules, evaluation_instant, gate_config, stage_entry
+from cbctl.core.operator.gate_eval import evaluate_rules
+from cbctl.core.operator.gates import gate_config
+from cbctl.core.operator.instant import evaluation_instant, stage_entry
 from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run

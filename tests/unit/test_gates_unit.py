@@ -6,14 +6,8 @@ import time
 
 import pytest
 
-from cbctl.core.operator.preflight import (
-    PreflightOptions,
-    StoreSnapshot,
-    check_clock,
-    check_lease_timing,
-    check_node_ids,
-    check_nodes,
-)
+from cbctl.core.operator.preflight_nodes import check_clock, check_lease_timing, check_node_ids, check_nodes
+from cbctl.core.operator.preflight_report import PreflightOptions, StoreSnapshot
 from cbctl.core.model.config import parse_context
 from cbctl.core.backends.coord.base import KV
 from cbctl.core.model.errors import BadInput, ConfigError

@@ -14,7 +14,7 @@
 =========================  ==========================================================================
 
 Every query selects the context's cluster (``cluster="<cluster>"`` is added to each selector)
-and is evaluated at the settled instant of ``cbctl.core.operator.gates`` (the last instant every live
+and is evaluated at the settled instant of ``cbctl.core.operator.instant`` (the last instant every live
 node has been scraped), so the same evidence gives the same verdict whenever it is asked for.
 
 Statuses: ``pass``, ``fail``, ``no-data``.  Missing evidence is ``no-data`` and never passes
@@ -233,7 +233,7 @@ async def evaluate(ctx: Context, coord: Coordinator, window: float) -> CriteriaR
     """Every criterion, concurrently, at one settled instant. Raises ``BackendUnavailable``
     only for the coordination store; an unreachable Prometheus makes the metric criteria
     ``no-data`` and sets ``prometheus_error``."""
-    from cbctl.core.operator.gates import evaluation_instant
+    from cbctl.core.operator.instant import evaluation_instant
 
     at = time.time()
     w = format_duration(window)
