@@ -1,5 +1,6 @@
 """Service fixtures: real etcd, nats-server, redis-server, prometheus and chronyd processes,
-started by ``cbctl.sandbox`` (the same code ``cbctl sandbox`` runs).
+started by ``cbctl.sandbox`` (the same classes ``cbctl sandbox`` runs), all made by one
+factory, :func:`service_fixture` (docs/testing.md).
 
 Function-scoped fixtures (``etcd``, ``etcd_cluster``, ``nats``, ``redis_server``,
 ``prometheus``, ``chrony``) give a test its own server in its own temporary directory; use them
@@ -16,8 +17,9 @@ from __future__ import annotations
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -61,107 +63,58 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
                for when in ("setup", "call"))
 
 
-def _run(request: pytest.FixtureRequest, *services: Service) -> None:
-    """Teardown: print log tails if the test failed, then stop every service."""
-    if _test_failed(request):
-        for service in services:
-            print(f"\n--- {service.name} log tail ({service.log_path}) ---\n{service.log_tail(60)}",
-                  file=sys.stderr)
+def _print_log_tails(services: Sequence[Service]) -> None:
     for service in services:
-        service.stop()
+        print(f"\n--- {service.name} log tail ({service.log_path}) ---\n{service.log_tail(60)}",
+              file=sys.stderr)
 
 
-@pytest.fixture
-def etcd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """A single-member etcd of its own; ``.client_url`` is http://127.0.0.1:PORT."""
-    _require("etcd")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    yield server
-    _run(request, server)
+def service_fixture(name: str, make: Callable[[Path], Service | EtcdCluster], binary: str, doc: str, *,
+                    scope: Literal["function", "session"] = "function") -> Any:
+    """A pytest fixture called ``name`` that starts ``make(fresh temp dir)`` and yields it.
+
+    The test is skipped when ``binary`` is not installed. At teardown the service is stopped
+    (also when the test failed); a function-scoped one first prints each process's log tail if
+    the test failed.
+    """
+
+    def fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+        _require(binary)
+        service = make(tmp_path_factory.mktemp(name))
+        service.start()
+        try:
+            yield service
+        finally:
+            if scope == "function" and _test_failed(request):
+                _print_log_tails(service.members if isinstance(service, EtcdCluster) else [service])
+            service.stop()
+
+    fixture.__doc__ = doc
+    fixture.__name__ = name
+    return pytest.fixture(scope=scope, name=name)(fixture)
 
 
-@pytest.fixture
-def etcd_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """A 3-member etcd cluster of its own; ``.endpoints``, ``.members``, ``.leader()``."""
-    _require("etcd")
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-cluster"))
-    cluster.start()
-    yield cluster
-    if _test_failed(request):
-        for m in cluster.members:
-            print(f"\n--- {m.name} log tail ({m.log_path}) ---\n{m.log_tail(60)}", file=sys.stderr)
-    cluster.stop()
-
-
-@pytest.fixture
-def nats(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A nats-server with JetStream of its own; ``.url``, ``.monitor_url``."""
-    _require("nats-server")
-    server = NatsServer(tmp_path_factory.mktemp("nats"))
-    server.start()
-    yield server
-    _run(request, server)
-
-
-@pytest.fixture
-def redis_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server of its own (no persistence); ``.url``, ``.client()``."""
-    _require("redis-server")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    _run(request, server)
-
-
-@pytest.fixture
-def prometheus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    """A prometheus of its own, 1 s scrape/evaluation interval; targets via ``.set_targets``."""
-    _require("prometheus")
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"))
-    server.start()
-    yield server
-    _run(request, server)
-
-
-@pytest.fixture
-def chrony(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChronyServer]:
-    """A chronyd NTP server of its own on 127.0.0.1:``.port`` (UDP)."""
-    _require("chronyd")
-    server = ChronyServer(tmp_path_factory.mktemp("chrony"))
-    server.start()
-    yield server
-    _run(request, server)
-
-
-@pytest.fixture(scope="session")
-def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """One etcd for the whole run. Isolate by key prefix; never kill or pause it."""
-    _require("etcd")
-    server = EtcdServer(tmp_path_factory.mktemp("shared-etcd"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def shared_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """One nats-server (JetStream) for the whole run. Isolate by subject/stream name."""
-    _require("nats-server")
-    server = NatsServer(tmp_path_factory.mktemp("shared-nats"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the whole run. Isolate by key prefix; never FLUSHALL."""
-    _require("redis-server")
-    server = RedisServer(tmp_path_factory.mktemp("shared-redis"))
-    server.start()
-    yield server
-    server.stop()
+etcd = service_fixture("etcd", EtcdServer, "etcd",
+                       "A single-member etcd of its own; ``.client_url`` is http://127.0.0.1:PORT.")
+etcd_cluster = service_fixture("etcd_cluster", EtcdCluster, "etcd",
+                               "A 3-member etcd cluster of its own; ``.endpoints``, ``.members``, ``.leader()``.")
+nats = service_fixture("nats", NatsServer, "nats-server",
+                       "A nats-server with JetStream of its own; ``.url``, ``.monitor_url``.")
+redis_server = service_fixture("redis_server", RedisServer, "redis-server",
+                               "A redis-server of its own (AOF on, as the harness default); ``.url``, ``.client()``.")
+prometheus = service_fixture("prometheus", PrometheusServer, "prometheus",
+                             "A prometheus of its own, 1 s scrape/evaluation interval; targets via ``.set_targets``.")
+chrony = service_fixture("chrony", ChronyServer, "chronyd",
+                         "A chronyd NTP server of its own on 127.0.0.1:``.port`` (UDP).")
+shared_etcd = service_fixture("shared_etcd", EtcdServer, "etcd",
+                              "One etcd for the whole run. Isolate by key prefix; never kill or pause it.",
+                              scope="session")
+shared_nats = service_fixture("shared_nats", NatsServer, "nats-server",
+                              "One nats-server (JetStream) for the whole run. Isolate by subject/stream name.",
+                              scope="session")
+shared_redis = service_fixture("shared_redis", RedisServer, "redis-server",
+                               "One redis-server for the whole run. Isolate by key prefix; never FLUSHALL.",
+                               scope="session")
 
 
 @pytest.fixture
