@@ -47,7 +47,7 @@ def send(
     fmt = output_format(ctx, output)
 
     async def body() -> dict[str, Any]:
-        from cbctl.core.agent.signals import send_signal
+        from cbctl.core.operator.signal_sender import send_signal
 
         if payload is None:
             value: Any = {}

@@ -19,15 +19,18 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.agent import signals
 from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, lane_for
-from cbctl.core.agent.signals import SignalRouter, attach_signals, send_signal, signal_update
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import lane_for
+from cbctl.core.agent.signals import SignalRouter, attach_signals
+from cbctl.core.model.signals import signal_update
+from cbctl.core.operator import signal_sender
+from cbctl.core.operator.signal_sender import send_signal
 from cbctl.sandbox import NatsServer
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run, write_config
@@ -282,7 +285,7 @@ async def test_lane_moves_mid_flight(cluster: Cluster, coord: Coordinator, ctx: 
     await cluster.add("node-b")
     await cluster.settled(coord)
     wf = "moving-1"
-    real = signals.lane_owner
+    real = signal_sender.lane_owner
     victims: list[str] = []
 
     async def racing(c: Coordinator, cl: str, lane: str) -> str | None:
@@ -300,7 +303,7 @@ async def test_lane_moves_mid_flight(cluster: Cluster, coord: Coordinator, ctx: 
                 await stale.wait_subscribed(5)
         return owner
 
-    monkeypatch.setattr(signals, "lane_owner", racing)
+    monkeypatch.setattr(signal_sender, "lane_owner", racing)
     res = await send_signal(ctx, wf, "move", {"k": 1}, coord=coord, timeout=20)
     victim = victims[0]
     assert res.route == "routed" and res.node != victim and res.attempts >= 2, res

@@ -28,7 +28,7 @@ from cbctl.core.model import keys
 from cbctl.core.backends.coord.base import Coordinator, Lease
 from cbctl.core.model.errors import Conflict
 
-__all__ = ["LaneClaim", "LaneView", "acquire_lane", "release_lane", "read_lanes"]
+__all__ = ["LaneClaim", "LaneView", "acquire_lane", "lane_owner", "release_lane", "read_lanes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +132,19 @@ async def read_lanes(coord: Coordinator, cluster: str, lanes: Sequence[str]) -> 
     out = [held.pop(lane, LaneView(lane, None, None, None)) for lane in lanes]
     out.extend(held[lane] for lane in sorted(held))
     return out
+
+
+async def lane_owner(coord: Coordinator, cluster: str, lane: str) -> str | None:
+    """The node id in ``lane``'s owner key; None when the lane is free or the key unreadable.
+
+    Raises ``BackendUnavailable`` when the store cannot be reached.
+    """
+    kv = await coord.get(keys.lane(cluster, lane))
+    if kv is None:
+        return None
+    try:
+        body = kv.json()
+    except ValueError:
+        return None
+    owner = body.get("owner") if isinstance(body, dict) else None
+    return owner if isinstance(owner, str) and owner else None

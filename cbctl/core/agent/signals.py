@@ -1,38 +1,13 @@
-"""Signal routing: deliver a workflow's signal to the node that owns the workflow's lane.
+"""The signal router: answers routed signals for one agent (the receiver side of
+``cbctl signal send``; the sender is :mod:`cbctl.core.operator.signal_sender`, the shared contract
+:mod:`cbctl.core.model.signals`, the design docs/agent.md, "Signals").
 
-Route (decided by the sender from the rollout document, flag ``signals.routing``):
-
-* ``all``, or ``canary`` with the workflow's lane (:func:`~cbctl.core.backends.redis.lanes.lane_for`) in
-  ``canary.lanes`` -> **routed**: a NATS request to the owner's subject
-  ``cb.signals.<cluster>.<node_id>`` (:func:`signal_subject`).  The owner's
-  :class:`SignalRouter` applies the signal at once through the fencing guard, with its current
-  token for the lane and the guard mode of its flags, and replies with the seq the guard
-  assigned.
-* ``off``, or ``canary`` with any other lane -> **local**: the signal is appended to the lane
-  stream as a task of type ``signal`` (:meth:`~cbctl.core.backends.redis.lanes.LaneQueue.enqueue`); the owner's
-  lane worker applies it later, in stream order with the workflow's other tasks.
-
-Both routes write the same thing: a history entry of type ``signal`` whose task id is the
-signal id and whose data is :func:`signal_update` (``signal``, ``signal_id``,
-``signal_payload``; the same fields land in the workflow state hash).  A signal id is a fresh
-UUID per :func:`send_signal` call (or the caller's): it is the guard's idempotency key, so a
-retry after a lost reply, or the same signal arriving by both the queue and a request, is
-applied once and reports the seq of the first apply (``result == "duplicate"``).
-
-Ownership moves (the sender's view of the owner is a read of the lane's owner key, which can be
-stale by the time the request arrives): the receiver replies ``not_owner`` when the lane is not
-in its ``owned_lanes`` or the guard fenced its token off; the sender also treats "no reply
-within ``request_timeout``" and "no responders" as a move.  In each case it re-reads the owner
-from the coordination store and retries, with exponential backoff and jitter, up to
-``max_attempts`` requests inside ``timeout`` seconds.
-
-Wire format (UTF-8 JSON).  Request: ``{"v": 1, "workflow_id", "name", "payload", "signal_id",
-"lane"}``.  Reply: ``{"ok": true, "seq", "node", "lane", "token", "already_applied"}`` or
-``{"ok": false, "error": "not_owner" | "invalid" | "error", "message", "node", "owner"?}``
-(``owner``: the owner key's node as the receiver read it, for messages only).
-
-Metrics (receiver side, the agent's registry): ``signals_routed_total{result}`` with
-``applied``, ``duplicate``, ``not_owner``, ``invalid``, ``error``.
+Contract: a request is applied at once through the fencing guard with the agent's current token
+for the workflow's lane and the guard mode of its flags, and answered with the seq the guard
+assigned; a lane the agent does not own (or a token the guard fenced off) is answered
+``not_owner``.  Queued ``signal`` tasks (the local route) write exactly what a routed signal
+writes (:func:`attach_signals` wraps the agent's handler).  Counted in
+``signals_routed_total{result}`` with the values of :data:`ROUTER_RESULTS`.
 """
 
 from __future__ import annotations
@@ -43,299 +18,41 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 
-from cbctl.core.model import keys
 from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.ownership import lane_owner
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
-from cbctl.core.model.config import Context
-from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.backends.redis.queue import Task, lane_for
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, StaleFencingToken
-from cbctl.core.backends.redis.lanes import LaneQueue, Task, lane_for
-from cbctl.core.model.flags import CANARY_LANES, OWNERSHIP_GUARD, SIGNALS_ROUTING
+from cbctl.core.model.flags import CANARY_LANES, GUARD_OFF, OWNERSHIP_GUARD
+from cbctl.core.model.signals import (
+    SIGNAL_TYPE,
+    WIRE_VERSION,
+    check_signal,
+    encode_reply,
+    refusal,
+    signal_subject,
+    signal_task_payload,
+    signal_update,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
-    from redis.asyncio import Redis
 
     from cbctl.core.agent.hooks import TaskHandler
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SIGNAL_TYPE",
-    "SignalNotDelivered",
-    "SignalResult",
-    "SignalRouter",
-    "attach_signals",
-    "decide_route",
-    "lane_owner",
-    "send_signal",
-    "signal_subject",
-    "signal_update",
-]
-
-SIGNAL_TYPE = "signal"
-"""Task / history entry type of a signal (both routes)."""
+__all__ = ["ROUTER_RESULTS", "SignalRouter", "attach_signals"]
 
 ROUTER_RESULTS = ("applied", "duplicate", "not_owner", "invalid", "error")
 """Values of the ``result`` label of ``signals_routed_total``."""
-
-Route = Literal["routed", "local"]
-_WIRE_VERSION = 1
-_MAX_NAME = 256
-
-
-class SignalNotDelivered(CbctlError):
-    """No owner applied the signal within the timeout / attempts (exit 1; nothing applied
-    as far as the sender knows — a late apply of the same signal id is still idempotent)."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, *, attempts: int, last_error: str, signal_id: str) -> None:
-        super().__init__(message)
-        self.attempts = attempts
-        self.last_error = last_error
-        self.signal_id = signal_id
-
-
-@dataclass(frozen=True, slots=True)
-class SignalResult:
-    """What :func:`send_signal` did.
-
-    ``route``: ``routed`` (applied by ``node`` with ``seq``) or ``local`` (queued on the lane
-    stream as ``entry_id``; ``node``/``seq`` are None: the owner's worker assigns the seq when it
-    applies the task).  ``result``: ``applied``, ``duplicate`` (this signal id had been applied
-    before; ``seq`` is that apply's) or ``queued``.  ``attempts``: requests sent (routed), 1
-    (local).
-    """
-
-    route: Route
-    node: str | None
-    seq: int | None
-    attempts: int
-    result: Literal["applied", "duplicate", "queued"]
-    workflow_id: str
-    name: str
-    signal_id: str
-    lane: str
-    routing: str
-    entry_id: str | None = None
-
-    def public(self) -> dict[str, Any]:
-        """JSON-ready dict (``cbctl signal send -o json``)."""
-        return asdict(self)
-
-
-# -- shared helpers ---------------------------------------------------------------------------
-
-
-def signal_subject(cluster: str, node_id: str) -> str:
-    """The NATS subject a node's :class:`SignalRouter` answers on."""
-    return f"cb.signals.{cluster}.{node_id}"
-
-
-def signal_update(name: str, signal_id: str, payload: Any) -> dict[str, Any]:
-    """The guarded update a signal writes (history ``data`` and workflow state fields)."""
-    return {"signal": name, "signal_id": signal_id, "signal_payload": payload}
-
-
-def decide_route(flags: Mapping[str, Any], lane: str) -> Route:
-    """``routed`` under ``signals.routing=all`` or ``canary`` with ``lane`` in ``canary.lanes``;
-    ``local`` otherwise (``off``, a non-canary lane, an unknown value)."""
-    routing = flags.get(SIGNALS_ROUTING, "off")
-    if routing == "all":
-        return "routed"
-    if routing == "canary" and lane in tuple(flags.get(CANARY_LANES, ())):
-        return "routed"
-    return "local"
-
-
-async def lane_owner(coord: Coordinator, cluster: str, lane: str) -> str | None:
-    """The node id in the lane's owner key, or None when the lane is free (or the key unreadable).
-
-    Raises ``BackendUnavailable`` when the store cannot be reached.
-    """
-    kv = await coord.get(keys.lane(cluster, lane))
-    if kv is None:
-        return None
-    try:
-        body = kv.json()
-    except ValueError:
-        return None
-    owner = body.get("owner") if isinstance(body, dict) else None
-    return owner if isinstance(owner, str) and owner else None
-
-
-def _check_signal(workflow_id: str, name: str, payload: Any) -> str:
-    """Validate what the caller gave; return the payload as compact JSON. ``BadInput`` if bad."""
-    if not isinstance(workflow_id, str) or not workflow_id:
-        raise BadInput("signal: the workflow id is empty")
-    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
-        raise BadInput(f"signal name {name!r}: must be non-empty and at most {_MAX_NAME} characters")
-    try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"signal payload is not JSON-serializable: {exc}") from None
-
-
-# -- sender -----------------------------------------------------------------------------------
-
-
-async def send_signal(
-    ctx: Context,
-    workflow_id: str,
-    name: str,
-    payload: Any = None,
-    *,
-    nc: Client | None = None,
-    coord: Coordinator | None = None,
-    redis_client: Redis | None = None,
-    timeout: float = 10.0,
-    request_timeout: float = 2.0,
-    max_attempts: int = 8,
-    signal_id: str | None = None,
-) -> SignalResult:
-    """Deliver signal ``name`` (with a JSON-able ``payload``) to ``workflow_id``; see the module doc.
-
-    The route follows the rollout document's flags, read from the store at the call.  ``nc`` /
-    ``coord`` / ``redis_client`` may be passed in (not closed here); otherwise they are opened
-    from ``ctx`` when the route needs them (NATS only for ``routed``, Redis only for ``local``)
-    and closed before returning.  ``signal_id`` defaults to a new UUID; pass the same id to
-    retry a send whose outcome is unknown.
-
-    Raises ``BadInput`` (empty name, payload not JSON-able, a workflow id the owner refuses),
-    ``BackendUnavailable`` (store, NATS or Redis unreachable, credentials refused; exit 4),
-    ``SignalNotDelivered`` (routed: no owner applied it within ``timeout`` / ``max_attempts``;
-    exit 1).
-    """
-    _check_signal(workflow_id, name, payload)
-    if timeout <= 0 or request_timeout <= 0 or max_attempts < 1:
-        raise BadInput("signal: timeout and request timeout must be > 0 and max attempts >= 1")
-    sid = signal_id or uuid.uuid4().hex
-    lane = lane_for(workflow_id, ctx.lanes)
-    own_coord = coord is None
-    if coord is None:
-        from cbctl.core.backends.coord import make_coordinator
-
-        coord = make_coordinator(ctx)
-    try:
-        if own_coord:
-            await coord.connect()
-        from cbctl.core.operator.controlplane import ControlPlane
-
-        doc, _revision = await ControlPlane(ctx, coord).read()
-        routing = str(doc.flags.get(SIGNALS_ROUTING, "off"))
-        if decide_route(doc.flags, lane) == "local":
-            entry_id = await _enqueue_local(ctx, workflow_id, name, sid, payload, redis_client)
-            return SignalResult(route="local", node=None, seq=None, attempts=1, result="queued",
-                                workflow_id=workflow_id, name=name, signal_id=sid, lane=lane, routing=routing,
-                                entry_id=entry_id)
-        own_nc = nc is None
-        if nc is None:
-            nc = await connect_nats(ctx.nats, name="cbctl-signal", reconnect=False)
-        try:
-            return await _route(ctx, coord, nc, workflow_id, name, payload, sid, lane, routing,
-                                timeout=timeout, request_timeout=request_timeout, max_attempts=max_attempts)
-        finally:
-            if own_nc:
-                await _close_nc(nc)
-    finally:
-        if own_coord:
-            await coord.close()
-
-
-async def _enqueue_local(ctx: Context, workflow_id: str, name: str, signal_id: str, payload: Any,
-                         redis_client: Redis | None) -> str:
-    """The local path: a ``signal`` task on the workflow's lane stream; returns the entry id."""
-    own = redis_client is None
-    if redis_client is None:
-        from cbctl.core.agent.node import redis_client_for
-
-        redis_client = redis_client_for(ctx, 0)
-    try:
-        queue = LaneQueue(redis_client, ctx.cluster, ctx.lanes)
-        try:
-            return await queue.enqueue(workflow_id, {
-                "task_id": signal_id,
-                "type": SIGNAL_TYPE,
-                "payload": {"signal": name, "signal_id": signal_id, "payload": payload},
-            })
-        except ValueError as exc:  # the workflow id aliases another workflow's keys
-            raise BadInput(f"signal for workflow {workflow_id!r}: {exc}") from None
-    finally:
-        if own:
-            await redis_client.aclose()
-
-
-async def _route(
-    ctx: Context, coord: Coordinator, nc: Client, workflow_id: str, name: str, payload: Any, sid: str,
-    lane: str, routing: str, *, timeout: float, request_timeout: float, max_attempts: int,
-) -> SignalResult:
-    """Request/reply to the lane owner, re-reading the owner and retrying on a move."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    body = json.dumps({"v": _WIRE_VERSION, "workflow_id": workflow_id, "name": name, "payload": payload,
-                       "signal_id": sid, "lane": lane}, separators=(",", ":"), ensure_ascii=False).encode()
-    attempts = 0
-    last = "no owner seen yet"
-    backoff = 0.05
-    while True:
-        # Module-global lookup on purpose (tests interpose here to move a lane mid-flight).
-        owner = await lane_owner(coord, ctx.cluster, lane)
-        if owner is None:
-            last = f"lane {lane} has no owner"
-        else:
-            attempts += 1
-            wait = max(0.05, min(request_timeout, deadline - loop.time()))
-            try:
-                msg = await nc.request(signal_subject(ctx.cluster, owner), body, timeout=wait)
-            except nats.errors.NoRespondersError:
-                last = f"node {owner} does not answer on its signal subject (stopped, or its router is not connected)"
-            except nats.errors.TimeoutError:
-                last = f"no reply from node {owner} within {wait:.2g}s"
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
-                    nats.errors.StaleConnectionError) as exc:
-                raise BackendUnavailable(f"NATS connection lost while routing signal {sid}: {exc!r}",
-                                         backend="nats") from None
-            else:
-                reply = _decode_reply(msg.data)
-                if reply.get("ok") is True and isinstance(reply.get("seq"), int):
-                    return SignalResult(
-                        route="routed", node=str(reply.get("node") or owner), seq=reply["seq"], attempts=attempts,
-                        result="duplicate" if reply.get("already_applied") else "applied",
-                        workflow_id=workflow_id, name=name, signal_id=sid, lane=lane, routing=routing,
-                    )
-                error = str(reply.get("error") or "error")
-                message = str(reply.get("message") or "")
-                if error == "invalid":
-                    raise BadInput(f"node {owner} refused signal {name!r} for workflow {workflow_id!r}: {message}")
-                last = f"node {owner}: {error}" + (f" ({message})" if message else "")
-            log.info("signal %s for %s attempt %d: %s", sid, workflow_id, attempts, last)
-        pause = backoff * random.uniform(0.5, 1.5)
-        if attempts >= max_attempts or loop.time() + pause >= deadline:
-            raise SignalNotDelivered(
-                f"signal {name!r} for workflow {workflow_id!r} (lane {lane}, id {sid}) not delivered after "
-                f"{attempts} request(s) in {timeout:g}s: {last}",
-                attempts=attempts, last_error=last, signal_id=sid,
-            )
-        await asyncio.sleep(pause)
-        backoff = min(backoff * 2, 1.0)
-
-
-def _decode_reply(data: bytes) -> dict[str, Any]:
-    try:
-        reply = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {"ok": False, "error": "error", "message": f"unreadable reply {data[:80]!r}"}
-    return reply if isinstance(reply, dict) else {"ok": False, "error": "error", "message": "reply is not an object"}
 
 
 async def _close_nc(nc: Client, timeout: float = 2.0) -> None:
@@ -350,11 +67,8 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         log.debug("signal router: %r", fut.exception())
 
 
-# -- receiver ---------------------------------------------------------------------------------
-
-
 class SignalRouter:
-    """Answers routed signals for one :class:`~cbctl.core.agent.node.NodeAgent` (see the module doc).
+    """Answers routed signals for one :class:`~cbctl.core.agent.node.NodeAgent` (module doc).
 
     :meth:`start` returns at once: the router connects to NATS (its own connection) and
     subscribes to :func:`signal_subject` in the background, retrying with backoff while NATS is
@@ -495,7 +209,7 @@ class SignalRouter:
         reply = await self.handle(request)
         if msg.reply:
             with contextlib.suppress(nats.errors.Error):  # the sender retries on no reply
-                await msg.respond(json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode())
+                await msg.respond(encode_reply(reply))
 
     async def handle(self, request: Any) -> dict[str, Any]:
         """Apply one decoded request; return the reply (see the module doc). Counts the result.
@@ -510,45 +224,45 @@ class SignalRouter:
 
     async def _handle(self, request: Any) -> tuple[str, dict[str, Any]]:
         agent = self.agent
-        if not isinstance(request, dict) or request.get("v") != _WIRE_VERSION:
-            return "invalid", _refusal("invalid", "not a version-1 signal request")
+        if not isinstance(request, dict) or request.get("v") != WIRE_VERSION:
+            return "invalid", refusal("invalid", "not a version-1 signal request")
         workflow_id, name, sid = request.get("workflow_id"), request.get("name"), request.get("signal_id")
         payload = request.get("payload")
         if not isinstance(sid, str) or not sid:
-            return "invalid", _refusal("invalid", "missing signal_id")
+            return "invalid", refusal("invalid", "missing signal_id")
         try:
-            _check_signal(workflow_id, name, payload)
+            check_signal(workflow_id, name, payload)
         except BadInput as exc:
-            return "invalid", _refusal("invalid", str(exc))
+            return "invalid", refusal("invalid", str(exc))
         lane = lane_for(workflow_id, agent.ctx.lanes)
         if request.get("lane") not in (None, lane):
             # Sender and receiver disagree on the lane inventory: a config error, not a move.
-            return "invalid", _refusal("invalid", f"workflow maps to lane {lane} here, not {request.get('lane')} "
+            return "invalid", refusal("invalid", f"workflow maps to lane {lane} here, not {request.get('lane')} "
                                                   "(lane inventories differ between nodes)")
         token = agent.owned_lanes.get(lane)
         guard = agent.guard
         if token is None or guard is None:
-            return "not_owner", _refusal("not_owner", f"node {agent.node_id} does not own lane {lane}",
+            return "not_owner", refusal("not_owner", f"node {agent.node_id} does not own lane {lane}",
                                          owner=await self._owner_hint(lane))
         flags = agent.flags
         update = signal_update(name, sid, payload)
         try:
             applied = await guard.apply(
-                lane, token, flags.get(OWNERSHIP_GUARD, "off"), workflow_id, sid, update,
+                lane, token, flags.get(OWNERSHIP_GUARD, GUARD_OFF), workflow_id, sid, update,
                 task_type=SIGNAL_TYPE, canary_lanes=tuple(flags.get(CANARY_LANES, ())),
             )
         except StaleFencingToken as exc:
-            return "not_owner", _refusal("not_owner", str(exc), owner=await self._owner_hint(lane))
+            return "not_owner", refusal("not_owner", str(exc), owner=await self._owner_hint(lane))
         except ValueError as exc:  # a workflow id the guard refuses (aliases another's keys)
-            return "invalid", _refusal("invalid", str(exc))
+            return "invalid", refusal("invalid", str(exc))
         except BackendUnavailable as exc:
             log.warning("agent %s: signal %s for %s not applied: %s", agent.node_id, sid, workflow_id, exc)
-            return "error", _refusal("error", str(exc))
+            return "error", refusal("error", str(exc))
         try:
             await agent.notify_applied(AppliedUpdate(
                 node_id=agent.node_id, lane=lane, token=token, workflow_id=workflow_id, task_id=sid,
                 type=SIGNAL_TYPE, seq=applied.seq, update=update,
-                payload={"signal": name, "signal_id": sid, "payload": payload}, occurred_at=time.time(),
+                payload=signal_task_payload(name, sid, payload), occurred_at=time.time(),
                 already_applied=applied.already_applied, decision=applied.decision, history_id=applied.history_id,
                 publish_versions=applied.publish_versions,
             ))
@@ -557,7 +271,7 @@ class SignalRouter:
             # the sender retries; the retry is a no-op apply that runs the hooks again.
             log.warning("agent %s: signal %s applied (seq %d) but a hook failed: %s", agent.node_id, sid,
                         applied.seq, exc)
-            return "error", _refusal("error", f"applied as seq {applied.seq} but not acknowledged: {exc}")
+            return "error", refusal("error", f"applied as seq {applied.seq} but not acknowledged: {exc}")
         log.info("agent %s applied signal %r (%s) to %s as seq %d%s", agent.node_id, name, sid, workflow_id,
                  applied.seq, " (already applied)" if applied.already_applied else "")
         return ("duplicate" if applied.already_applied else "applied"), {
@@ -569,13 +283,6 @@ class SignalRouter:
         with contextlib.suppress(BackendUnavailable, RuntimeError):  # RuntimeError: agent stopped
             return await lane_owner(self.agent.coordinator, self.agent.ctx.cluster, lane)
         return None
-
-
-def _refusal(error: str, message: str, *, owner: str | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"ok": False, "error": error, "message": message}
-    if owner is not None:
-        reply["owner"] = owner
-    return reply
 
 
 def _signal_handler(inner: TaskHandler) -> TaskHandler:
