@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from cbctl.core.model.errors import ConfigError
+from cbctl.core.model.gate_settings import gate_config
 
 DEFAULT_CONFIG_PATH = Path("~/.config/cbctl/config.toml")
 
@@ -52,10 +53,10 @@ _LITERAL_SECRET_KEYS = {"password", "token", "secret", "key-password"}
 TOP_LEVEL_KEYS: frozenset[str] = frozenset({"current-context", "contexts"})
 
 # The free-form sections of a context (kept raw in ``Context.extra``) and the keys their readers
-# use: [preflight] max-age (cbctl/core/operator/gates.py), probe-stale-after (cbctl/core/backends/probes.py);
+# use: [preflight] max-age (cbctl/core/model/gate_settings.py), probe-stale-after (cbctl/core/backends/probes.py);
 # [agent] probe-interval (cbctl/core/backends/probes.py), outbox-max (the agent's outbox bound);
 # [exit-criteria] window (cbctl/cli/exit_criteria.py); [sandbox] dir (cbctl/cli/sandbox.py).
-# [gates] is validated by cbctl.core.operator.gates.gate_config, its one reader.
+# [gates] is validated by cbctl.core.model.gate_settings.gate_config, its one validator.
 SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "preflight": frozenset({"max-age", "probe-stale-after"}),
     "agent": frozenset({"probe-interval", "outbox-max"}),
@@ -585,11 +586,8 @@ _GATES_UNKNOWN = re.compile(r"unknown key '([^']*)' \(allowed: ([^)]*)\)")
 
 
 def _check_gates(context: Context, where: str) -> None:
-    """Run the gates table through its one validator now (cbctl.core.operator.gates.gate_config), so a
-    mistake in [gates] is refused at load rather than when ``watch`` or ``advance`` runs.
-    Imported here only: gates pulls in the Prometheus client, which most commands never need."""
-    from cbctl.core.operator.gates import gate_config
-
+    """Run the gates table through its one validator now (:func:`gate_config`), so a mistake in
+    [gates] is refused at load rather than when ``watch`` or ``advance`` runs."""
     try:
         gate_config(context)
     except ConfigError as exc:
