@@ -82,7 +82,7 @@ def err(message: str) -> None:
     """A message for the human: stderr, never mixed into JSON on stdout. URL userinfo is
     redacted (a second line of defence: the config loader refuses credentials in URLs)."""
     if "://" in message:
-        from cbctl.core.model.config import redact_url
+        from cbctl.core.model.redaction import redact_url
 
         message = redact_url(message)
     print(message, file=sys.stderr, flush=True)

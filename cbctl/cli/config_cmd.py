@@ -17,7 +17,7 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 
     The file is validated as it is loaded (a credential inside a URL is refused there, exit 2);
     URL userinfo is redacted here as well, as a second line of defence."""
-    from cbctl.core.model.config import redacted
+    from cbctl.core.model.redaction import redacted
 
     st = state(ctx)
     fmt = output_format(ctx, output)
@@ -39,7 +39,7 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 @app.command("get-contexts")
 def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
     """List contexts; the current one is marked. URL userinfo is never shown."""
-    from cbctl.core.model.config import redact_url
+    from cbctl.core.model.redaction import redact_url
 
     st = state(ctx)
     fmt = output_format(ctx, output)

@@ -10,13 +10,12 @@ import pytest
 from cbctl.core.model.config import (
     Secret,
     SecretRef,
-    check_private_file,
     lane_names,
     load_config,
     parse_context,
-    redacted,
 )
 from cbctl.core.model.errors import ConfigError
+from cbctl.core.model.redaction import check_private_file, redacted
 
 SECRET = "hunter2-do-not-print"
 

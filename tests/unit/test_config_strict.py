@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.model.config import load_config, redact_url, redacted
+from cbctl.core.model.config import load_config
+from cbctl.core.model.redaction import redact_url, redacted
 from cbctl.core.model.errors import ConfigError
 from tests.helpers import cbctl_run
 

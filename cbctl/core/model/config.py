@@ -1,33 +1,9 @@
-"""Contexts file: ``~/.config/cbctl/config.toml`` (``CBCTL_CONFIG`` overrides the path).
+"""The contexts file (``~/.config/cbctl/config.toml``; ``CBCTL_CONFIG`` overrides the path).
 
-The file format is a contract (see the README):
-
-.. code-block:: toml
-
-    current-context = "sandbox"
-    [contexts.sandbox]
-    cluster = "sandbox"                  # key prefix in the store: /cbctl/<cluster>/
-    lanes = ["lane-00", "lane-01"]       # or: lane-count = 16 -> lane-00 .. lane-15
-    [contexts.sandbox.coordination]
-    backend = "etcd"                     # or "consul"
-    endpoints = ["http://127.0.0.1:2379"]
-    [contexts.sandbox.nats]
-    servers = ["nats://127.0.0.1:4222"]
-    [contexts.sandbox.redis]
-    url = "redis://127.0.0.1:6379/0"
-    [contexts.sandbox.prometheus]
-    url = "http://127.0.0.1:9090"
-
-Secrets are only ever named by reference — ``*-env`` (an environment variable's name) or
-``*-file`` (a path) — and resolved at the moment of use into a :class:`Secret`, whose ``repr``
-and ``str`` never show the value.  A literal ``password = "..."`` is rejected, and so is a
-credential inside any URL anywhere in the file (``scheme://user:pass@host``): :func:`load_config`
-refuses it naming the key, never the value.
-
-Strict: every section's keys are known (:data:`SECTION_KEYS` for the free-form sections that
-later modules read through ``Context.extra``); an unknown key anywhere is refused at load with
-the file, the key and a "did you mean" suggestion.  Every context in the file is validated when
-the file is loaded, not only the one in use, so a mistake surfaces at once.
+Contract: the file format and its keys (README.md; docs/model.md, Config). Loading validates
+every context strictly (unknown keys refused with a "did you mean"), secrets are only named by
+reference (``*-env`` / ``*-file``) and resolved at use into a :class:`Secret` that never prints.
+Reads the file; no other I/O.
 """
 
 from __future__ import annotations
@@ -35,7 +11,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,11 +19,9 @@ from typing import Any
 
 from cbctl.core.model.errors import ConfigError
 from cbctl.core.model.gate_settings import gate_config
+from cbctl.core.model.redaction import LITERAL_SECRET_KEYS, refuse_url_credentials
 
 DEFAULT_CONFIG_PATH = Path("~/.config/cbctl/config.toml")
-
-# Keys that would carry a secret literally: refused, the reference forms are accepted instead.
-_LITERAL_SECRET_KEYS = {"password", "token", "secret", "key-password"}
 
 TOP_LEVEL_KEYS: frozenset[str] = frozenset({"current-context", "contexts"})
 
@@ -69,14 +42,6 @@ _SECTION_DURATIONS: Mapping[str, tuple[str, ...]] = {
     "agent": ("probe-interval",),
     "exit-criteria": ("window",),
 }
-
-# ``scheme://userinfo@host``: the userinfo part, wherever it appears in a string.  Greedy up to
-# the LAST ``@`` of the URL: passwords carry ``/``, ``?``, ``#`` and ``@`` in practice (base64),
-# and stopping at the first of them would let the rest of the secret through.  A path that holds
-# an ``@`` is refused/redacted too: the safe side.  Quotes and whitespace end a URL (printed
-# JSON and tables).
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s\"'<>]*)@")
-
 
 class Secret:
     """A resolved secret. Never printed: ``str``/``repr`` are redacted; use :meth:`reveal`."""
@@ -303,7 +268,7 @@ def validate_config(raw: Mapping[str, Any], path: str | os.PathLike[str]) -> Non
     """Refuse a contexts file that is wrong anywhere (``ConfigError``, exit 2), naming the file
     and the key: a credential inside any URL (never echoing the value), an unknown key with a
     "did you mean", a bad value in any context — whichever context is in use."""
-    _refuse_url_credentials(raw, str(path))
+    refuse_url_credentials(raw, str(path))
     _check_unknown(raw, set(TOP_LEVEL_KEYS), f"{path}")
     contexts = raw.get("contexts", {})
     if not isinstance(contexts, dict):
@@ -313,24 +278,6 @@ def validate_config(raw: Mapping[str, Any], path: str | os.PathLike[str]) -> Non
         raise ConfigError(f"{path}: current-context: expected a context name, got a {type(current).__name__}")
     for name, table in contexts.items():
         parse_context(name, table, where=f"{path}: contexts.{name}")
-
-
-def _refuse_url_credentials(value: Any, where: str, key: str = "") -> None:
-    """Walk every string in the file: ``scheme://user[:pass]@`` anywhere is refused."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _refuse_url_credentials(v, where, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _refuse_url_credentials(v, where, f"{key}[{i}]")
-    elif isinstance(value, str) and _URL_USERINFO.search(value):
-        raise ConfigError(f"{where}: {key}: credentials inside a URL are not accepted (the value is not shown); "
-                          "use the *-env or *-file settings")
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the userinfo of every URL in it replaced: ``http://<redacted>@host``."""
-    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}<redacted>@", text)
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -417,7 +364,7 @@ def did_you_mean(word: str, choices: Any) -> str:
 
 def _check_unknown(table: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
     for key in table:
-        if key in _LITERAL_SECRET_KEYS:
+        if key in LITERAL_SECRET_KEYS:
             continue  # reported by _secret_ref with a better message
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; "
@@ -599,49 +546,10 @@ def _check_gates(context: Context, where: str) -> None:
         raise ConfigError(f"{prefix}: {message}" if prefix else message) from None
 
 
-def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a raw config table safe to print.
-
-    The file holds only references, but a reference that is a file path into a secrets
-    directory is still shown (it is not the secret); any key that looks like a literal secret
-    is replaced, so a hand-edited file cannot leak through ``config view``.
-    """
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, Mapping):
-            out[key] = redacted(value)
-        elif key in _LITERAL_SECRET_KEYS or key.endswith(("-password", "-token", "-secret")):
-            out[key] = "<redacted>"
-        else:
-            out[key] = _redact_value(value)
-    return out
-
-
-def _redact_value(value: Any) -> Any:
-    """Second line of defence behind :func:`validate_config`: URL userinfo never printed."""
-    if isinstance(value, str):
-        return redact_url(value)
-    if isinstance(value, list):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, Mapping):
-        return redacted(value)
-    return value
-
-
-def check_private_file(path: str) -> str | None:
-    """None if ``path`` is readable only by its owner, else a reason (used for creds files)."""
-    try:
-        mode = Path(path).expanduser().stat().st_mode
-    except OSError as exc:
-        return f"{path}: {exc.strerror}"
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path}: mode {stat.S_IMODE(mode):04o} is readable by group/others (want 0600)"
-    return None
-
 
 
 __all__ = [
     "ConfigFile", "Context", "CoordinationConfig", "NatsConfig", "RedisConfig", "PrometheusConfig", "Secret",
-    "SECTION_KEYS", "SecretRef", "StreamConfig", "TLSConfig", "check_private_file", "config_path", "did_you_mean",
-    "lane_names", "load_config", "parse_context", "redact_url", "redacted", "validate_config",
+    "SECTION_KEYS", "SecretRef", "StreamConfig", "TLSConfig", "config_path", "did_you_mean",
+    "lane_names", "load_config", "parse_context", "validate_config",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cbctl.core.model import keys
-from cbctl.core.model.config import check_private_file
+from cbctl.core.model.redaction import check_private_file
 from cbctl.core.model.errors import BadInput
 from cbctl.core.operator.preflight_report import CheckResult, PreflightOptions, Status, StoreSnapshot, row
 
