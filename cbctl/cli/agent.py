@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, run, state
+
+if TYPE_CHECKING:
+    from cbctl.core.agent.hooks import TaskHandler
 
 app = new_app("Run the node agent, or enqueue a demo workload for agents to process.")
 
@@ -16,6 +19,9 @@ app = new_app("Run the node agent, or enqueue a demo workload for agents to proc
 def run_agent(
     ctx: typer.Context,
     node_id: Annotated[str, typer.Option("--node-id", help="This node's id (unique in the cluster).")],
+    handler: Annotated[
+        str | None, typer.Option("--handler", help="Task handler: 'demo' (the demo lifecycle workload). Required.")
+    ] = None,
     http_port: Annotated[int, typer.Option("--http-port", help="Port of /metrics /healthz /readyz; 0 = a free port.")] = 0,
     http_host: Annotated[str, typer.Option("--http-host", help="Address the HTTP server binds to.")] = "127.0.0.1",
     advertise_host: Annotated[
@@ -38,7 +44,12 @@ def run_agent(
     """Run a node agent until SIGTERM/SIGINT: register, apply flags live, own lanes, process tasks,
     publish lifecycle events (outbox in the state dir while NATS is down) and stream them (SSE).
 
-    Exit codes: 0 after a graceful stop (lease revoked, lanes freed); 2 bad settings; 3 the node
+    The agent runs the task handler named by --handler; the only built-in one is 'demo' (what
+    `cbctl agent load` enqueues).  A service runs its own handler through the Python API:
+    NodeAgent(context, node_id, handler=...).
+
+    Exit codes: 0 after a graceful stop (lease revoked, lanes freed); 2 bad settings (also no
+    --handler); 3 the node
     id is held by another live instance; 4 a backend is unreachable at start, or NATS refused
     the credentials (an unreachable NATS is not fatal: the agent starts degraded).
     """
@@ -50,6 +61,7 @@ def run_agent(
     from cbctl.core.agent.node import NodeAgent
     from cbctl.core.model.errors import BadInput
 
+    task_handler = _handler(handler)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         err(f"cbctl: error: --log-level {log_level!r}: use debug, info, warning or error")
@@ -62,7 +74,7 @@ def run_agent(
         if not 0 <= http_port <= 65535:
             raise BadInput(f"--http-port {http_port}: must be 0..65535")
         agent = NodeAgent(
-            c, node_id, http_host=http_host, http_port=http_port, advertise_host=advertise_host,
+            c, node_id, handler=task_handler, http_host=http_host, http_port=http_port, advertise_host=advertise_host,
             state_dir=state_dir, lease_ttl=lease_ttl, keepalive_interval=keepalive,  # validated by NodeAgent
         )
         if not no_bus:
@@ -86,6 +98,26 @@ def run_agent(
         await agent.run()
 
     run(body)
+
+
+HANDLERS = ("demo",)
+"""What ``--handler`` accepts."""
+
+
+def _handler(name: str | None) -> TaskHandler:
+    """The task handler ``--handler`` names; exit 2 with what to plug in when none or unknown."""
+    if name == "demo":
+        from cbctl.core.agent.workload import lifecycle_handler
+
+        return lifecycle_handler
+    if name is None:
+        err("cbctl: error: agent run needs a task handler: pass --handler demo to run the demo lifecycle "
+            "workload, or run your service's own handler with the Python API: "
+            "NodeAgent(context, node_id, handler=...) (cbctl.core.agent.node)")
+    else:
+        err(f"cbctl: error: --handler {name!r}: use one of {', '.join(HANDLERS)}, or run your own handler "
+            "with the Python API: NodeAgent(context, node_id, handler=...) (cbctl.core.agent.node)")
+    raise typer.Exit(2)
 
 
 def _exit_watchdog(after: float) -> None:
@@ -130,7 +162,7 @@ def load(
 
     async def body() -> dict[str, Any]:
         from cbctl.core.agent.node import redis_client_for
-        from cbctl.core.backends.redis.lanes import LaneQueue
+        from cbctl.core.backends.redis.queue import LaneQueue
         from cbctl.core.agent.workload import generate
 
         if workflows < 0 or tasks_per_workflow < 1 or rate < 0 or not 0 <= fail_rate <= 1:

@@ -30,7 +30,8 @@ from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import BadInput
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.ownership import read_lanes
 from cbctl.core.agent.registration import read_refusals
 from cbctl.core.agent.workload import WorkloadReport, generate
@@ -92,7 +93,7 @@ class AgentProcess:
                  extra_args: Sequence[str] = (), netns: str | None = None) -> None:
         self.node_id = node_id
         self.log_path = log_dir / f"agent-{node_id}-{time.monotonic_ns()}.log"
-        argv = [CBCTL, "agent", "run", "--node-id", node_id, "--state-dir", str(state_dir), *extra_args]
+        argv = [CBCTL, "agent", "run", "--handler", "demo", "--node-id", node_id, "--state-dir", str(state_dir), *extra_args]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         env = {**os.environ, "CBCTL_CONFIG": str(config), "NO_COLOR": "1"}
@@ -310,7 +311,7 @@ def test_duplicate_node_id_refused(config_path: Path, ctx: Context, tmp_path: Pa
 
         rec = asyncio.run(holder_record())
         second = subprocess.run(
-            [CBCTL, "agent", "run", "--node-id", "dup", "--state-dir", str(tmp_path / "state-b")],
+            [CBCTL, "agent", "run", "--handler", "demo", "--node-id", "dup", "--state-dir", str(tmp_path / "state-b")],
             env={**os.environ, "CBCTL_CONFIG": str(config_path)}, capture_output=True, text=True, timeout=30,
         )
         assert second.returncode == 3, second.stderr
@@ -362,9 +363,24 @@ async def test_unstable_node_id_recorded(agents: Any, coord: Coordinator, ctx: C
 def test_keepalive_times_three_above_ttl_is_refused(config_path: Path, ctx: Context, tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="keep-alive"):
         NodeAgent(ctx, "n", lease_ttl=2, keepalive_interval=1)
-    res = cbctl_proc(config_path, "agent", "run", "--node-id", "n", "--lease-ttl", "2", "--keepalive", "1",
-                     "--state-dir", str(tmp_path / "s"), timeout=20)
+    res = cbctl_proc(config_path, "agent", "run", "--handler", "demo", "--node-id", "n", "--lease-ttl", "2",
+                     "--keepalive", "1", "--state-dir", str(tmp_path / "s"), timeout=20)
     assert res.exit_code == 2 and "keep-alive" in res.stderr, res.stderr
+
+
+async def test_agent_run_without_handler_says_what_to_plug_in(config_path: Path, coord: Coordinator, ctx: Context,
+                                                              tmp_path: Path) -> None:
+    """The demo handler is not a default: without --handler (or with an unknown one) the agent
+    exits 2 before touching anything, naming the option and the Python API."""
+    for extra in ((), ("--handler", "nope")):
+        res = await asyncio.to_thread(cbctl_proc, config_path, "agent", "run", *extra, "--node-id", "n",
+                                      "--state-dir", str(tmp_path / "s"), timeout=20)
+        assert res.exit_code == 2, (extra, res.stderr)
+        assert "--handler demo" in res.stderr or "use one of demo" in res.stderr, res.stderr
+        assert "NodeAgent(context, node_id, handler=...)" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert await read_record(coord, ctx.cluster, "n") is None, "no record: the refusal came before registering"
+    assert not (tmp_path / "s").exists(), "no state dir written"
 
 
 # -- flags -------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from cbctl.core.operator.preflight_nodes import check_node_ids, check_nodes, rea
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.criteria import criterion_ownership
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.registration import MACHINE_ID_FILE, clear_conflicts, read_refusals
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
@@ -83,7 +84,7 @@ async def test_duplicate_refused_first_live_node_unchanged_under_load(
         env.pop("CBCTL_CONTEXT", None)
         dup = await asyncio.to_thread(
             subprocess.run,
-            [CBCTL, "agent", "run", "--node-id", "node-1", "--state-dir", str(dup_state), "--log-level", "debug"],
+            [CBCTL, "agent", "run", "--handler", "demo", "--node-id", "node-1", "--state-dir", str(dup_state), "--log-level", "debug"],
             env=env, capture_output=True, text=True, timeout=60,
         )
         refused_in = time.monotonic() - started

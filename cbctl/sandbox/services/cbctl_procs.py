@@ -108,7 +108,7 @@ class AgentProcess(CbctlProcess):
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
     def command(self) -> list[str]:
-        argv = self.cbctl_argv("agent", "run",
+        argv = self.cbctl_argv("agent", "run", "--handler", "demo",
                                "--node-id", self.name, "--http-port", str(self.port), "--state-dir", str(self.state_dir))
         if self.lease_ttl is not None:
             argv += ["--lease-ttl", f"{self.lease_ttl:g}"]
