@@ -36,7 +36,7 @@ from cbctl.core.model.config import load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.model.events import parse_time
-from cbctl.core.backends.redis.lanes import LaneQueue
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.registration import read_nodes
 
 try:

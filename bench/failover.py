@@ -30,7 +30,8 @@ from cbctl.core.agent.node import redis_client_for
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue, lane_for
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.agent.ownership import read_lanes
 from cbctl.sandbox import EtcdServer, RedisServer
 

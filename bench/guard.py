@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redis.asyncio import Redis  # noqa: E402
 
-from cbctl.core.backends.redis.lanes import ApplyRequest, LaneGuard, lane_for, redis_client  # noqa: E402
+from cbctl.core.backends.redis.client import redis_client  # noqa: E402
+from cbctl.core.backends.redis.guard import ApplyRequest, LaneGuard  # noqa: E402
+from cbctl.core.backends.redis.queue import lane_for  # noqa: E402
 from cbctl.core.model.metrics import AgentMetrics  # noqa: E402
 from cbctl.sandbox import RedisServer  # noqa: E402
 

@@ -27,7 +27,9 @@ from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneKeys, LaneQueue, lane_for
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.keys import LaneKeys
+from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.agent.ownership import read_lanes
 from cbctl.core.agent.workload import WorkloadReport, workflow_transitions
 from cbctl.sandbox import EtcdServer, RedisServer

@@ -23,7 +23,8 @@ import pytest
 from cbctl.core.model.config import load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import write_config

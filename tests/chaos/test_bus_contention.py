@@ -37,7 +37,8 @@ from cbctl.core.model.events import Event
 from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord.base import Coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import AgentProcess, advance, all_processed, http_get, metric_value, wait_record

@@ -25,7 +25,8 @@ from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.model.config import Context, default_stream_name, load_config
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import msg_id
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import CBCTL

@@ -25,7 +25,8 @@ from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import subject
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.operator.sse_client import SseParser
 from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox import NatsServer, async_wait_until

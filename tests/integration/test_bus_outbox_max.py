@@ -16,7 +16,8 @@ from cbctl.core.agent.bus.outbox import DEFAULT_MAX_DEPTH
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import ConfigError
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed

@@ -34,7 +34,8 @@ from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import Event, encode_event, msg_id, subject
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until

@@ -15,7 +15,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
-from cbctl.core.backends.redis.lanes import ApplyRequest, LaneGuard, LaneKeys, LaneQueue, lane_for, redis_client
+from cbctl.core.backends.redis.client import redis_client
+from cbctl.core.backends.redis.guard import ApplyRequest, LaneGuard
+from cbctl.core.backends.redis.keys import LaneKeys
+from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox.waiting import wait_until
 
@@ -91,7 +94,7 @@ async def test_guard_decision_per_mode(
     assert await guard.raise_fence(lane, 10) == 10
     before = decisions(metrics)
     if decision == "deny":
-        with caplog.at_level("WARNING", logger="cbctl.core.backends.redis.lanes"):
+        with caplog.at_level("WARNING", logger="cbctl.core.backends.redis.guard"):
             with pytest.raises(StaleFencingToken) as exc:
                 await guard.apply(lane, token, mode, "wf-1", "task-1", {"state": "running"})
         assert (exc.value.lane, exc.value.token, exc.value.current_token) == (lane, 9, 10)

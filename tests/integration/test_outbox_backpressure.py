@@ -12,7 +12,8 @@ import pytest
 
 from cbctl.core.model.config import Context
 from cbctl.core.backends.coord.base import Coordinator
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.integration.test_agent import all_processed

@@ -1,4 +1,4 @@
-"""Pure logic of cbctl.core.backends.redis.lanes: lane hashing, mode resolution, key layout, validation.
+"""Pure logic of cbctl.core.backends.redis (queue, guard, keys): lane hashing, mode resolution, key layout, validation.
 
 Nothing here talks to Redis: validation happens before any I/O, so a client pointed at a
 closed port is enough to construct the guard.
@@ -18,16 +18,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from cbctl.core.model.errors import BackendUnavailable
-from cbctl.core.backends.redis.lanes import (
-    GUARD_LUA,
-    RESERVED_FIELDS,
-    GuardResult,
-    LaneGuard,
-    LaneKeys,
-    LaneQueue,
-    lane_for,
-    resolve_mode,
-)
+from cbctl.core.backends.redis.guard import GUARD_LUA, RESERVED_FIELDS, GuardResult, LaneGuard, resolve_mode
+from cbctl.core.backends.redis.keys import LaneKeys
+from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 
 LANES16 = [f"lane-{i:02d}" for i in range(16)]
 
@@ -49,7 +42,7 @@ def test_lane_for_known_values() -> None:
 
 
 def test_lane_for_is_stable_across_processes_with_different_hash_seeds() -> None:
-    code = "from cbctl.core.backends.redis.lanes import lane_for; print(','.join(lane_for(f'wf-{i}', [f'l{j}' for j in range(7)]) for i in range(50)))"
+    code = "from cbctl.core.backends.redis.queue import lane_for; print(','.join(lane_for(f'wf-{i}', [f'l{j}' for j in range(7)]) for i in range(50)))"
     outputs = set()
     for seed in ("1", "2", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cbctl.core.backends.redis.lanes import Task
+from cbctl.core.backends.redis.queue import Task
 
 __all__ = ["AppliedHook", "AppliedUpdate", "FlagsListener", "TaskHandler"]
 

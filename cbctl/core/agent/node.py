@@ -81,7 +81,8 @@ from cbctl.core.agent.tasks import cancel_all
 from cbctl.core.agent.worker import LaneRun, LaneWorkers
 from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.backends.coord.base import Coordinator, Lease
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BadInput, CbctlError
@@ -577,7 +578,7 @@ def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
 
     The socket timeout must outlast a blocking XREADGROUP of ``block_ms``.
     """
-    from cbctl.core.backends.redis.lanes import redis_client
+    from cbctl.core.backends.redis.client import redis_client
 
     secret = ctx.redis.password.resolve() if ctx.redis.password else None
     return redis_client(

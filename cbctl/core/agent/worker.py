@@ -17,7 +17,8 @@ from typing import Any
 
 from cbctl.core.agent.hooks import AppliedHook, AppliedUpdate, TaskHandler
 from cbctl.core.agent.ownership import LaneClaim
-from cbctl.core.backends.redis.lanes import LaneGuard, LaneQueue, Task
+from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.queue import LaneQueue, Task
 from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
 from cbctl.core.model.metrics import AgentMetrics
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbctl.core.backends.redis.lanes import LaneQueue, Task
+from cbctl.core.backends.redis.queue import LaneQueue, Task
 
 __all__ = ["LIFECYCLE_STATES", "WorkloadReport", "workflow_transitions", "generate", "lifecycle_handler"]
 

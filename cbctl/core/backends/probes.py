@@ -43,7 +43,7 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 NTP_TIMEOUT = 1.0
 
 __all__ = [
-    "DEFAULT_PROBE_INTERVAL", "measure_clock", "measure_clock_async", "open_redis", "parse_ntp_server",
+    "DEFAULT_PROBE_INTERVAL", "measure_clock", "measure_clock_async", "parse_ntp_server",
     "probe_all", "probe_loop", "probe_etcd", "probe_interval", "probe_nats", "probe_redis", "stale_after",
 ]
 
@@ -165,40 +165,9 @@ def nats_version(client: NatsClient) -> str:
 # -- Redis -----------------------------------------------------------------------------------
 
 
-def open_redis(cfg: RedisConfig, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> Redis:
-    """A ``redis.asyncio.Redis`` for ``cfg`` (password resolved now; no retries: a probe must
-    see the failure, not wait through it)."""
-    from redis.asyncio import Redis
-
-    secret = cfg.password.resolve() if cfg.password else None
-    return Redis.from_url(
-        cfg.url,
-        password=secret.reveal() if secret is not None else None,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry_on_timeout=False,
-    )
-
-
-async def redis_call(what: str, op: Awaitable[Any]) -> Any:
-    """Await a redis-py call, converting its errors (``AuthFailed`` / ``BackendUnavailable``)."""
-    from redis import exceptions as rexc
-
-    try:
-        return await op
-    except (rexc.AuthenticationError, rexc.AuthorizationError, rexc.NoPermissionError) as exc:
-        raise AuthFailed(f"redis refused {what}: {exc}", backend="redis") from None
-    except rexc.ResponseError as exc:
-        text = str(exc)
-        if text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            raise AuthFailed(f"redis refused {what}: {text}", backend="redis") from None
-        raise BackendUnavailable(f"redis {what}: {text}", backend="redis") from None
-    except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"redis {what}: {type(exc).__name__}: {exc}", backend="redis") from None
-
-
 async def probe_redis(cfg: RedisConfig, client: Redis | None = None, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> dict[str, Any]:
     """PING, on ``client`` if given (the agent's), else on a new connection."""
+    from cbctl.core.backends.redis.client import open_redis, redis_call
 
     async def body() -> str:
         own = client if client is not None else open_redis(cfg, timeout=timeout)

@@ -201,8 +201,8 @@ async def _publish_probe(js: Any, version: int, async_errors: list[Exception], t
 
 async def check_redis(ctx: Context, timeout: float) -> list[CheckResult]:
     """PING, server version, and that the fencing guard script loads (scripting allowed)."""
-    from cbctl.core.backends.redis.lanes import GUARD_LUA
-    from cbctl.core.backends.probes import open_redis, redis_call
+    from cbctl.core.backends.redis.guard import GUARD_LUA
+    from cbctl.core.backends.redis.client import open_redis, redis_call
 
     target = ctx.redis.url
     try:

@@ -102,7 +102,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
 
     from cbctl.core.model.config import Context
-    from cbctl.core.backends.redis.lanes import LaneGuard
+    from cbctl.core.backends.redis.guard import LaneGuard
 
     from cbctl.core.agent.hooks import AppliedUpdate
     from cbctl.core.agent.node import NodeAgent
