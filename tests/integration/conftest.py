@@ -39,6 +39,8 @@ class StackOptions:
     nats: Literal["none", "own", "shared"] = "none"
     ttl: float = 3.0
     keepalive: float = 0.5
+    #: ``[nats] connect-timeout`` (None: the config default); 1 s makes a dead server show fast
+    nats_connect_timeout: float | None = 1.0
     #: extra context keys, merged into the tables write_config makes
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -59,9 +61,14 @@ def config_path(request: pytest.FixtureRequest, tmp_path: Path, unique_cluster: 
     if opts.nats != "none":
         # Looked up only when asked for: a stack without NATS starts no nats-server.
         nats_url = request.getfixturevalue("nats" if opts.nats == "own" else "shared_nats").url
-        nats_table = {"nats": {"connect-timeout": 1.0}}
-    extra = {"coordination": {"lease-ttl": opts.ttl, "keepalive-interval": opts.keepalive, "timeout": 2.0},
-             **nats_table, **opts.extra}
+        if opts.nats_connect_timeout is not None:
+            nats_table = {"nats": {"connect-timeout": opts.nats_connect_timeout}}
+    extra: dict[str, Any] = {
+        "coordination": {"lease-ttl": opts.ttl, "keepalive-interval": opts.keepalive, "timeout": 2.0},
+        **nats_table,
+    }
+    for key, value in opts.extra.items():  # one level deep: extra tables add to ours
+        extra[key] = {**extra[key], **value} if isinstance(value, dict) and key in extra else value
     return write_config(tmp_path / "cbctl.toml", cluster=unique_cluster, etcd=shared_etcd.client_url,
                         redis=shared_redis.url, nats=nats_url, lane_count=opts.lane_count, extra=extra)
 
