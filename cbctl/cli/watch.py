@@ -94,7 +94,7 @@ def watch(
     fmt = output_format(ctx, output)
 
     async def body() -> int:
-        from cbctl.core.operator.gates import gate_config
+        from cbctl.core.model.gate_settings import gate_config
         from cbctl.core.operator.watch import watch_snapshot
         from cbctl.core.backends.prometheus import PromClient
         from cbctl.core.model.stages import STAGES

@@ -19,7 +19,7 @@ from cbctl.core.model import keys
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.gate_eval import evaluate_rules
-from cbctl.core.operator.gates import gate_config
+from cbctl.core.model.gate_settings import gate_config
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox import free_port

@@ -25,7 +25,7 @@ import tomli_w
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.gate_eval import evaluate_rules
-from cbctl.core.operator.gates import gate_config
+from cbctl.core.model.gate_settings import gate_config
 from cbctl.core.operator.instant import evaluation_instant, stage_entry
 from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox.waiting import async_wait_until

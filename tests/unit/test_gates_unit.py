@@ -11,7 +11,7 @@ from cbctl.core.operator.preflight_report import PreflightOptions, StoreSnapshot
 from cbctl.core.model.config import parse_context
 from cbctl.core.backends.coord.base import KV
 from cbctl.core.model.errors import BadInput, ConfigError
-from cbctl.core.operator.gates import RULES, STAGE_GATES, gate_config
+from cbctl.core.model.gate_settings import RULES, STAGE_GATES, gate_config
 from cbctl.core.backends.prometheus import format_duration, parse_duration
 
 pytestmark = pytest.mark.timeout(10)

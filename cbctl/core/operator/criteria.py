@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from cbctl.core.model import metric_names as mn
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.labels import CLUSTER_LABEL
 from cbctl.core.backends.prometheus import PromClient, Target, format_duration, parse_duration, scope_selectors
@@ -110,8 +111,8 @@ async def _value(prom: PromClient, expr: str, at: float) -> float | None:
 
 async def criterion_no_degraded(ctx: Context, prom: PromClient, window: float, at: float) -> Criterion:
     w = format_duration(window)
-    degraded_q = _scoped(ctx.cluster, f"max(max_over_time(event_bus_degraded[{w}]))")
-    count_q = _scoped(ctx.cluster, f"count_over_time(event_bus_degraded[{w}])")
+    degraded_q = _scoped(ctx.cluster, f"max(max_over_time({mn.M_EVENT_BUS_DEGRADED}[{w}]))")
+    count_q = _scoped(ctx.cluster, f"count_over_time({mn.M_EVENT_BUS_DEGRADED}[{w}])")
     degraded, counts, targets = await asyncio.gather(
         _value(prom, degraded_q, at), prom.query(count_q, at=at), prom.targets()
     )
@@ -134,7 +135,7 @@ async def criterion_no_degraded(ctx: Context, prom: PromClient, window: float, a
     if missing:
         evidence["missing_nodes"] = missing
     if not counts or degraded is None:
-        evidence["reason"] = f"insufficient data: no event_bus_degraded series in the last {w}"
+        evidence["reason"] = f"insufficient data: no {mn.M_EVENT_BUS_DEGRADED} series in the last {w}"
         return Criterion("no-degraded", "no-data", evidence)
     if degraded > 0:
         evidence["reason"] = "a node was in degraded mode within the window"
@@ -156,7 +157,7 @@ async def criterion_ownership(ctx: Context, coord: Coordinator, prom: PromClient
     from cbctl.core.model import keys
 
     w = format_duration(window)
-    q = _scoped(ctx.cluster, f"sum(increase(redis_lane_stale_fencing_total[{w}]))")
+    q = _scoped(ctx.cluster, f"sum(increase({mn.M_REDIS_LANE_STALE_FENCING_TOTAL}[{w}]))")
     conflicts = await coord.list(keys.conflicts_prefix(ctx.cluster))
     names = [kv.key[len(keys.conflicts_prefix(ctx.cluster)):] for kv in conflicts]
     evidence: dict[str, Any] = {"unresolved_conflicts": names, "query": q}
@@ -177,7 +178,7 @@ async def criterion_ownership(ctx: Context, coord: Coordinator, prom: PromClient
     if names:
         reasons.append(f"{len(names)} unresolved conflict record(s)")
     if stale is None:
-        reasons.append(f"insufficient data: no redis_lane_stale_fencing_total in the last {w}")
+        reasons.append(f"insufficient data: no {mn.M_REDIS_LANE_STALE_FENCING_TOTAL} in the last {w}")
     elif stale > 0:
         reasons.append(f"{stale:g} stale-fencing attempts in the last {w}")
     evidence["reason"] = "; ".join(reasons) or f"no conflicts, no stale-fencing attempts in {w}"
@@ -186,8 +187,8 @@ async def criterion_ownership(ctx: Context, coord: Coordinator, prom: PromClient
 
 async def criterion_ordered_streaming(prom: PromClient, window: float, at: float, cluster: str | None = None) -> Criterion:
     w = format_duration(window)
-    vq = _scoped(cluster, f"sum(increase(event_bus_bridge_ordering_violations_total[{w}]))")
-    dq = _scoped(cluster, f'sum(increase(event_bus_bridge_delivered_total{{origin="remote"}}[{w}]))')
+    vq = _scoped(cluster, f"sum(increase({mn.M_EVENT_BUS_BRIDGE_ORDERING_VIOLATIONS_TOTAL}[{w}]))")
+    dq = _scoped(cluster, f'sum(increase({mn.M_EVENT_BUS_BRIDGE_DELIVERED_TOTAL}{{origin="{mn.ORIGIN_REMOTE}"}}[{w}]))')
     violations, remote = await asyncio.gather(_value(prom, vq, at), _value(prom, dq, at))
     evidence: dict[str, Any] = {"ordering_violations": violations, "remote_deliveries": remote,
                                 "queries": [vq, dq]}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cbctl.core.backends.prometheus import PromClient, format_duration, range_spans
 from cbctl.core.model import keys
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CheckFailed
-from cbctl.core.operator.gates import (
+from cbctl.core.model.gate_settings import (
     DEFAULT_SCRAPE_INTERVAL,
     OPS,
     GateConfig,

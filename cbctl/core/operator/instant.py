@@ -9,16 +9,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cbctl.core.backends.prometheus import PromClient, parse_duration, scope_selectors
+from cbctl.core.model import metric_names as mn
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.labels import CLUSTER_LABEL
-from cbctl.core.operator.gates import DEFAULT_SCRAPE_INTERVAL, configured_scrape_interval
+from cbctl.core.model.gate_settings import DEFAULT_SCRAPE_INTERVAL, configured_scrape_interval
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
     from cbctl.core.model.config import Context
 
 #: Every agent exports this gauge in every scrape; its sample timestamps are the scrapes'.
-SCRAPE_MARKER = "cbctl_agent_info"
+SCRAPE_MARKER = mn.M_CBCTL_AGENT_INFO
 #: A settled instant is never older than this many scrape intervals (a target whose scrapes
 #: stall without failing must not freeze every verdict in the past).
 MAX_SETTLE_INTERVALS = 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from cbctl.core.model import metric_names as mn
 from cbctl.core.model.errors import BadInput
 
 if TYPE_CHECKING:
@@ -21,10 +22,10 @@ CHECK_NAMES: tuple[str, ...] = (
 
 #: Metrics the gates and exit criteria read; each must have at least one series in Prometheus.
 REQUIRED_METRICS: tuple[str, ...] = (
-    "event_bus_publish_total", "event_bus_degraded", "event_bus_outages_total",
-    "redis_lane_ownership_decision_total", "event_bus_publish_retries_total", "redis_lane_stale_fencing_total",
-    "event_bus_outbox_depth", "event_bus_bridge_ordering_violations_total", "event_bus_consumer_dedup_mismatch_total",
-    "cluster_rollout_applied_revision", "cluster_lease_lost_total",
+    mn.M_EVENT_BUS_PUBLISH_TOTAL, mn.M_EVENT_BUS_DEGRADED, mn.M_EVENT_BUS_OUTAGES_TOTAL,
+    mn.M_REDIS_LANE_OWNERSHIP_DECISION_TOTAL, mn.M_EVENT_BUS_PUBLISH_RETRIES_TOTAL, mn.M_REDIS_LANE_STALE_FENCING_TOTAL,
+    mn.M_EVENT_BUS_OUTBOX_DEPTH, mn.M_EVENT_BUS_BRIDGE_ORDERING_VIOLATIONS_TOTAL,
+    mn.M_EVENT_BUS_CONSUMER_DEDUP_MISMATCH_TOTAL, mn.M_CLUSTER_ROLLOUT_APPLIED_REVISION, mn.M_CLUSTER_LEASE_LOST_TOTAL,
 )
 
 

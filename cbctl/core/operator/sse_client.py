@@ -1,13 +1,11 @@
-"""Server-Sent Events: a minimal parser, and a subscriber of a node agent's event stream.
+"""Server-Sent Events: :func:`subscribe_events`, the client behind ``cbctl events tail``
+(connect, parse with httpx-sse, resume, reconnect), and :class:`SseParser`, a minimal line parser
+kept for the tests and benches that read an agent's stream line by line.
 
-:class:`SseParser` handles the subset the agent's event streams use, stdlib only.  Fields:
-``id``, ``event``, ``data`` (several ``data`` lines join with newlines); comment lines (``:``)
-are reported as comments so a reader can tell a live-but-idle stream from a dead one.
-Contract: feed lines without their line ending, in order; a blank line dispatches the message
-collected so far.
-
-:func:`subscribe_events` is the client behind ``cbctl events tail`` (connect, parse, resume,
-reconnect); it imports httpx only when called, so importing this module stays light.
+:class:`SseParser` contract: feed lines without their line ending, in order; a blank line
+dispatches the message collected so far; comment lines (``:``) come back as comments so a reader
+can tell a live-but-idle stream from a dead one. httpx and httpx-sse are imported only when
+:func:`subscribe_events` is called, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -63,9 +61,6 @@ class SseParser:
             self._data.append(value)
         return None
 
-
-# ---------------------------------------------------------------------------------------------
-# A subscriber of a node agent's event stream, with the reconnect policy of `cbctl events tail`.
 
 RETRY_SECONDS = 1.0
 """Pause between two attempts while refused, after the node ended the stream, or after a break."""
@@ -135,6 +130,9 @@ async def subscribe_events(
     import asyncio
 
     import httpx  # here, not at module level: the parser above stays stdlib-only and light
+    from httpx_sse import EventSource
+
+    from cbctl.core.backends.retry import Backoff, BackoffPolicy
 
     if after is not None and workflow is None:
         raise BadInput("after needs a workflow (seqs are per workflow)")
@@ -150,12 +148,16 @@ async def subscribe_events(
         live = [t for t in (deadline, *ends) if t is not None]
         return None if not live else max(0.0, min(live) - loop.time())
 
+    # A constant pause (RETRY_SECONDS, read at call time) through the shared backoff helper.
+    backoff = Backoff(BackoffPolicy(initial=RETRY_SECONDS, cap=RETRY_SECONDS, multiplier=1.0))
+
     async def pause() -> bool:
         """Wait before the next attempt; False if ``duration`` runs out first."""
         t = remaining()
         if t is not None and t <= 0:
             return False
-        await asyncio.sleep(min(RETRY_SECONDS, t) if t is not None else RETRY_SECONDS)
+        delay = backoff.next_delay()
+        await asyncio.sleep(min(delay, t) if t is not None else delay)
         return True
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(connect_timeout, read=None), trust_env=False) as client:
@@ -180,23 +182,21 @@ async def subscribe_events(
                         continue
                     answered = True
                     refused_reason = None
-                    parser = SseParser()
-                    lines = resp.aiter_lines()
+                    backoff.reset()
+                    # httpx-sse parses the stream (comment lines, which keep it alive, are dropped).
+                    messages = EventSource(resp).aiter_sse()
                     idle_deadline = None if follow else loop.time() + idle
                     while True:
                         t = remaining(idle_deadline)
                         if t is not None and t <= 0:
                             return
                         try:
-                            line = await asyncio.wait_for(anext(lines), t)
+                            msg = await asyncio.wait_for(anext(messages), t)
                         except TimeoutError:
                             return  # idle (without follow) or duration elapsed
                         except StopAsyncIteration:
                             broke = "the node closed the connection without ending the stream"
                             break
-                        msg = parser.feed(line)
-                        if msg is None or msg.comment is not None:
-                            continue
                         if msg.event == "end":
                             reason = _end_reason(msg.data)
                             yield StreamNotice("ended", reason, reconnecting=follow)
@@ -210,7 +210,7 @@ async def subscribe_events(
                                                      backend="agent") from None
                         if workflow is not None and isinstance(ev.get("seq"), int):
                             last = ev["seq"]
-                        yield StreamEvent(ev, msg.id)
+                        yield StreamEvent(ev, msg.id or None)  # httpx-sse spells "no id" as ""
                         if not follow:
                             idle_deadline = loop.time() + idle
                     if broke is None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from cbctl.core.backends.prometheus import PromClient
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.operator.gate_eval import evaluate_rule
-from cbctl.core.operator.gates import GateConfig, Rule, gate_config
+from cbctl.core.model.gate_settings import GateConfig, Rule, gate_config
 from cbctl.core.operator.instant import Instant, evaluation_instant
 
 if TYPE_CHECKING:
