@@ -1,30 +1,10 @@
-"""Exit criteria of the rollout: when is it done?  Each criterion comes with its evidence.
+"""Exit criteria of the rollout (``cbctl exit-criteria``): ``no-degraded``, ``ownership``,
+``ordered-streaming`` and ``rollback-runbooks``, each with its evidence.
 
-=========================  ==========================================================================
-``no-degraded``            no node was in degraded mode at any time in the window
-                           (``max_over_time(event_bus_degraded[W])``), AND Prometheus holds data
-                           for the whole window on every node — else "insufficient data"
-``ownership``              no unresolved node-id conflict in the coordination store, and no
-                           stale-fencing execution attempt in the window
-                           (``increase(redis_lane_stale_fencing_total[W]) == 0``)
-``ordered-streaming``      no ordering violation in the window, and cross-node deliveries were
-                           observed (``event_bus_bridge_delivered_total{origin="remote"}`` grew)
-``rollback-runbooks``      rollback-coordination, rollback-event-bus and rollback-consumers each
-                           have a completed run record (``keys.runbooks_prefix``)
-=========================  ==========================================================================
-
-Every query selects the context's cluster (``cluster="<cluster>"`` is added to each selector)
-and is evaluated at the settled instant of ``cbctl.core.operator.instant`` (the last instant every live
-node has been scraped), so the same evidence gives the same verdict whenever it is asked for.
-
-Statuses: ``pass``, ``fail``, ``no-data``.  Missing evidence is ``no-data`` and never passes
-(fail closed): an exit criterion is a claim about the whole window, and silence is not proof.
-
-Coverage ("data for the whole window on every node"): for each scrape target exporting
-``event_bus_degraded`` (each node), the number of samples in the window must be at least
-``COVERAGE`` of ``window / scrape interval`` (the interval comes from Prometheus' targets API,
-else ``[gates] scrape-interval``, default 15 s); every ``expected-nodes`` entry must be one of
-those targets (matched on the target's ``node`` label, else its ``instance``).
+Contract: every query selects the context's cluster and is evaluated at the settled instant
+(:mod:`cbctl.core.operator.instant`); statuses are ``pass``, ``fail`` and ``no-data``, and missing
+evidence is ``no-data``, which never passes. What each criterion proves and the coverage rule:
+docs/operator.md (Exit criteria).
 """
 
 from __future__ import annotations

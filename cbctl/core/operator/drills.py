@@ -1,27 +1,19 @@
 """Rollback drills: which recorded runbook runs prove that a capability's rollback works.
 
-A run is a **drill** of capability C (``coordination``, ``event-bus``, ``consumers``) when all of
-these hold, read from the run records and the audit log of this cluster only:
+A run is a **drill** of capability C (``coordination``, ``event-bus``, ``consumers``) when, from
+this cluster's run records and audit log only:
 
-1. its runbook declares ``drill: C`` (the shipped ``runbooks/rollback-*.yaml`` do; a file merely
-   *named* ``rollback-consumers.yaml`` does not count);
-2. the runbook ran to its end: one ``completed`` run from step 1, or a chain of runs of the same
-   runbook file (same sha256) where each one was started with ``--from-step N --resumes RUN``
-   from a recorded stop (``failed``, ``aborted`` or ``interrupted``) of the one before, at or
-   before the step that one stopped at, back to a run that started at step 1.  A run of only
-   the last steps (``--from-step`` without a stopped run to continue) is recorded, but it is
-   not a drill;
-3. one of its steps wrote an audit entry (kind ``rollback``) that really changed C's flags the
-   way C's rollback does (``ownership.guard`` to ``off``; ``eventbus.bridge`` to ``off`` /
-   ``stream.source`` to ``local``; ``consumers.schema_version`` down to an older version), and
-   a later step wrote one that put every one of those flags back to its value before.
+1. its runbook declares ``drill: C`` (a file merely *named* ``rollback-consumers.yaml`` does not
+   count);
+2. the runbook ran to its end: one ``completed`` run from step 1, or a ``--resumes`` chain of runs
+   of the same runbook file (same sha256), each started at or before the step the one before
+   stopped at, back to a run from step 1;
+3. one of its steps wrote an audit entry (kind ``rollback``) that changed C's flags the way C's
+   rollback does, and a later step wrote one putting every one of those flags back.
 
-Steps are tied to audit entries through the store revisions recorded around each step
-(``StepOutcome.revisions``): an entry belongs to a step when its revision lies strictly between
-them.  The evidence names the run ids and the audit revisions with their flag diffs.
-
-Pure functions over plain records (:func:`judge_run`) plus one async reader
-(:func:`drill_verdicts`).  No printing.
+Steps are tied to audit entries through the store revisions recorded around each step (an entry
+belongs to a step when its revision lies strictly between them). Pure functions over plain
+records (:func:`judge_run`) plus async readers; no printing. More: docs/operator.md.
 """
 
 from __future__ import annotations
