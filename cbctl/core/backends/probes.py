@@ -1,25 +1,15 @@
-"""Node-side probes: what every agent runs on a short period and writes into its record.
+"""Node-side probes: what every agent measures on a short period and writes into its record.
 
-The agent calls :func:`probe_all` every :func:`probe_interval` seconds and stores the result in
-its registration record under ``probes``; it calls :func:`measure_clock` (blocking, run it in a
-thread: :func:`measure_clock_async`) and stores the result under ``clock``.  ``cbctl preflight``
-reads both back and judges them (``cbctl.core.operator.preflight``): this is how the operator learns what
-each node can reach *with its own credentials*, from where it runs.
-
-Shapes (the contract with ``checks``)::
+Shapes (the contract with preflight, ``cbctl.core.operator.preflight``)::
 
     probes = {"etcd":  {"ok": bool, "detail": str, "at": epoch_s, "ms": float | None},
               "nats":  {...}, "redis": {...}}
     clock  = {"offset_ms": float | None, "source": "host:port" | None, "at": epoch_s,
               "error": str | None, "delay_ms": float | None}
 
-``at`` is the node's own wall clock: preflight's staleness test is therefore off by the node's
-clock offset, which the clock check reports separately (and which is small against the
-staleness limit (:func:`stale_after`, at least ``3 × probe interval``) whenever the clock check passes).
-
-A probe never raises for an unreachable or refusing backend: it reports ``ok: false`` with the
-reason (``auth: ...`` for refused credentials, distinct from ``unreachable: ...``).  Every probe
-runs under its own deadline, concurrently with the others.
+``at`` is the node's own wall clock.  A probe never raises for an unreachable or refusing
+backend: it reports ``ok: false`` with ``auth: ...`` or ``unreachable: ...``; each probe runs
+under its own deadline, concurrently.  More: docs/backends.md, "Probes".
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""A small async client of the Prometheus HTTP API, and the one duration parser of cbctl.
+"""A small async client of the Prometheus HTTP API (httpx), and the one duration parser of cbctl.
 
-Why not ``prometheus-api-client``: its import alone costs ~155 ms (measured on the 2-core CI machine; bench/cli_startup.py), it is
-synchronous (requests), and we need five endpoints. httpx is already a dependency, is async,
-so the gates, ``watch`` and ``exit-criteria`` run their queries concurrently.
-
-Endpoints used (https://prometheus.io/docs/prometheus/latest/querying/api/):
-``/-/ready``, ``/api/v1/query``, ``/api/v1/query_range``, ``/api/v1/targets``,
-``/api/v1/label/__name__/values``, ``/api/v1/status/buildinfo``.
-
-Errors, converted here and nowhere else:
-
-* transport errors, timeouts and 5xx answers -> :class:`BackendUnavailable` (backend
-  ``prometheus``), so the CLI exits 4;
-* an ``errorType: bad_data`` answer (a PromQL syntax error, a bad range) -> :class:`BadInput`
-  naming the query — a gate rule or a ``--window`` the user wrote is wrong (exit 2).
+Errors, converted here and nowhere else: transport errors, timeouts and 5xx ->
+:class:`BackendUnavailable` (backend ``prometheus``, exit 4); ``errorType: bad_data`` (PromQL
+syntax, a bad range) -> :class:`BadInput` naming the query (exit 2).  Why httpx and which
+endpoints: docs/backends.md, "Prometheus".
 """
 
 from __future__ import annotations

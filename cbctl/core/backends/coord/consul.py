@@ -101,7 +101,7 @@ def _raw(response: consul_base.Response) -> consul_base.Response:
 
 
 class ConsulCoordinator(FailoverCoordinator["consul.aio.Consul"]):
-    """Coordinator on Consul's KV store and sessions (see the module docstring).
+    """Coordinator on Consul's KV store and sessions (docs/backends.md, "Consul").
 
     ``endpoints``: ``http(s)://host:port`` of Consul agents, tried in order on failure.
     ``timeout``: deadline of each call in seconds.  ``token``: ACL token.
@@ -256,7 +256,7 @@ class ConsulCoordinator(FailoverCoordinator["consul.aio.Consul"]):
         also_put: Mapping[str, bytes] | None = None,
         lease: Lease | None = None,
     ) -> int:
-        """One Consul transaction (see the module docstring); on rollback the key's current
+        """One Consul transaction (docs/backends.md, "Consul"); on rollback the key's current
         ModifyIndex is read afterwards (Consul cannot read in a failed transaction) for the
         ``Conflict``."""
         ck = _ck(key)
@@ -345,8 +345,8 @@ class ConsulCoordinator(FailoverCoordinator["consul.aio.Consul"]):
     async def watch(
         self, key: str, *, prefix: bool = False, start_revision: int | None = None
     ) -> AsyncIterator[WatchEvent]:
-        """State changes of ``key`` (or the prefix), by blocking queries (level-triggered: see the
-        module docstring).  With ``start_revision``, keys present with ``ModifyIndex >=
+        """State changes of ``key`` (or the prefix), by blocking queries (level-triggered: see
+        docs/backends.md).  With ``start_revision``, keys present with ``ModifyIndex >=
         start_revision`` are reported first (deletes before the start cannot be recovered).
         Raises ``BackendUnavailable`` after ``reconnect_deadline`` without an answering agent."""
         ck = _ck(key)

@@ -247,7 +247,7 @@ def _key(key: str) -> bytes:
 
 
 class EtcdCoordinator(FailoverCoordinator[_Client]):
-    """Coordinator on etcd v3 (see the module docstring for failover and error rules).
+    """Coordinator on etcd v3 (failover and error rules: docs/backends.md).
 
     ``endpoints``: ``http(s)://host:port`` URLs of the members (all http or all https).
     ``timeout``: deadline of each call in seconds, failover included.

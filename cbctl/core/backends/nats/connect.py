@@ -1,24 +1,10 @@
 """One way to open a NATS connection from a :class:`~cbctl.core.model.config.NatsConfig`.
 
-:func:`connect_nats` applies the configured auth (user + password, token, creds file, nkey seed
-file, TLS) and converts every failure at the edge:
-
-* credentials refused -> :class:`~cbctl.core.model.errors.AuthFailed`, at once: the first
-  ``Authorization Violation`` ends the attempt.  nats-py would otherwise treat it like an
-  unreachable server and retry every server ``max_reconnect_attempts`` times (60 x 2 s by
-  default), so a wrong password showed up minutes late or never;
-* nothing reachable -> :class:`~cbctl.core.model.errors.BackendUnavailable` after ``connect_attempts``
-  rounds over the servers;
-* bad local settings (missing creds file, unreadable CA) -> :class:`~cbctl.core.model.errors.ConfigError`.
-
-Messages name the servers (with any ``user:pass@`` stripped) and where a secret came from, never
-a secret.
-
-After the first connection, nats-py's own reconnect loop runs (``reconnect=True``), paced by
-``reconnect_time_wait`` (nats-py adds jitter).  If the server starts refusing our credentials
-while we reconnect (rotated or revoked), ``max_auth_failures`` consecutive refusals close the
-connection instead of retrying forever; ``Client.is_closed`` then tells the owner to build a new
-one (which raises ``AuthFailed`` if the credentials are still wrong).
+Contract of :func:`connect_nats`: refused credentials -> ``AuthFailed`` at once (no retry
+rounds); nothing reachable after ``connect_attempts`` rounds -> ``BackendUnavailable``; bad local
+settings -> ``ConfigError``.  Messages never contain a secret.  While reconnecting,
+``max_auth_failures`` consecutive refusals close the client (``Client.is_closed``).
+Why and how: docs/backends.md, "NATS".
 """
 
 from __future__ import annotations

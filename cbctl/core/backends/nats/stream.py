@@ -1,16 +1,9 @@
-"""The JetStream stream that holds every canonical event of one cluster (subjects
-``cb.<cluster>.events.>``, :func:`cbctl.core.model.events.stream_subjects`).
+"""The JetStream stream of one cluster's canonical events (``cb.<cluster>.events.>``).
 
-:func:`ensure_stream` creates the stream from :class:`~cbctl.core.model.config.StreamConfig` when it
-is missing, and otherwise verifies the existing one against it.  It never changes an existing
-stream: a mismatch (another duplicate window, memory instead of file storage, a subject list not
-covering ``cb.<cluster>.events.>``, limits (``max-age``, ``max-bytes``, ``max-msgs-per-subject``)
-other than configured or none at all) is reported in :class:`StreamStatus.mismatches` for the caller to
-log, count or fail a preflight check on.  :func:`verify_stream` only verifies.
-
-Errors are converted here: JetStream not reachable/enabled -> ``BackendUnavailable``; the server
-refusing the stream (e.g. its subjects overlap another stream's) -> ``CheckFailed``; stream
-missing in :func:`verify_stream` -> ``NotFound``.
+:func:`ensure_stream` creates it from :class:`~cbctl.core.model.config.StreamConfig` when missing
+and otherwise only verifies it (mismatches in :class:`StreamStatus.mismatches`, never changed);
+:func:`verify_stream` only verifies.  Errors: JetStream unavailable -> ``BackendUnavailable``;
+stream refused by the server -> ``CheckFailed``; missing in ``verify_stream`` -> ``NotFound``.
 """
 
 from __future__ import annotations
