@@ -1,54 +1,9 @@
 """The canonical lifecycle event: schema, versioned encoding, subjects and ids.
 
-Wire format
------------
-A canonical event is one UTF-8 JSON object.  Both schema versions carry exactly these fields:
-
-``schema_version`` (int) · ``event_id`` (str) · ``workflow_id`` (str) · ``task_id`` (str or
-null: workflow-level events have no task) · ``lane`` (str) · ``node_id`` (str, the publishing
-node) · ``seq`` (int >= 1, the per-workflow sequence assigned by the Redis fencing guard; this
-module only carries it) · ``type`` (str, e.g. ``task.completed``) · ``occurred_at`` (RFC 3339
-UTC string with microseconds, ``2024-05-01T12:00:00.123456Z``) · ``payload`` (JSON object).
-
-* **v1** is exactly the ten fields above.
-* **v2** adds one field, ``attempt`` (int >= 1): which execution attempt of the task produced
-  the event.  Nothing is renamed or retyped, so a v2 reader can read v1 (``attempt`` defaults to
-  1) and the dual-publish window is a pure superset.
-
-Decoding is strict: a missing field, an unexpected field or a wrong type is a
-:class:`BadEvent` (reason ``malformed``), never a crash; consumers count it and move on.
-
-Subjects and message ids
-------------------------
-Subject: ``cb.<cluster>.events.v<schema>.<token>`` (:func:`subject`) where ``<cluster>`` and
-``<token>`` are the cluster name and the workflow id, each escaped into a single NATS subject
-token (:func:`subject_token`): bytes that NATS gives a meaning to (``.``, ``*``, ``>``,
-whitespace, controls) and ``%`` itself become ``%XX``.  Ordinary names (``prod``, ``wf-123``,
-``order:42``) are unchanged.  The cluster is part of the subject so that several clusters can
-share one NATS account: each cluster's stream captures ``cb.<cluster>.events.>``
-(:func:`stream_subjects`) and each bridge filters ``cb.<cluster>.events.v<N>.>``
-(:func:`subject_filter`), so one cluster never sees another's events.  The publisher, the
-bridge, the stream definition and preflight's publish-permission probe all build their subjects
-with these functions.
-
-``Nats-Msg-Id`` is ``<event_id>.v<schema>`` for every publish (:func:`msg_id`).  JetStream
-de-duplicates per stream, and during a dual-publish window the same event is stored once per
-version, so the id must differ per version; using the suffix always (not only while
-dual-publishing) means the id of a given message never depends on when the window opened or
-closed, e.g. for an outbox row written before a flag change and drained after it.
-
-Event ids
----------
-``event_id`` defaults to a deterministic id: ``uuid5(EVENT_ID_NAMESPACE, "<workflow_id>\\x00<seq>")``
-as 32 hex digits (:func:`deterministic_event_id`).  ``(workflow_id, seq)`` identifies an
-event uniquely because the fencing guard never hands out a seq twice, so a republish of the
-same event after a crash (the agent restarts and re-emits what it cannot prove was published)
-carries the same id and is suppressed by JetStream's window and by the bridge's own de-dup
-afterwards; a random uuid4 would turn every such republish into a second event.  The cost: the
-guard's counter must be durable (Redis with persistence).  If it were reset, new events would
-reuse old ids and be dropped as duplicates; the bridge's ordering counter
-(``event_bus_bridge_ordering_violations_total``) is where that shows up.  Callers that have an
-id of their own may pass it explicitly.
+Contract: the wire format (v1 fields; v2 adds ``attempt``), the subject layout
+``cb.<cluster>.events.v<schema>.<token>``, ``Nats-Msg-Id`` = ``<event_id>.v<schema>`` and the
+deterministic event id are all in docs/model.md (Events). Decoding is strict: anything off is a
+:class:`BadEvent`, never a crash. Pure, no I/O.
 """
 
 from __future__ import annotations
