@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cbctl.core.agent.hooks import FlagsListener
+from cbctl.core.agent.tasks import LOOP_BACKOFF
+from cbctl.core.backends.retry import Backoff
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError
@@ -65,7 +67,7 @@ class RolloutFollower:
     async def _rollout_loop(self, watch_from: int) -> None:
         """Follow the rollout document; apply each revision; resync after store trouble."""
         key = keys.rollout(self.ctx.cluster)
-        backoff = 0.1
+        backoff = Backoff(LOOP_BACKOFF)
         resync = False
         while not self._stopping:
             try:
@@ -81,16 +83,16 @@ class RolloutFollower:
                     watch_from = max(start_rev, kv.mod_revision if kv else 0) + 1
                     resync = False
                 async for ev in self.coordinator.watch(key, start_revision=watch_from):
-                    backoff = 0.1
+                    backoff.reset()
                     watch_from = ev.revision + 1
                     await self._apply(ev.value if ev.kind == "put" else None, ev.revision)
             except CbctlError as exc:  # unreachable store, compacted history: re-read, re-watch
                 if self._stopping:
                     return
-                log.warning("rollout watch of %s interrupted (%s); re-reading in %.1fs", self.node_id, exc, backoff)
+                delay = backoff.next_delay()
+                log.warning("rollout watch of %s interrupted (%s); re-reading in %.1fs", self.node_id, exc, delay)
                 resync = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
 
     async def _apply(self, value: bytes | None, revision: int) -> None:
         """Apply one rollout revision, all or nothing, and report it in the record.

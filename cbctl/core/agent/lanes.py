@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from cbctl.core.agent.ownership import LaneClaim, acquire_lane, release_lane
 from cbctl.core.agent.session import Session
-from cbctl.core.agent.tasks import cancel_all
+from cbctl.core.agent.tasks import LOOP_BACKOFF, cancel_all
 from cbctl.core.agent.worker import LaneRun
+from cbctl.core.backends.retry import Backoff
 from cbctl.core.model import keys
 from cbctl.core.model.assignment import lanes_of
 from cbctl.core.model.config import Context
@@ -77,7 +78,7 @@ class LaneReconciler:
     async def _members_loop(self, session: Session) -> None:
         """Keep ``session.members`` (live node ids and their cluster_enabled) current."""
         prefix = keys.nodes_prefix(self.ctx.cluster)
-        backoff = 0.1
+        backoff = Backoff(LOOP_BACKOFF)
         while not session.lost:
             try:
                 rev = await self.coordinator.current_revision()
@@ -97,27 +98,25 @@ class LaneReconciler:
                     if session.members.get(node) != before:
                         log.debug("agent %s: member %s %s", self.node_id, node, session.members.get(node))
                         self._wake.set()
-                    backoff = 0.1
+                    backoff.reset()
             except CbctlError as exc:
                 log.warning("membership watch of %s interrupted: %s", self.node_id, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.pause()
 
     async def _lanes_watch_loop(self, session: Session) -> None:
         """Wake the reconciler whenever a lane owner key disappears (released or expired)."""
         prefix = keys.lanes_prefix(self.ctx.cluster)
-        backoff = 0.1
+        backoff = Backoff(LOOP_BACKOFF)
         while not session.lost:
             try:
                 async for ev in self.coordinator.watch(prefix, prefix=True):
                     if ev.kind == "delete":
                         self._wake.set()
-                    backoff = 0.1
+                    backoff.reset()
             except CbctlError as exc:
                 log.warning("lanes watch of %s interrupted: %s", self.node_id, exc)
                 self._wake.set()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.pause()
 
     async def _reconcile_loop(self, session: Session) -> None:
         period = max(0.5, self.keepalive_interval)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cbctl.core.agent.registration import NodeIdConflict, holder_conflict, holder_is_dead_local, read_holder, record_refusal, register
-from cbctl.core.agent.tasks import cancel_all
+from cbctl.core.agent.tasks import LOOP_BACKOFF, cancel_all
 from cbctl.core.agent.worker import LaneRun
 from cbctl.core.backends.coord.base import Lease, LeaseKeeper
+from cbctl.core.backends.retry import Backoff, poll_until
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError, Conflict, LeaseLost
@@ -230,7 +231,7 @@ class LeaseSession:
                 return
             await session.lost_event.wait()
             await self._end_session(session, revoke=True)
-            backoff = 0.1
+            backoff = Backoff(LOOP_BACKOFF)
             while not self._stopping:
                 try:
                     await self._open_session(first=False)
@@ -241,9 +242,9 @@ class LeaseSession:
                     self.request_stop()
                     return
                 except (BackendUnavailable, LeaseLost) as exc:
-                    log.warning("agent %s: registering again failed (%s); retrying in %.1fs", self.node_id, exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    delay = backoff.next_delay()
+                    log.warning("agent %s: registering again failed (%s); retrying in %.1fs", self.node_id, exc, delay)
+                    await asyncio.sleep(delay)
 
     async def _end_session(self, session: Session, *, revoke: bool) -> None:
         """Stop everything that belongs to ``session``; revoke its lease (best effort).
@@ -298,12 +299,13 @@ class LeaseSession:
                         lease_hex(lease), why, self.lease_ttl)
 
     async def _wait_key_gone(self, key: str, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if await self.coordinator.get(key) is None:
-                return
-            await asyncio.sleep(0.2)
+        """Return once ``key`` is gone, or after ``timeout`` s (the caller's next read decides)."""
+
+        async def gone() -> bool:
+            return await self.coordinator.get(key) is None
+
+        with contextlib.suppress(TimeoutError):
+            await poll_until(gone, timeout=timeout, interval=0.2, message=f"{key} gone")
 
     def _record(self, session: Session) -> dict[str, Any]:
         rec: dict[str, Any] = dict(self.extra_record_fields)

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
 from cbctl.core.agent.ownership import lane_owner
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
+from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.backends.redis.queue import Task, lane_for
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, ConfigError, StaleFencingToken
 from cbctl.core.model.flags import CANARY_LANES, GUARD_OFF, OWNERSHIP_GUARD
@@ -153,9 +153,10 @@ class SignalRouter:
                         self.agent.node_id)
 
     async def _run(self) -> None:
-        backoff = self._min_backoff
+        backoff = Backoff(BackoffPolicy(initial=self._min_backoff, cap=self._max_backoff, jitter=(0.8, 1.2)))
         while not self._closing:
             closed = asyncio.Event()
+            delay: float | None = None  # the pause after this round, once known
 
             async def on_closed(ev: asyncio.Event = closed) -> None:
                 ev.set()
@@ -173,7 +174,8 @@ class SignalRouter:
             except BackendUnavailable as exc:  # AuthFailed included: credentials may be rotated back
                 self.last_error = str(exc)
                 level = logging.ERROR if isinstance(exc, AuthFailed) else logging.WARNING
-                log.log(level, "agent %s signal router: %s; retrying in %.1fs", self.agent.node_id, exc, backoff)
+                delay = backoff.next_delay()
+                log.log(level, "agent %s signal router: %s; retrying in %.1fs", self.agent.node_id, exc, delay)
             else:
                 if self._closing:  # close() ran while we were connecting: do not leave this one open
                     await _close_nc(nc, 1.0)
@@ -190,7 +192,7 @@ class SignalRouter:
                 else:
                     self.last_error = None
                     self._subscribed.set()
-                    backoff = self._min_backoff
+                    backoff.reset()
                     log.info("agent %s answers signals on %s", self.agent.node_id, self.subject)
                     # Only a closed client comes back here (nats-py reconnects by itself;
                     # repeated credential refusals close it): then build a new one.
@@ -198,8 +200,7 @@ class SignalRouter:
                     self._subscribed.clear()
                     self._nc = None
                     log.warning("agent %s signal router: NATS connection closed; reconnecting", self.agent.node_id)
-            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(backoff * 2, self._max_backoff)
+            await asyncio.sleep(delay if delay is not None else backoff.next_delay())
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
@@ -212,7 +213,7 @@ class SignalRouter:
                 await msg.respond(encode_reply(reply))
 
     async def handle(self, request: Any) -> dict[str, Any]:
-        """Apply one decoded request; return the reply (see the module doc). Counts the result.
+        """Apply one decoded request; return the reply (shape: :mod:`cbctl.core.model.signals`). Counts the result.
 
         Never raises for a bad request, a lane we do not own, or an unreachable Redis (those are
         replies); a bug in a hook propagates.

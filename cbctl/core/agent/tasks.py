@@ -1,4 +1,5 @@
-"""Task plumbing shared by the agent's modules: cancelling tasks under a deadline."""
+"""Task plumbing shared by the agent's modules: cancelling tasks under a deadline, and the
+backoff of the agent's resuming loops."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["cancel_all"]
+from cbctl.core.backends.retry import BackoffPolicy
+
+__all__ = ["LOOP_BACKOFF", "cancel_all"]
+
+LOOP_BACKOFF = BackoffPolicy(initial=0.1, cap=2.0)
+"""Pause of the agent's long-lived loops (watches, lane workers, registering again) after a
+failure: 0.1 s doubling up to 2 s, back to 0.1 s after a success."""
 
 
 async def cancel_all(tasks: Iterable[asyncio.Task[Any] | None], timeout: float | None = None) -> int:

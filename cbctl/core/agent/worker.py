@@ -17,6 +17,8 @@ from typing import Any
 
 from cbctl.core.agent.hooks import AppliedHook, AppliedUpdate, TaskHandler
 from cbctl.core.agent.ownership import LaneClaim
+from cbctl.core.agent.tasks import LOOP_BACKOFF
+from cbctl.core.backends.retry import Backoff
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue, Task
 from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
@@ -90,7 +92,7 @@ class LaneWorkers:
         setup = True
         takeover = not run.local
         next_reclaim = 0.0
-        backoff = 0.1
+        backoff = Backoff(LOOP_BACKOFF)
         while run.active:
             try:
                 if setup:
@@ -119,13 +121,13 @@ class LaneWorkers:
                     if not run.active:
                         return
                     await self._process(run, task)
-                backoff = 0.1
+                backoff.reset()
             except BackendUnavailable as exc:
-                log.warning("agent %s lane %s: %s; retrying in %.1fs", self.node_id, lane, exc, backoff)
+                delay = backoff.next_delay()
+                log.warning("agent %s lane %s: %s; retrying in %.1fs", self.node_id, lane, exc, delay)
                 setup = True
                 next_reclaim = 0.0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
             except StaleFencingToken as exc:
                 log.warning("agent %s lane %s: fenced off (%s); stopping work on it", self.node_id, lane, exc)
                 run.active = False

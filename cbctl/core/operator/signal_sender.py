@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +23,7 @@ import nats.errors
 
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
+from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.backends.redis.client import redis_client as open_redis
 from cbctl.core.model import keys
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["SignalNotDelivered", "SignalResult", "lane_owner", "send_signal"]
+
+_ROUTE_BACKOFF = BackoffPolicy(initial=0.05, cap=1.0, jitter=(0.5, 1.5))
+"""Pause between routed attempts (the owner is read again after each)."""
 
 
 class SignalNotDelivered(CbctlError):
@@ -204,7 +207,7 @@ async def _route(
     body = encode_request(workflow_id, name, payload, sid, lane)
     attempts = 0
     last = "no owner seen yet"
-    backoff = 0.05
+    backoff = Backoff(_ROUTE_BACKOFF)
     while True:
         # Module-global lookup on purpose (tests interpose here to move a lane mid-flight).
         owner = await lane_owner(coord, ctx.cluster, lane)
@@ -237,7 +240,7 @@ async def _route(
                     raise BadInput(f"node {owner} refused signal {name!r} for workflow {workflow_id!r}: {message}")
                 last = f"node {owner}: {error}" + (f" ({message})" if message else "")
             log.info("signal %s for %s attempt %d: %s", sid, workflow_id, attempts, last)
-        pause = backoff * random.uniform(0.5, 1.5)
+        pause = backoff.next_delay()
         if attempts >= max_attempts or loop.time() + pause >= deadline:
             raise SignalNotDelivered(
                 f"signal {name!r} for workflow {workflow_id!r} (lane {lane}, id {sid}) not delivered after "
@@ -245,7 +248,6 @@ async def _route(
                 attempts=attempts, last_error=last, signal_id=sid,
             )
         await asyncio.sleep(pause)
-        backoff = min(backoff * 2, 1.0)
 
 
 async def _close_nc(nc: Client, timeout: float = 2.0) -> None:
