@@ -1,61 +1,14 @@
-"""NodeAgent: what a workflow service runs on every node (and what `cbctl agent run` runs).
+"""NodeAgent: what a workflow service runs on every node (and what ``cbctl agent run`` runs).
 
-One agent, one asyncio event loop task tree:
-
-* **registration** (:mod:`cbctl.core.agent.registration`): a leased record per node, created with
-  create-if-absent.  Refuse first: the node id is checked and the record created before anything
-  else starts (no event bus, no HTTP server, no machine-id file, no identity binding); a node id
-  held by another live instance makes :meth:`NodeAgent.start` raise
-  :class:`~cbctl.core.agent.registration.NodeIdConflict` with nothing started and the holder's records
-  untouched (the refusal is reported on a lease of its own that expires).
-* **live flags**: the rollout document is watched; each revision is applied without restart and
-  the applied revision is written into the record (``applied_revision``), which is what
-  ``cbctl stage advance --wait`` waits for.  A revision is applied all or nothing: the flags
-  listeners see it first and may refuse it; a refused revision is rolled back everywhere, logged
-  once, reported by ``/readyz`` and not retried until a newer revision arrives.  A deleted
-  rollout document means stage 0 (everything off), also when the delete is found on a resync.
-* **stop** (:meth:`NodeAgent.stop`): exception-safe and bounded by ``stop_timeout``: every step
-  runs under its own budget, an error or a timeout in one (a frozen NATS in the bus's stop, a
-  frozen Redis under a worker) is logged and the next step still runs, so the lease is revoked
-  (or the log says that the revoke gave up and the lease expires on its own) and the HTTP server
-  and the clients are always closed.  A second ``stop()`` waits for the first one, with the
-  same bound.
-* **lanes** (with ``cluster.enabled``): the lane inventory is shared among the live agents by
-  rendezvous hashing (:mod:`cbctl.core.model.assignment`).  Each owned lane is an owner key on the
-  node's lease (:mod:`cbctl.core.agent.ownership`) whose create_revision is the fencing token; the
-  token is pushed to Redis at once (``LaneGuard.raise_fence``).  Lanes no longer assigned are
-  released; lanes held by others are taken when their keys disappear.
-* **lease loss** (keep-alive failure, TTL 0, partition — declared by
-  :class:`~cbctl.core.backends.coord.base.LeaseKeeper` *before* the store can expire the lease) stops the
-  work on every lane at once (worker tasks cancelled, and a per-lane "still owner" flag checked
-  before each guarded write), counts ``cluster_lease_lost_total``, then the agent registers again
-  with a **new** lease when the store answers — it never resumes with the old one.
-* **lane workers**: per owned lane, read tasks (XREADGROUP; at takeover first XAUTOCLAIM what the
-  previous owner left pending), run the handler, write state and ack through the fencing guard
-  with the lane's token in the mode of ``ownership.guard``.  A denied write
-  (``StaleFencingToken``) stops that worker: we are not the owner any more.
-* **cluster.enabled = false**: no lane keys or ownership, but tasks are still processed: every
-  agent consumes every lane as a competing consumer of the Redis group, guard off, token 0.
-* **HTTP** (:mod:`cbctl.core.agent.http`): ``/metrics``, ``/healthz``, ``/readyz``.
-
-Hooks for the other subsystems (event bus, bridge, preflight probes):
-
-* ``agent.on_applied(hook)`` — ``async hook(update: AppliedUpdate)`` is awaited after the guard
-  has applied a task and assigned its ``seq``, and BEFORE the task is acked: the apply and the
-  ack are then two guarded script calls, so an event can be made durable between them.  If the
-  hook raises, the task is not acked and is re-delivered (the re-apply is idempotent and returns
-  the same seq, with ``already_applied=True``).
-* ``agent.add_flags_listener(fn)`` — ``async fn(flags, revision)`` is awaited for every applied
-  revision (and the initial one), before ``applied_revision`` is reported.
-* ``agent.add_routes(routes)`` / ``agent.http_app`` — extra aiohttp routes (before ``start``).
-* ``agent.add_lifecycle_hooks(start=, stop=)`` — ``async start()`` is awaited early in
-  :meth:`NodeAgent.start` (before the HTTP server, the store and any lane work; if it raises,
-  the start fails); ``async stop()`` in every teardown (also a failed start), after the lane
-  workers have stopped and before the HTTP server and the lease go.  Used by the event bus
-  (:mod:`cbctl.core.agent.bus.attach`), whose publisher must run before the first task is applied.
-* ``agent.extra_record_fields`` / ``await agent.update_record(probes=..., clock=...)`` — fields
-  of the registration record owned by other modules.
+The facade: public API, start (refuse first), run, stop (bounded teardown).  The work is done by
+its parts, mixed into :class:`NodeAgent`: :mod:`cbctl.core.agent.session` (lease session and
+registration), :mod:`cbctl.core.agent.follower` (rollout follower), :mod:`cbctl.core.agent.lanes`
+(lane mode and reconciliation), :mod:`cbctl.core.agent.worker` (lane workers).  Hooks for other
+subsystems (event bus, signal router, probes): :meth:`NodeAgent.on_applied`,
+:meth:`NodeAgent.add_flags_listener`, :meth:`NodeAgent.add_routes`,
+:meth:`NodeAgent.add_lifecycle_hooks`, :meth:`NodeAgent.update_record`.  Design: docs/agent.md.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -268,7 +221,7 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
         self._http.add_routes(routes)
 
     def on_applied(self, hook: AppliedHook) -> None:
-        """Await ``hook(update)`` after each guarded apply and before the ack (module doc)."""
+        """Await ``hook(update)`` after each guarded apply and before the ack (docs/agent.md)."""
         self._applied_hooks.append(hook)
 
     async def notify_applied(self, update: AppliedUpdate) -> None:
@@ -286,7 +239,7 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
 
     def add_lifecycle_hooks(self, *, start: Callable[[], Awaitable[None]] | None = None,
                             stop: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Await ``start()`` early in :meth:`start` and ``stop()`` in every teardown (module doc)."""
+        """Await ``start()`` early in :meth:`start` and ``stop()`` in every teardown (docs/agent.md)."""
         if start is not None:
             self._start_hooks.append(start)
         if stop is not None:
@@ -436,7 +389,7 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
     async def stop(self) -> None:
         """Graceful stop: stop workers, revoke the lease (record and lanes freed at once).
 
-        Bounded by ``stop_timeout`` and exception-safe (module doc): returns when done or when
+        Bounded by ``stop_timeout`` and exception-safe (docs/agent.md): returns when done or when
         the bound is reached, and never raises for a subsystem that failed to stop.  A second
         call waits for the first one's completion, with the same bound.
         """
@@ -574,7 +527,7 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
 
 
 def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
-    """The Redis client of a context, configured for lanes (:func:`cbctl.core.backends.redis.lanes.redis_client`).
+    """The Redis client of a context, configured for lanes (:func:`cbctl.core.backends.redis.client.redis_client`).
 
     The socket timeout must outlast a blocking XREADGROUP of ``block_ms``.
     """

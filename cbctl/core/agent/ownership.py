@@ -5,7 +5,7 @@ create-if-absent and attached to the owner's lease, so it disappears when the ow
 expires or is revoked.  Its ``create_revision`` is the lane's **fencing token**: store-wide
 revisions strictly increase and are never reused, so every acquisition — by any node, after any
 number of releases and expiries — gets a token greater than every earlier one.  The agent hands
-that token to :meth:`cbctl.core.backends.redis.lanes.LaneGuard.raise_fence` right after acquiring, so Redis
+that token to :meth:`cbctl.core.backends.redis.guard.LaneGuard.raise_fence` right after acquiring, so Redis
 rejects the previous owner's writes from that moment on.
 
 Owner record (JSON)::

@@ -1,42 +1,14 @@
-"""Node registration: the leased record of each live agent, machine identity, conflicts.
+"""Node registration in the coordination store: the leased record of each live agent, the
+machine identity, refusals of a duplicate node id and conflict records (see docs/agent.md,
+"Refuse-first start" and "The node record").
 
-Record at ``keys.node(cluster, node_id)`` (JSON, attached to the node's lease, so it vanishes
-when the agent dies or is cut off for longer than the lease TTL)::
-
-    {
-      "node_id": "node-a",            # the configured id (unique per cluster)
-      "machine_id": "2f0c...",        # uuid persisted in --state-dir: stable across restarts
-      "instance_id": "9b1e...",       # random per process start
-      "host": "web-3", "pid": 4711, "version": "0.1.0",
-      "started_at": 1714550000.12,    # unix time of this start
-      "lease": "7587...",             # the etcd lease id (hex) the record hangs on
-      "session": 1,                   # 1 + number of re-registrations after a lost lease
-      "applied_revision": 42,         # rollout document revision this agent runs with
-      "cluster_enabled": true,        # the cluster.enabled flag it applied
-      "guard": "observe",             # the ownership.guard flag it applied
-      "lanes": ["lane-03", ...],      # lanes it owns right now (with cluster.enabled)
-      "heartbeat": 1714550123.4,      # unix time, refreshed every few seconds
-      "http": "127.0.0.1:9101",       # its HTTP server (/metrics /healthz /readyz)
-      "probes": {}, "clock": {}       # filled by preflight probes (NodeAgent.update_record)
-    }
-
-Duplicate node ids are refused FIRST.  The agent reads the node's key before anything else
-starts, and creates its record with create-if-absent before it starts the event bus, binds its
-machine identity or writes anything else.  If another *live* instance holds the id, the start is
-refused (:class:`NodeIdConflict`, exit 3) with nothing started and none of the holder's records
-touched: its record, its identity binding (``keys.identity``) and the conflict records stay as
-they were, so the live node's preflight rows and the exit criteria do not change.  The refusal is
-reported by the refused process itself (its exit status and message name the holder) and by a
-*leased* report at ``keys.refusal(cluster, node_id, instance_id)`` (:func:`record_refusal`) that
-expires on its own after :data:`REFUSAL_TTL` seconds: an operator sees a duplicate that a
-supervisor keeps restarting (:func:`read_refusals`), and nothing needs clearing afterwards.  It
-is deliberately not a conflict record: the holder did nothing wrong.
-
-A node id seen on a different machine than last time (``keys.identity``) is recorded at
-``keys.conflict(cluster, node_id, instance_id)`` with ``kind = "unstable-node-id"`` — allowed,
-but reported; only an instance that has registered (and so holds the id) writes it.  Conflict
-records are not leased: they are evidence for the operator and outlive the process;
-:func:`clear_conflicts` removes them once resolved.
+Contract: the record at ``keys.node(cluster, node_id)`` hangs on the node's lease and is created
+with create-if-absent (:func:`register`).  A refused duplicate writes only a *leased* refusal
+report at ``keys.refusal(cluster, node_id, instance_id)`` (:func:`record_refusal`) that expires
+after :data:`REFUSAL_TTL` seconds, never anything of the holder's.  A node id seen on another
+machine than last time (``keys.identity``) is recorded, unleased, at ``keys.conflict(cluster,
+node_id, instance_id)`` with ``kind = "unstable-node-id"`` by the instance that holds the id;
+:func:`clear_conflicts` removes such records once resolved.
 """
 
 from __future__ import annotations
@@ -215,7 +187,7 @@ async def record_refusal(coord: Coordinator, cluster: str, node_id: str, instanc
                          *, ttl: float = REFUSAL_TTL) -> None:
     """Report a refused duplicate start on a lease of its own that expires after ``ttl`` s.
 
-    Touches none of the holder's keys and is not a conflict record (module doc).  The lease is
+    Touches none of the holder's keys and is not a conflict record (docs/agent.md).  The lease is
     never kept alive, so the report disappears by itself.  Raises ``BackendUnavailable``.
     """
     lease = await coord.grant_lease(ttl)
@@ -252,7 +224,7 @@ async def clear_conflicts(coord: Coordinator, cluster: str, node_id: str | None 
 async def record_conflict(
     coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: dict[str, Any]
 ) -> None:
-    """Leave a conflict record for preflight / ``cbctl nodes`` (unleased, see module doc)."""
+    """Leave a conflict record for preflight / ``cbctl nodes`` (unleased, see the module doc)."""
     body = {"node_id": node_id, "instance_id": instance_id, "at": time.time(), **info}
     await coord.put(keys.conflict(cluster, node_id, instance_id), _dump(body))
 

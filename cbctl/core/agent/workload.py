@@ -1,4 +1,4 @@
-"""Demo workload: workflows whose tasks walk through the lifecycle states, and the default handler.
+"""Demo workload: workflows whose tasks walk through the lifecycle states, and their handler.
 
 Each workflow ``<prefix>-<n>`` has ``tasks_per_workflow`` tasks; each task is a sequence of
 lifecycle *transitions*, each enqueued as one lane message (task id ``<wf>/t<k>/<step>``, the
@@ -7,14 +7,14 @@ guard's idempotency key)::
     created -> started -> completed
     created -> started -> failed -> retried -> started -> completed      (a failing attempt)
 
-All messages of a workflow go to the workflow's lane (:func:`cbctl.core.backends.redis.lanes.lane_for`), in
+All messages of a workflow go to the workflow's lane (:func:`cbctl.core.backends.redis.queue.lane_for`), in
 order, so the lane owner applies them in order and the guard numbers them ``seq`` 1..N with no
 gap.  The workflow's last message carries ``final: true``; the handler turns it into the update
 field ``finished: true``, on which the guard starts the retention TTL of the workflow's Redis
 keys (``[contexts.X.redis] retention``).  Which tasks fail is drawn from a seeded RNG: a run is reproducible.
 
-The default task handler (:func:`lifecycle_handler`) turns a message into the workflow state
-update that the guard writes.
+The demo task handler (:func:`lifecycle_handler`, ``cbctl agent run --handler demo``) turns a
+message into the workflow state update that the guard writes.
 """
 
 from __future__ import annotations
