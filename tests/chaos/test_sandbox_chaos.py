@@ -150,7 +150,9 @@ def test_pause_node_for_a_while(sbx: Sbx) -> None:
         return str(psutil.Process(pid).status())
 
     env = {**os.environ, "CBCTL_CONFIG": str(sbx.cfg), "NO_COLOR": "1"}
-    proc = subprocess.Popen([CBCTL, "sandbox", "chaos", "pause-node", "node-2", "--for", "2s"], env=env,
+    # The pause must outlast one `sandbox status` (a CLI start plus probes: ~3 s with every core
+    # busy), or the status below may see it resumed already.
+    proc = subprocess.Popen([CBCTL, "sandbox", "chaos", "pause-node", "node-2", "--for", "8s"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: state() == psutil.STATUS_STOPPED, 10, 0.05, "node-2 stopped (T)")
