@@ -34,6 +34,7 @@ import psutil
 
 from cbctl.core.model.durations import parse_duration
 from cbctl.sandbox import cluster
+from cbctl.sandbox.services.cbctl_procs import cbctl_executable
 
 try:
     from bench.report import target
@@ -91,7 +92,7 @@ class Soak:
         for attempt in range(8):
             if attempt:
                 time.sleep(3)
-            res = subprocess.run([cluster.cbctl_executable(), *args], env=env, capture_output=True, text=True,
+            res = subprocess.run([cbctl_executable(), *args], env=env, capture_output=True, text=True,
                                  timeout=120)
             if res.returncode != 4:  # 4: a backend did not answer in time (a busy machine): try again
                 break
