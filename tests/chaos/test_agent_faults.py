@@ -280,6 +280,14 @@ def test_sigstopped_owner_is_fenced_at_redis(
                 etcd.resume()
             await async_wait_until(lambda: all_processed(env.guard, report), 10, interval=0.05,
                                    message="every task applied")
+            # The woken keeper declares the loss once its keep-alive fails or the TTL is past (under
+            # load that can come after the tasks were applied): wait for it, then count exactly one.
+            def lease_loss_counted() -> bool:
+                status, text = http_get(victim_rec["http"], "/metrics")
+                return status == 200 and metric_value(text, "cluster_lease_lost_total") >= 1
+
+            await async_wait_until(lambda: asyncio.to_thread(lease_loss_counted), TTL + 5, interval=0.05,
+                                   message="the woken agent counted its lost lease", ignore=(OSError,))
             _status, text = await asyncio.to_thread(http_get, victim_rec["http"], "/metrics")
             if mode == "enforce":
                 assert metric_value(text, "redis_lane_stale_fencing_total") >= 1

@@ -56,8 +56,8 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
     ``async with NodeAgent(...) as agent``, or ``await agent.run()`` (until :meth:`request_stop`).
 
     ``config``: the context (cluster, lanes, endpoints, ``coordination.lease_ttl`` /
-    ``keepalive_interval``).  ``handler``: the service's task handler (default: the demo
-    lifecycle handler).  ``http_port``: 0 = a free port, ``None`` = no HTTP server.
+    ``keepalive_interval``).  ``handler``: the service's task handler; ``None`` runs the demo
+    lifecycle handler (the in-process tests do; ``cbctl agent run`` requires ``--handler``).  ``http_port``: 0 = a free port, ``None`` = no HTTP server.
     ``lease_ttl`` / ``keepalive_interval`` override the config; keep-alive * 3 > TTL raises
     ``BadInput``.  ``state_dir`` holds the machine identity.  ``coordinator`` / ``redis_client``
     may be passed in (then they are not closed by :meth:`stop`).  ``stop_timeout``: the bound

@@ -17,11 +17,11 @@ from cbctl.core.model.errors import BadInput
 from cbctl.core.model.flags import CANARY_LANES, ROUTING_ALL, ROUTING_CANARY, ROUTING_OFF, SIGNALS_ROUTING
 
 __all__ = [
+    "MAX_NAME",
     "SIGNAL_TYPE",
     "WIRE_VERSION",
     "Route",
     "check_signal",
-    "MAX_NAME",
     "decide_route",
     "decode_reply",
     "encode_reply",
