@@ -9,8 +9,14 @@ subjects of this cluster, ``cb.<cluster>.events.v<N>.>`` (flag ``consumers.schem
 re-creates the consumer on the new filter, starting ``rewind`` stream messages before where the
 old one had got to; whatever is seen twice that way is removed by the de-duplication below.
 Every message is acked once handled, including undecodable ones, so nothing redelivers forever.
-A consumer created from scratch starts at new messages (``deliver_new``; a node joining late
-does not replay the stream's history).  One that vanished (a server restart can lose a consumer
+A consumer created from scratch starts at the stream messages stored since this bridge *started*
+(``deliver_new``; the consumer itself is only created once ``eventbus.bridge`` leaves ``off``):
+a node joining late does not replay the stream's history, and a node that applies
+``off -> read-only`` later than the others (a busy machine) still reads everything published
+since it started, like a durable consumer that was paused while ``off``.  Starting at "new
+messages as of the flag change" tied a bridge's view to how late its node heard of the change:
+a lagging node's bridge missed whatever the others published meanwhile (all of it, in the
+flag-transition test of ``tests/integration/test_bus_holes.py``).  One that vanished (a server restart can lose a consumer
 created just before it was killed) is re-created from the last stream sequence seen, minus
 ``rewind``, and is looked for at once after every reconnect.
 
@@ -87,6 +93,7 @@ import logging
 import re
 import time
 from array import array
+from datetime import UTC, datetime
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -540,8 +547,8 @@ class Bridge:
         self.give_up_after = give_up_after
         self.filler = filler
         self.history_workflows = history_workflows
-        # Wall-clock time the consumer began reading (events applied before it are not ours to
-        # fill for a workflow first seen mid-life); a margin covers clock skew between nodes.
+        # Wall-clock time this bridge's stream begins (its start; events applied before it are
+        # not ours to fill for a workflow first seen mid-life); a margin covers clock skew.
         self._consumer_since: float | None = None
         self.skew_margin = 5.0
         self._with_history: OrderedDict[str, None] = OrderedDict()
@@ -620,6 +627,10 @@ class Bridge:
         """Start consuming (per the current mode) and the gap timer. Returns at once."""
         if self._tasks:
             return
+        if self._consumer_since is None:
+            # Where this bridge's stream begins, whatever the mode now: a consumer created later
+            # (the mode leaves "off") starts here, not at the flag change (module doc).
+            self._consumer_since = time.time() if self.deliver_new else 0.0
         self._tasks = [
             asyncio.create_task(self._consume(), name="cbctl-bridge"),
             asyncio.create_task(self._tick_loop(), name="cbctl-bridge-gaps"),
@@ -835,12 +846,21 @@ class Bridge:
             # than at "new" (events in between would be skipped) or at the very beginning.
             start_seq = max(1, self._last_stream_seq + 1 - self.rewind)
         if info is None:
+            start_time: datetime | None = None
             if start_seq is not None:
-                policy, opt = jsapi.DeliverPolicy.BY_START_SEQUENCE, start_seq
+                policy = jsapi.DeliverPolicy.BY_START_SEQUENCE
+            elif self.deliver_new and self._consumer_since:
+                # What was stored since this bridge started (module doc), not only what comes
+                # after the mode left "off": that is when this node applied a flag, which can be
+                # seconds after the other nodes began publishing.
+                policy = jsapi.DeliverPolicy.BY_START_TIME
+                start_time = datetime.fromtimestamp(self._consumer_since, UTC)
             elif self.deliver_new:
-                policy, opt = jsapi.DeliverPolicy.NEW, None
+                policy = jsapi.DeliverPolicy.NEW
             else:
-                policy, opt = jsapi.DeliverPolicy.ALL, None
+                policy = jsapi.DeliverPolicy.ALL
+            log.info("bridge: creating consumer %s on %s (%s%s)", self.durable, want, policy.value,
+                     f" {start_seq}" if start_seq is not None else f" {start_time.isoformat()}" if start_time else "")
             await self.js.add_consumer(
                 stream,
                 jsapi.ConsumerConfig(
@@ -848,7 +868,8 @@ class Bridge:
                     filter_subject=want,
                     ack_policy=jsapi.AckPolicy.EXPLICIT,
                     deliver_policy=policy,
-                    opt_start_seq=opt,
+                    opt_start_seq=start_seq,
+                    opt_start_time=start_time,
                     ack_wait=30.0,
                     max_ack_pending=max(1000, 4 * self.fetch_batch),
                 ),
@@ -857,10 +878,10 @@ class Bridge:
         self._consumer_version = self._version
         self._consumed_versions.add(self._version)
         if self._consumer_since is None:
-            # Fills for a workflow first seen mid-life reach back to here (minus the skew
-            # margin): what was applied before this bridge began is not its to deliver.  The
-            # earliest bind counts (a re-bind resumes where the consumer was); a consumer that
-            # reads the stream from its start (deliver_new=False) owns everything.
+            # Normally set by start().  Fills for a workflow first seen mid-life reach back to
+            # here (minus the skew margin): what was applied before this bridge began is not its
+            # to deliver.  A consumer that reads the stream from its start (deliver_new=False)
+            # owns everything.
             self._consumer_since = time.time() if self.deliver_new else 0.0
 
     # ------------------------------------------------------------------ per message
