@@ -24,8 +24,8 @@ since it started, like a durable consumer that was paused while ``off``.  Starti
 messages as of the flag change" tied a bridge's view to how late its node heard of the change:
 a lagging node's bridge missed whatever the others published meanwhile (all of it, in the
 flag-transition test of ``tests/integration/test_bus_holes.py``).  One that vanished (a server
-restart can lose a consumer created just before it was killed) is re-created from the last stream sequence seen, minus
-``rewind``, and is looked for at once after every reconnect.
+restart can lose a consumer created just before it was killed) is re-created from the last
+stream sequence seen, minus ``rewind``, and is looked for at once after every reconnect.
 
 Per message, in order:
 
@@ -103,10 +103,10 @@ import logging
 import re
 import time
 from array import array
-from datetime import UTC, datetime
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 import nats.errors
@@ -840,7 +840,7 @@ class Bridge:
                 pass
 
     async def _bind(self) -> None:
-        """Create (or re-create for another version) the durable consumer and bind to it."""
+        """Create the durable consumer (or re-create one left on an older filter) and bind to it."""
         await self._unsubscribe()
         stream = self.stream_cfg.name
         want = stream_subjects(self.cluster)  # every version: a version switch keeps the consumer
