@@ -13,7 +13,12 @@ A second cause showed under load: v1 messages fetched by the old consumer but ha
 flag changed were dropped ("the new consumer delivers it"), but a seq published only in v1 has
 no v2 copy, and when it was a workflow's last event no later event revealed the gap: the
 subscriber silently missed the workflow's tail.  Such a left-over now marks its seq as owed and
-the gap filler brings it from the record (``Bridge._owe``).
+the gap filler brings it from the record (``Bridge._owe``).  A third: a v1-only event stored
+after the old v1 consumer's last fetch (a node that had not applied the window yet published a
+workflow's tail in v1 only) was never seen at all once the consumer was re-created on the v2
+filter; about 2 of ~340 workflows lost their tail under load, nothing counted.  The bridge's
+consumer now reads every version's subjects and keeps going at a switch; messages of a version
+it delivered from before are owed like the left-overs (``Bridge._handle``).
 
 Real services throughout: nats-server, redis-server (the fencing guard's record), etcd + agents
 for the test under load."""
@@ -143,13 +148,83 @@ def metric_of(m: AgentMetrics, name: str, **labels: str) -> float:
     return m.registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, open: when consumers move to v2 right after the dual-publish window opens, a bridge "
-    "can still miss the last seq(s) of a few workflows (seen: 2 of ~340 workflows, seq 8-9 never "
-    "delivered on one node, 0 ordering violations counted): a v1-only tail that this bridge never "
-    "fetched before its v1 consumer was replaced is neither owed nor revealed by a later event. "
-    "Fix: on a version switch, check each tracked workflow's record for seqs beyond the last "
-    "delivered one and fill them. The shipped runbooks wait 5 s before the switch."))
+async def test_v1_only_tail_stored_after_the_switch_is_delivered(
+    redis_c: Any, bus_ctx: Context, nats: NatsServer,
+) -> None:
+    """Deterministic form of the defect seen under load.  A bridge delivers wf-t 1, 2 in v1 and
+    moves to v2; it is provably reading v2 (a v2-only probe event is delivered).  Then a node
+    still at schema_versions [1] applies wf-t's last task: seq 3 exists only in v1 (wf-t's v2
+    publishing never began).  The subscriber gets wf-t 1, 2, 3 (seq 3 filled from the record),
+    with no ordering violation.  When the bridge re-created its consumer on the v2 filter at the
+    switch, seq 3 was stored after the v1 consumer's last fetch: neither consumer ever saw it, no
+    later event revealed the gap, and wf-t stayed at [1, 2] with nothing counted.  A bridge
+    pinned to v2 from the start delivers none of wf-t (never published in a version it reads)
+    and counts nothing either."""
+    cluster = bus_ctx.cluster
+    v1 = LaneGuard(redis_c, cluster, None, "node-v1")  # a node that has not applied [1, 2] yet
+    v1.publish_versions = (1,)
+    v2only = LaneGuard(redis_c, cluster, None, "node-v2")
+    v2only.publish_versions = (2,)
+    nc = await nats_client.connect(nats.url)
+    js = nc.jetstream()
+    cfg = bus_ctx.nats.stream
+    await ensure_stream(js, cfg, cluster=cluster)
+
+    async def apply_and_put(g: LaneGuard, wf: str, task: str) -> int:
+        r = await g.apply("lane-0", 0, "off", wf, task, {"state": task})
+        ev = (await fill_from_record(g, wf, 1, r.seq, r.seq)).events[r.seq]  # the event as published
+        for version in r.publish_versions:
+            await js.publish(subject(cluster, version, wf), encode_event(ev, version),
+                             headers={"Nats-Msg-Id": msg_id(ev.event_id, version)})
+        return r.seq
+
+    async def filler(workflow_id: str, version: int, lo: int, hi: int) -> Any:
+        return await fill_from_record(v1, workflow_id, version, lo, hi)
+
+    m, m_fresh = AgentMetrics("node-x"), AgentMetrics("node-y")
+    bridge = Bridge(nc, cfg, m, "node-x", cluster=cluster, mode="streaming", schema_version=1, deliver_new=False,
+                    gap_timeout=0.3, give_up_after=60.0, filler=filler, fetch_timeout=0.1)
+    fresh = Bridge(nc, cfg, m_fresh, "node-y", cluster=cluster, mode="streaming", schema_version=2,
+                   deliver_new=False, gap_timeout=0.3, give_up_after=60.0, filler=filler, fetch_timeout=0.1)
+    await bridge.start()
+    await fresh.start()
+    col, col_fresh = Collector(bridge.subscribe(None, "ops")), Collector(fresh.subscribe(None, "ops"))
+    try:
+        for t in ("t1", "t2"):
+            await apply_and_put(v1, "wf-t", t)
+        await async_wait_until(lambda: col.seqs.get("wf-t") == [1, 2], 20, interval=0.02,
+                               message=f"wf-t 1, 2 delivered in v1 ({col.seqs})")
+        bridge.apply_flags("streaming", 2)  # consumers.schema_version = 2
+        assert await apply_and_put(v2only, "wf-probe", "p1") == 1  # published in v2 only
+        await async_wait_until(lambda: col.seqs.get("wf-probe") == [1], 20, interval=0.02,
+                               message=f"the bridge reads v2 ({col.seqs})")
+        assert await apply_and_put(v1, "wf-t", "t3") == 3  # v1 only: wf-t never began v2
+        assert (await v1.read_workflow("wf-t"))["pub"] == "1:1"
+        try:
+            await async_wait_until(lambda: col.seqs.get("wf-t") == [1, 2, 3], 20, interval=0.05,
+                                   message="wf-t's v1-only tail delivered")
+        except TimeoutError:
+            pytest.fail(f"wf-t's v1-only seq 3 never delivered: {col.seqs}; {bridge.stats}")
+        assert metric_of(m, "event_bus_bridge_ordering_violations_total") == 0
+        assert bridge.stats.filled == 1 and bridge.stats.bad == 0
+        # The bridge that only ever read v2: the probe, nothing of wf-t, nothing counted.
+        await async_wait_until(lambda: col_fresh.seqs.get("wf-probe") == [1], 20, interval=0.02,
+                               message=f"fresh v2 bridge got the probe ({col_fresh.seqs})")
+        last = (await js.stream_info(cfg.name)).state.last_seq
+        await async_wait_until(lambda: fresh._last_stream_seq >= last, 20, interval=0.02,
+                               message="fresh v2 bridge read the whole stream")
+        # Every message is handled synchronously as it is read: wf-t's v1 messages were skipped
+        # unread (no ordering state, nothing owed, so no gap that could later be counted).
+        assert "wf-t" not in fresh._workflows and "wf-t" not in col_fresh.seqs
+        assert fresh.stats.ordering_violations == 0 and fresh.stats.bad == 0
+    finally:
+        await col.stop()
+        await col_fresh.stop()
+        await bridge.close()
+        await fresh.close()
+        await nc.close()
+
+
 async def test_consumers_move_to_v2_right_after_the_window_opens_under_load(
     bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
 ) -> None:

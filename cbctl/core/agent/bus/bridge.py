@@ -3,25 +3,41 @@
 Consumption
 -----------
 Each node has its own durable pull consumer, ``bridge-<node_id>`` (every node delivers every
-workflow to its own subscribers, so nodes must not share one), filtered to the pinned version's
-subjects of this cluster, ``cb.<cluster>.events.v<N>.>`` (flag ``consumers.schema_version``,
-:func:`cbctl.core.model.events.subject_filter`).  Changing the pinned version
-re-creates the consumer on the new filter, starting ``rewind`` stream messages before where the
-old one had got to; whatever is seen twice that way is removed by the de-duplication below.
+workflow to its own subscribers, so nodes must not share one), filtered to every event subject of
+this cluster, ``cb.<cluster>.events.>`` (:func:`cbctl.core.model.events.stream_subjects`), all schema
+versions.  Subscribers get the pinned version (flag ``consumers.schema_version``); a message of
+another version is skipped unread unless this bridge has delivered from that version before
+(step 1).  So changing the pinned version needs no new consumer: the same one goes on where it
+was.  (It used to be filtered to the pinned version, ``cb.<cluster>.events.v<N>.>``, and
+re-created on the new filter at a switch.  Then an event published only in the old version and
+stored after the old consumer's last fetch -- a lagging node still publishing v1 only, the tail
+of a workflow whose v2 publishing never began -- was never seen by either consumer, and with no
+later event of that workflow to reveal the gap its subscribers silently missed it.  A durable
+consumer still on such a filter is re-created on the new one ``rewind`` stream messages before
+where it had got to; whatever is seen twice that way is removed by the de-duplication below.)
 Every message is acked once handled, including undecodable ones, so nothing redelivers forever.
-A consumer created from scratch starts at new messages (``deliver_new``; a node joining late
-does not replay the stream's history).  One that vanished (a server restart can lose a consumer
-created just before it was killed) is re-created from the last stream sequence seen, minus
-``rewind``, and is looked for at once after every reconnect.
+A consumer created from scratch starts at the stream messages stored since this bridge *started*
+(``deliver_new``; the consumer itself is only created once ``eventbus.bridge`` leaves ``off``):
+a node joining late does not replay the stream's history, and a node that applies
+``off -> read-only`` later than the others (a busy machine) still reads everything published
+since it started, like a durable consumer that was paused while ``off``.  Starting at "new
+messages as of the flag change" tied a bridge's view to how late its node heard of the change:
+a lagging node's bridge missed whatever the others published meanwhile (all of it, in the
+flag-transition test of ``tests/integration/test_bus_holes.py``).  One that vanished (a server
+restart can lose a consumer created just before it was killed) is re-created from the last
+stream sequence seen, minus ``rewind``, and is looked for at once after every reconnect.
 
 Per message, in order:
 
 1. Decode (:func:`cbctl.core.model.events.decode_event`, subject checked too).  Garbage bytes, an
    unknown schema version, a malformed event: ``event_bus_bad_events_total{reason}``, skipped.
-   A message of the previous consumer's version handled after ``consumers.schema_version``
-   changed is not delivered (subscribers get the new version's content) but marks its seq as
-   owed: the gap filler brings it unless the new consumer's copy comes first (a seq published
-   only in the old version has none).
+   A message of a version other than the pinned one: skipped (acked, not even decoded) unless
+   this bridge has delivered from that version before -- i.e. after ``consumers.schema_version``
+   moved, the old version's messages.  Those are not delivered (subscribers get the pinned
+   version's content) but mark their seq as owed: the gap filler brings it from the record
+   unless the pinned version's copy comes first (a seq published only in the old version, e.g.
+   by a node that has not applied the dual-publish window yet, has none).  Left-overs fetched
+   before the switch and handled after it are treated the same way.
 2. Broker de-dup check: the same ``Nats-Msg-Id`` stored twice (two stream sequences) within the
    stream's duplicate window means JetStream failed to suppress a duplicate it should have:
    ``event_bus_consumer_dedup_mismatch_total``.  (Copies further apart than the window are
@@ -90,6 +106,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 import nats.errors
@@ -107,8 +124,8 @@ from cbctl.core.model.events import (
     BadEvent,
     Event,
     decode_event,
+    stream_subjects,
     subject,
-    subject_filter,
 )
 from cbctl.core.model.metrics import AgentMetrics
 
@@ -540,8 +557,8 @@ class Bridge:
         self.give_up_after = give_up_after
         self.filler = filler
         self.history_workflows = history_workflows
-        # Wall-clock time the consumer began reading (events applied before it are not ours to
-        # fill for a workflow first seen mid-life); a margin covers clock skew between nodes.
+        # Wall-clock time this bridge's stream begins (its start; events applied before it are
+        # not ours to fill for a workflow first seen mid-life); a margin covers clock skew.
         self._consumer_since: float | None = None
         self.skew_margin = 5.0
         self._with_history: OrderedDict[str, None] = OrderedDict()
@@ -563,8 +580,11 @@ class Bridge:
         self._canary: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self.apply_flags(mode, schema_version, canary_subscribers)
-        self._consumer_version: int | None = None  # filter version of the live consumer
-        self._consumed_versions: set[int] = set()  # every version a consumer of ours has read
+        # Every version this bridge has delivered from (been pinned to while consuming): their
+        # seqs are its to deliver (step 1 and _begin).  Kept as subject tokens too ("v1"), so a
+        # message of any other version is skipped without decoding it.
+        self._consumed_versions: set[int] = set()
+        self._consumed_tokens: frozenset[str] = frozenset()
         self._psub: JetStreamContext.PullSubscription | None = None
         self._last_stream_seq = 0
         self._seen_ids = _IdWindow(dedup_max_ids, dedup_max_age)  # event ids seen (monotonic time)
@@ -598,6 +618,7 @@ class Bridge:
             )
         self._mode = mode
         self._version = schema_version
+        self._pinned_token = f"v{schema_version}"  # its subjects' version token
         self._canary = frozenset(canary_subscribers)
         self._wake.set()
 
@@ -620,6 +641,10 @@ class Bridge:
         """Start consuming (per the current mode) and the gap timer. Returns at once."""
         if self._tasks:
             return
+        if self._consumer_since is None:
+            # Where this bridge's stream begins, whatever the mode now: a consumer created later
+            # (the mode leaves "off") starts here, not at the flag change (module doc).
+            self._consumer_since = time.time() if self.deliver_new else 0.0
         self._tasks = [
             asyncio.create_task(self._consume(), name="cbctl-bridge"),
             asyncio.create_task(self._tick_loop(), name="cbctl-bridge-gaps"),
@@ -758,7 +783,7 @@ class Bridge:
                 await self._wake.wait()
                 continue
             try:
-                if self._psub is None or self._consumer_version != self._version:
+                if self._psub is None:
                     await self._bind()
                     last_check = time.monotonic()
                 assert self._psub is not None
@@ -782,6 +807,7 @@ class Bridge:
                 delay = min(5.0, delay * 2)
                 continue
             delay = 0.1
+            self._consuming(self._version)
             for msg in msgs:
                 try:
                     if self._mode == "off":
@@ -814,10 +840,10 @@ class Bridge:
                 pass
 
     async def _bind(self) -> None:
-        """Create (or re-create for another version) the durable consumer and bind to it."""
+        """Create the durable consumer (or re-create one left on an older filter) and bind to it."""
         await self._unsubscribe()
         stream = self.stream_cfg.name
-        want = subject_filter(self.cluster, self._version)
+        want = stream_subjects(self.cluster)  # every version: a version switch keeps the consumer
         start_seq: int | None = None
         try:
             info = await self.js.consumer_info(stream, self.durable)
@@ -835,12 +861,21 @@ class Bridge:
             # than at "new" (events in between would be skipped) or at the very beginning.
             start_seq = max(1, self._last_stream_seq + 1 - self.rewind)
         if info is None:
+            start_time: datetime | None = None
             if start_seq is not None:
-                policy, opt = jsapi.DeliverPolicy.BY_START_SEQUENCE, start_seq
+                policy = jsapi.DeliverPolicy.BY_START_SEQUENCE
+            elif self.deliver_new and self._consumer_since:
+                # What was stored since this bridge started (module doc), not only what comes
+                # after the mode left "off": that is when this node applied a flag, which can be
+                # seconds after the other nodes began publishing.
+                policy = jsapi.DeliverPolicy.BY_START_TIME
+                start_time = datetime.fromtimestamp(self._consumer_since, UTC)
             elif self.deliver_new:
-                policy, opt = jsapi.DeliverPolicy.NEW, None
+                policy = jsapi.DeliverPolicy.NEW
             else:
-                policy, opt = jsapi.DeliverPolicy.ALL, None
+                policy = jsapi.DeliverPolicy.ALL
+            log.info("bridge: creating consumer %s on %s (%s%s)", self.durable, want, policy.value,
+                     f" {start_seq}" if start_seq is not None else f" {start_time.isoformat()}" if start_time else "")
             await self.js.add_consumer(
                 stream,
                 jsapi.ConsumerConfig(
@@ -848,20 +883,26 @@ class Bridge:
                     filter_subject=want,
                     ack_policy=jsapi.AckPolicy.EXPLICIT,
                     deliver_policy=policy,
-                    opt_start_seq=opt,
+                    opt_start_seq=start_seq,
+                    opt_start_time=start_time,
                     ack_wait=30.0,
                     max_ack_pending=max(1000, 4 * self.fetch_batch),
                 ),
             )
         self._psub = await self.js.pull_subscribe_bind(self.durable, stream)
-        self._consumer_version = self._version
-        self._consumed_versions.add(self._version)
+        self._consuming(self._version)
         if self._consumer_since is None:
-            # Fills for a workflow first seen mid-life reach back to here (minus the skew
-            # margin): what was applied before this bridge began is not its to deliver.  The
-            # earliest bind counts (a re-bind resumes where the consumer was); a consumer that
-            # reads the stream from its start (deliver_new=False) owns everything.
+            # Normally set by start().  Fills for a workflow first seen mid-life reach back to
+            # here (minus the skew margin): what was applied before this bridge began is not its
+            # to deliver.  A consumer that reads the stream from its start (deliver_new=False)
+            # owns everything.
             self._consumer_since = time.time() if self.deliver_new else 0.0
+
+    def _consuming(self, version: int) -> None:
+        """Record that this bridge delivers from ``version`` (pinned while consuming)."""
+        if version not in self._consumed_versions:
+            self._consumed_versions.add(version)
+            self._consumed_tokens = frozenset(f"v{v}" for v in self._consumed_versions)
 
     # ------------------------------------------------------------------ per message
 
@@ -875,6 +916,12 @@ class Bridge:
             meta = None
         if meta is not None:
             self._last_stream_seq = max(self._last_stream_seq, meta.sequence.stream)
+        parts = msg.subject.split(".", 4)
+        if (len(parts) == 5 and parts[3].startswith("v") and parts[3] != self._pinned_token
+                and parts[3] not in self._consumed_tokens):
+            # Another version's copy (the consumer reads every version's subjects): not ours.
+            # A malformed subject falls through to decode_event, which counts it.
+            return
         try:
             version, ev = decode_event(msg.data, subject=msg.subject)
         except BadEvent as exc:
@@ -883,13 +930,13 @@ class Bridge:
             log.debug("bridge: bad event on %s: %s", msg.subject[:200], exc)
             return
         if version != self._version:
-            # Left over from before a version switch (fetched by the old consumer, handled after
-            # the flag changed).  Not delivered (subscribers now get the new version's content),
-            # but not forgotten either: for a workflow whose new-version publishing began later
-            # (or not at all) this seq exists only in the old version, and if it was the
-            # workflow's last event no later one would ever reveal the gap.  So it marks the
-            # seq as owed: the gap filler brings it from the record unless the new consumer's
-            # copy comes first.
+            # A version this bridge delivered from before the pinned one (a left-over fetched
+            # before the switch, or published after it by a node still at the old version).
+            # Not delivered (subscribers now get the pinned version's content), but not
+            # forgotten either: for a workflow whose new-version publishing began later (or not
+            # at all) this seq exists only in the old version, and if it was the workflow's last
+            # event no later one would ever reveal the gap.  So it marks the seq as owed: the
+            # gap filler brings it from the record unless the pinned version's copy comes first.
             self._owe(ev, now)
             return
         hdr = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
