@@ -79,7 +79,7 @@ async def main(rate: float, seconds: float) -> None:
         env.pop("CBCTL_CONTEXT", None)
         for node in ("node-a", "node-b"):
             log = (base / f"{node}.log").open("wb")
-            procs.append(subprocess.Popen([CBCTL, "agent", "run", "--node-id", node, "--state-dir", str(base / node),
+            procs.append(subprocess.Popen([CBCTL, "agent", "run", "--handler", "demo", "--node-id", node, "--state-dir", str(base / node),
                                            "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
         addr = None

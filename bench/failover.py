@@ -71,7 +71,7 @@ async def one_round(ctx: Context, cfg: Path, base: Path, rnd: int) -> tuple[floa
         for n in names:
             log = (base / f"{ctx.cluster}-{n}.log").open("wb")
             procs.append(subprocess.Popen(
-                [CBCTL, "agent", "run", "--node-id", n, "--state-dir", str(base / "state"), "--log-level", "warning"],
+                [CBCTL, "agent", "run", "--handler", "demo", "--node-id", n, "--state-dir", str(base / "state"), "--log-level", "warning"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))
         from cbctl.core.model.assignment import assign

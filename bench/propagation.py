@@ -113,7 +113,7 @@ def main() -> None:
             for i in range(AGENTS):
                 log = (base / f"agent-{i}.log").open("wb")
                 procs.append(subprocess.Popen(
-                    [CBCTL, "agent", "run", "--node-id", f"a{i:02d}", "--state-dir", str(base / "state"),
+                    [CBCTL, "agent", "run", "--handler", "demo", "--node-id", f"a{i:02d}", "--state-dir", str(base / "state"),
                      "--log-level", "warning"],
                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 ))

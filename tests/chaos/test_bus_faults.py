@@ -275,7 +275,7 @@ def test_agent_process_wrong_credentials_exits_4_without_crash_loop(
         path = bus_config(tmp_path / "c.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, server.url,
                           extra={"nats": {"user": "svc", "password-file": str(pw), "connect-timeout": 1.0}})
         t0 = time.monotonic()
-        proc = subprocess.run([CBCTL, "--config", str(path), "agent", "run", "--node-id", "node-w", "--state-dir",
+        proc = subprocess.run([CBCTL, "--config", str(path), "agent", "run", "--handler", "demo", "--node-id", "node-w", "--state-dir",
                                str(tmp_path / "st")], capture_output=True, text=True, timeout=30, check=False)
         elapsed = time.monotonic() - t0
         assert proc.returncode == 4, proc.stderr[-2000:]
