@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +77,12 @@ def test_current_stage_is_read_from_the_store_and_for_bounds_the_run(cfg: Path, 
     assert code == 0, err
     assert data["stage"] == 0 and data["ok"] is True, data
 
-    r = cbctl_run(cfg, "watch", "--for", "2s", "--interval", "200ms", "-o", "json")
+    # --for bounds the run; 6 s so that two snapshots fit also when one takes 2-3 s on a loaded
+    # machine (seen at load average 7 on 2 cores with 2 s).
+    started = time.monotonic()
+    r = cbctl_run(cfg, "watch", "--for", "6s", "--interval", "200ms", "-o", "json")
     assert r.exit_code == 0, r.stderr
+    assert time.monotonic() - started < 6 + 15  # bounded: the last snapshot may start just before 6 s
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert len(lines) >= 2 and all(x["stage"] == 0 for x in lines)
 
