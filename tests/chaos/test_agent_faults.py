@@ -8,9 +8,7 @@ condition with a deadline.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -33,6 +31,7 @@ from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.agent.ownership import read_lanes
 from cbctl.core.agent.workload import WorkloadReport, workflow_transitions
 from cbctl.sandbox import EtcdServer, RedisServer
+from cbctl.sandbox.netfaults import NetNs, netns_unusable
 from cbctl.sandbox.waiting import async_wait_until
 from tests.integration.test_agent import (
     TTL,
@@ -345,71 +344,9 @@ async def test_redis_restart_mid_run(tmp_path: Path, unique_cluster: str, shared
 # -- partition from etcd ------------------------------------------------------------------------
 
 
-def _netns_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if shutil.which("ip") is None or shutil.which("nft") is None:
-        return "needs ip and nft"
-    probe = f"cbtp{os.getpid() % 100000}"
-    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if res.returncode != 0:
-        return f"ip netns unavailable: {res.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def _sh(*argv: str) -> None:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip()}")
-
-
-class NetNs:
-    """A network namespace joined to the root namespace by a veth pair on 10.231.<n>.0/24."""
-
-    def __init__(self) -> None:
-        used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
-        for _ in range(50):
-            n = random.randint(1, 250)
-            if f"10.231.{n}." not in used:
-                break
-        tag = f"{os.getpid() % 10000}{n}"
-        self.name = f"cbt{tag}"
-        self.host_if, self.ns_if = f"vh{tag}"[:15], f"vn{tag}"[:15]
-        self.host_ip, self.ns_ip = f"10.231.{n}.1", f"10.231.{n}.2"
-        _sh("ip", "netns", "add", self.name)
-        try:
-            _sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-            _sh("ip", "link", "set", self.ns_if, "netns", self.name)
-            _sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
-            _sh("ip", "link", "set", self.host_if, "up")
-            self.exec("ip", "addr", "add", f"{self.ns_ip}/24", "dev", self.ns_if)
-            self.exec("ip", "link", "set", self.ns_if, "up")
-            self.exec("ip", "link", "set", "lo", "up")
-        except RuntimeError:
-            self.close()
-            raise
-
-    def exec(self, *argv: str) -> None:
-        _sh("ip", "netns", "exec", self.name, *argv)
-
-    def drop_tcp_to(self, ip: str, port: int) -> None:
-        """Cut every packet from the namespace to ip:port (established connections too)."""
-        self.exec("nft", "add", "table", "inet", "cbtcut")
-        self.exec("nft", "add", "chain", "inet", "cbtcut", "out", "{ type filter hook output priority 0 ; }")
-        self.exec("nft", "add", "rule", "inet", "cbtcut", "out", "ip", "daddr", ip, "tcp", "dport", str(port), "drop")
-
-    def heal(self) -> None:
-        self.exec("nft", "delete", "table", "inet", "cbtcut")
-
-    def close(self) -> None:
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-
-
 @pytest.fixture
 def netns() -> Iterator[NetNs]:
-    reason = _netns_usable()
+    reason = netns_unusable()
     if reason:
         pytest.skip(reason)
     ns = NetNs()
