@@ -18,6 +18,7 @@ from cbctl.core.model.records import (
     NodeRecord,
     RefusalRecord,
     dump,
+    lane_owner_in,
 )
 
 
@@ -79,3 +80,37 @@ def test_fields_override_extra_like_the_writer() -> None:
     # session._record: dict(extra_record_fields) then update(fields): a field always wins.
     rec = NodeRecord(node_id="n", extra={"node_id": "spoofed", "probes": {}})
     assert rec.to_dict()["node_id"] == "n"
+
+
+def test_require_object_refuses_non_objects() -> None:
+    # Preflight reports such a node record as unreadable; read_nodes skips it.
+    with pytest.raises(ValueError, match="not a JSON object"):
+        NodeRecord.from_json(b"[1, 2]", require_object=True)
+    assert NodeRecord.from_json(b"[1, 2]").node_id is None  # the lenient default reads it as empty
+
+
+def test_probes_and_clock_read_from_extra() -> None:
+    rec = NodeRecord.from_json(stored(NODE))
+    assert rec.probes == {"redis": {"ok": True}} and rec.clock == {"offset": 0.002}
+    odd = NodeRecord.from_dict({"probes": "x"})
+    assert odd.probes is None and odd.clock is None
+
+
+def test_lane_owner_in_is_the_one_owner_reading() -> None:
+    assert lane_owner_in(stored(LANE)) == "node-a"
+    for raw in (None, b"{not json", b"[]", b'{"owner": ""}', b'{"owner": 7}', b"\xff\xfe"):
+        assert lane_owner_in(raw) is None
+
+
+def test_writer_records_give_todays_bytes() -> None:
+    # How the writers build them now (session._record, ownership.acquire_lane, registration).
+    node = NodeRecord(**{k: (tuple(v) if k == "lanes" else v) for k, v in NODE.items()
+                         if k not in ("probes", "clock")},
+                      extra={"probes": NODE["probes"], "clock": NODE["clock"]})
+    assert node.to_json() == stored(NODE)
+    assert LaneOwnerRecord(**LANE).to_json() == stored(LANE)
+    extra = {k: CONFLICT[k] for k in ("host", "machine_id", "previous_host", "previous_machine_id")}
+    assert ConflictRecord(node_id="node-a", instance_id="9b1e77aa", at=1714550001.0, kind="unstable-node-id",
+                          extra=extra).to_json() == stored(CONFLICT)
+    assert RefusalRecord(**REFUSAL).to_json() == stored(REFUSAL)
+    assert IdentityRecord(**IDENTITY).to_json() == stored(IDENTITY)

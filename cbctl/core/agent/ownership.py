@@ -8,9 +8,7 @@ number of releases and expiries — gets a token greater than every earlier one.
 that token to :meth:`cbctl.core.backends.redis.guard.LaneGuard.raise_fence` right after acquiring, so Redis
 rejects the previous owner's writes from that moment on.
 
-Owner record (JSON)::
-
-    {"lane": "lane-03", "owner": "node-a", "instance_id": "9b1e...", "since": 1714550000.5}
+Owner record: :class:`cbctl.core.model.records.LaneOwnerRecord`.
 
 Which lanes a node *should* own is decided by :mod:`cbctl.core.model.assignment`; this module only
 takes, releases and reads.
@@ -18,7 +16,6 @@ takes, releases and reads.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from typing import Any
 from cbctl.core.model import keys
 from cbctl.core.backends.coord.base import Coordinator, Lease
 from cbctl.core.model.errors import Conflict
+from cbctl.core.model.records import LaneOwnerRecord, lane_owner_in
 
 __all__ = ["LaneClaim", "LaneView", "acquire_lane", "lane_owner", "release_lane", "read_lanes"]
 
@@ -56,8 +54,7 @@ async def acquire_lane(
     """
     since = time.time()
     key = keys.lane(cluster, lane)
-    body = json.dumps({"lane": lane, "owner": node_id, "instance_id": instance_id, "since": since},
-                      sort_keys=True, separators=(",", ":")).encode("utf-8")
+    body = LaneOwnerRecord(lane=lane, owner=node_id, instance_id=instance_id, since=since).to_json()
     try:
         token = await coord.create(key, body, lease=lease)
     except Conflict:
@@ -65,14 +62,13 @@ async def acquire_lane(
         if kv is None or not _on_lease(kv.lease, lease):
             return None  # someone else's (or gone since: its delete event wakes the caller)
         try:
-            held = kv.json()
+            held = LaneOwnerRecord.from_json(kv.value)
         except ValueError:
-            held = None
-        if not isinstance(held, dict) or held.get("instance_id") != instance_id:
             return None
-        held_since = held.get("since")
+        if held.instance_id != instance_id:
+            return None
         return LaneClaim(lane=lane, token=kv.create_revision,
-                         since=float(held_since) if isinstance(held_since, (int, float)) else since)
+                         since=float(held.since) if held.since is not None else since)
     return LaneClaim(lane=lane, token=token, since=since)
 
 
@@ -116,18 +112,15 @@ async def read_lanes(coord: Coordinator, cluster: str, lanes: Sequence[str]) -> 
     for kv in await coord.list(prefix):
         lane = kv.key[len(prefix):]
         try:
-            body = kv.json()
+            rec = LaneOwnerRecord.from_json(kv.value)
         except ValueError:
-            body = {}
-        if not isinstance(body, dict):
-            body = {}
-        since = body.get("since")
+            rec = LaneOwnerRecord()
         held[lane] = LaneView(
             lane=lane,
-            owner=body.get("owner") if isinstance(body.get("owner"), str) else None,
+            owner=rec.owner,
             token=kv.create_revision,
-            since=float(since) if isinstance(since, (int, float)) else None,
-            instance_id=body.get("instance_id") if isinstance(body.get("instance_id"), str) else None,
+            since=float(rec.since) if rec.since is not None else None,
+            instance_id=rec.instance_id,
         )
     out = [held.pop(lane, LaneView(lane, None, None, None)) for lane in lanes]
     out.extend(held[lane] for lane in sorted(held))
@@ -135,16 +128,9 @@ async def read_lanes(coord: Coordinator, cluster: str, lanes: Sequence[str]) -> 
 
 
 async def lane_owner(coord: Coordinator, cluster: str, lane: str) -> str | None:
-    """The node id in ``lane``'s owner key; None when the lane is free or the key unreadable.
+    """The node id in ``lane``'s owner key (:func:`cbctl.core.model.records.lane_owner_in`).
 
     Raises ``BackendUnavailable`` when the store cannot be reached.
     """
     kv = await coord.get(keys.lane(cluster, lane))
-    if kv is None:
-        return None
-    try:
-        body = kv.json()
-    except ValueError:
-        return None
-    owner = body.get("owner") if isinstance(body, dict) else None
-    return owner if isinstance(owner, str) and owner else None
+    return lane_owner_in(kv.value if kv is not None else None)

@@ -18,13 +18,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cbctl.core.model import keys
 from cbctl.core.backends.coord.base import Coordinator, Lease
 from cbctl.core.model.errors import BadInput, Conflict
+from cbctl.core.model.records import ConflictRecord, IdentityRecord, NodeRecord, RefusalRecord
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ __all__ = [
 class NodeIdConflict(Conflict):
     """The node id is held by another live instance; carries the holder's record."""
 
-    def __init__(self, message: str, *, key: str, holder: dict[str, Any]) -> None:
+    def __init__(self, message: str, *, key: str, holder: NodeRecord) -> None:
         super().__init__(message, key=key)
         self.holder = holder
 
@@ -133,20 +134,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def holder_is_dead_local(holder: dict[str, Any], *, machine_id: str, host: str) -> bool:
+def holder_is_dead_local(holder: NodeRecord, *, machine_id: str, host: str) -> bool:
     """True when the record was left by a dead process of *this* machine (a crash + restart):
     the caller may wait for its lease to expire instead of refusing to start."""
-    pid = holder.get("pid")
+    pid = holder.pid
     return (
-        holder.get("machine_id") == machine_id
-        and holder.get("host") == host
-        and isinstance(pid, int)
+        holder.machine_id == machine_id
+        and holder.host == host
+        and pid is not None
         and pid != os.getpid()
         and not _pid_alive(pid)
     )
 
 
-async def register(coord: Coordinator, cluster: str, node_id: str, record: dict[str, Any], lease: Lease) -> int:
+async def register(coord: Coordinator, cluster: str, node_id: str, record: NodeRecord, lease: Lease) -> int:
     """Create the node record attached to ``lease`` if absent; return its revision.
 
     Raises :class:`NodeIdConflict` (with the holder's record) when the key exists, and
@@ -154,61 +155,64 @@ async def register(coord: Coordinator, cluster: str, node_id: str, record: dict[
     """
     key = keys.node(cluster, node_id)
     try:
-        return await coord.create(key, _dump(record), lease=lease)
+        return await coord.create(key, record.to_json(), lease=lease)
     except Conflict:
         holder = await read_holder(coord, cluster, node_id)
-        raise holder_conflict(node_id, key, holder or {}) from None
+        raise holder_conflict(node_id, key, holder or NodeRecord()) from None
 
 
-def holder_conflict(node_id: str, key: str, holder: dict[str, Any]) -> NodeIdConflict:
+def holder_conflict(node_id: str, key: str, holder: NodeRecord) -> NodeIdConflict:
     """The refusal for ``node_id`` held by ``holder`` (its record), naming host and instance."""
     return NodeIdConflict(
-        f"node id {node_id!r} is already registered by a live instance: host {holder.get('host', '?')}, "
-        f"instance {holder.get('instance_id', '?')}, pid {holder.get('pid', '?')} "
-        f"(since {_fmt_time(holder.get('started_at'))}); refusing to start a second one",
+        f"node id {node_id!r} is already registered by a live instance: host {_or_unknown(holder.host)}, "
+        f"instance {_or_unknown(holder.instance_id)}, pid {_or_unknown(holder.pid)} "
+        f"(since {_fmt_time(holder.started_at)}); refusing to start a second one",
         key=key,
         holder=holder,
     )
 
 
-async def read_holder(coord: Coordinator, cluster: str, node_id: str) -> dict[str, Any] | None:
-    """The record currently registered under ``node_id`` ({} if unreadable), or None."""
+async def read_holder(coord: Coordinator, cluster: str, node_id: str) -> NodeRecord | None:
+    """The record currently registered under ``node_id`` (an empty record if unreadable), or None."""
     kv = await coord.get(keys.node(cluster, node_id))
     if kv is None:
         return None
     try:
-        decoded = kv.json()
+        return NodeRecord.from_json(kv.value)
     except ValueError:
-        return {}
-    return decoded if isinstance(decoded, dict) else {}
+        return NodeRecord()
 
 
-async def record_refusal(coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: dict[str, Any],
+async def record_refusal(coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: RefusalRecord,
                          *, ttl: float = REFUSAL_TTL) -> None:
     """Report a refused duplicate start on a lease of its own that expires after ``ttl`` s.
 
-    Touches none of the holder's keys and is not a conflict record (docs/agent.md).  The lease is
-    never kept alive, so the report disappears by itself.  Raises ``BackendUnavailable``.
+    ``info`` carries the kind, the refused start and its holder; node id, instance, ``at`` and
+    ``expires_in`` are set here.  Touches none of the holder's keys and is not a conflict record
+    (docs/agent.md).  The lease is never kept alive, so the report disappears by itself.  Raises
+    ``BackendUnavailable``.
     """
     lease = await coord.grant_lease(ttl)
-    body = {"node_id": node_id, "instance_id": instance_id, "at": time.time(), "expires_in": ttl, **info}
-    await coord.put(keys.refusal(cluster, node_id, instance_id), _dump(body), lease=lease)
+    body = replace(info, node_id=node_id, instance_id=instance_id, at=time.time(), expires_in=ttl)
+    await coord.put(keys.refusal(cluster, node_id, instance_id), body.to_json(), lease=lease)
 
 
 async def read_refusals(coord: Coordinator, cluster: str) -> dict[str, list[dict[str, Any]]]:
-    """Refused duplicate starts of the last :data:`REFUSAL_TTL` seconds, by node id, oldest first."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    """Refused duplicate starts of the last :data:`REFUSAL_TTL` seconds, by node id, oldest first.
+
+    Each is read through :class:`RefusalRecord` and given in its stored shape (``to_dict``: every
+    field present); undecodable or non-object values are skipped.
+    """
+    found: dict[str, list[RefusalRecord]] = {}
     prefix = keys.refusals_prefix(cluster)
     for kv in await coord.list(prefix):
         try:
-            body = kv.json()
+            rec = RefusalRecord.from_json(kv.value, require_object=True)
         except ValueError:
             continue
-        if isinstance(body, dict):
-            out.setdefault(kv.key[len(prefix):].split("/", 1)[0], []).append(body)
-    for items in out.values():
-        items.sort(key=lambda b: b.get("at", 0) if isinstance(b.get("at"), (int, float)) else 0)
-    return out
+        found.setdefault(kv.key[len(prefix):].split("/", 1)[0], []).append(rec)
+    return {node_id: [r.to_dict() for r in sorted(items, key=lambda r: r.at or 0)]
+            for node_id, items in found.items()}
 
 
 async def clear_conflicts(coord: Coordinator, cluster: str, node_id: str | None = None) -> list[str]:
@@ -221,66 +225,65 @@ async def clear_conflicts(coord: Coordinator, cluster: str, node_id: str | None 
     return deleted
 
 
-async def record_conflict(
-    coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: dict[str, Any]
-) -> None:
-    """Leave a conflict record for preflight / ``cbctl nodes`` (unleased, see the module doc)."""
-    body = {"node_id": node_id, "instance_id": instance_id, "at": time.time(), **info}
-    await coord.put(keys.conflict(cluster, node_id, instance_id), _dump(body))
+async def record_conflict(coord: Coordinator, cluster: str, node_id: str, instance_id: str, info: ConflictRecord) -> None:
+    """Leave a conflict record for preflight / ``cbctl nodes`` (unleased, see the module doc).
+
+    ``info`` carries the kind and its evidence; node id, instance and ``at`` are set here.
+    """
+    body = replace(info, node_id=node_id, instance_id=instance_id, at=time.time())
+    await coord.put(keys.conflict(cluster, node_id, instance_id), body.to_json())
 
 
 async def check_identity(
     coord: Coordinator, cluster: str, node_id: str, *, machine_id: str, host: str, instance_id: str
-) -> dict[str, Any] | None:
+) -> IdentityRecord | None:
     """Record which machine runs ``node_id``; if it was another machine before, record an
     "unstable-node-id" conflict and return the previous identity (else None)."""
     key = keys.identity(cluster, node_id)
-    previous: dict[str, Any] | None = None
+    previous: IdentityRecord | None = None
     kv = await coord.get(key)
     if kv is not None:
         try:
-            decoded = kv.json()
-            previous = decoded if isinstance(decoded, dict) else None
+            previous = IdentityRecord.from_json(kv.value, require_object=True)
         except ValueError:
             previous = None
     now = time.time()
-    moved = previous is not None and previous.get("machine_id") != machine_id
-    if moved:
-        assert previous is not None
+    moved = previous is not None and previous.machine_id != machine_id
+    if previous is not None and moved:
         log.warning(
             "node id %s moved from machine %s (host %s) to machine %s (host %s): unstable node id",
-            node_id, previous.get("machine_id"), previous.get("host"), machine_id, host,
+            node_id, previous.machine_id, previous.host, machine_id, host,
         )
         await record_conflict(
             coord, cluster, node_id, instance_id,
-            {
-                "kind": "unstable-node-id",
+            ConflictRecord(kind="unstable-node-id", extra={
                 "host": host,
                 "machine_id": machine_id,
-                "previous_host": previous.get("host"),
-                "previous_machine_id": previous.get("machine_id"),
-            },
+                "previous_host": previous.host,
+                "previous_machine_id": previous.machine_id,
+            }),
         )
-    first_seen = previous.get("first_seen", now) if previous is not None and not moved else now
-    await coord.put(key, _dump({"node_id": node_id, "machine_id": machine_id, "host": host,
-                                "first_seen": first_seen, "last_seen": now}))
+    first_seen = previous.first_seen if previous is not None and not moved else None
+    await coord.put(key, IdentityRecord(node_id=node_id, machine_id=machine_id, host=host,
+                                        first_seen=now if first_seen is None else first_seen, last_seen=now).to_json())
     return previous if moved else None
 
 
-async def read_conflicts(coord: Coordinator, cluster: str) -> dict[str, list[dict[str, Any]]]:
-    """Every recorded conflict, grouped by node id, oldest first."""
-    out: dict[str, list[dict[str, Any]]] = {}
+async def read_conflicts(coord: Coordinator, cluster: str) -> dict[str, list[ConflictRecord]]:
+    """Every recorded conflict, grouped by node id, oldest first (an undecodable one reads as
+    ``kind="unreadable"``; a non-object value is skipped)."""
+    out: dict[str, list[ConflictRecord]] = {}
     prefix = keys.conflicts_prefix(cluster)
     for kv in await coord.list(prefix):
         node_id = kv.key[len(prefix):].split("/", 1)[0]
         try:
-            body = kv.json()
+            decoded = json.loads(kv.value)
         except ValueError:
-            body = {"kind": "unreadable"}
-        if isinstance(body, dict):
-            out.setdefault(node_id, []).append(body)
+            decoded = {"kind": "unreadable"}
+        if isinstance(decoded, dict):
+            out.setdefault(node_id, []).append(ConflictRecord.from_dict(decoded))
     for items in out.values():
-        items.sort(key=lambda b: b.get("at", 0) if isinstance(b.get("at"), (int, float)) else 0)
+        items.sort(key=lambda r: r.at or 0)
     return out
 
 
@@ -338,34 +341,29 @@ async def read_nodes(coord: Coordinator, cluster: str) -> tuple[list[NodeView], 
     for kv in await coord.list(prefix):
         node_id = kv.key[len(prefix):]
         try:
-            rec = kv.json()
+            rec = NodeRecord.from_json(kv.value, require_object=True)
         except ValueError:
             continue
-        if not isinstance(rec, dict):
-            continue
         seen.add(node_id)
-        applied = rec.get("applied_revision")
-        applied = applied if isinstance(applied, int) else None
+        applied = rec.applied_revision
         if applied is None:
             lag = None
         elif applied >= current:
             lag = 0
         else:
             lag = max(1, sum(1 for t in transitions if applied <= t < current))
-        lanes = rec.get("lanes")
-        heartbeat = rec.get("heartbeat")
         views.append(
             NodeView(
                 node_id=node_id,
-                host=rec.get("host"),
-                instance_id=rec.get("instance_id"),
+                host=rec.host,
+                instance_id=rec.instance_id,
                 applied_revision=applied,
                 lag=lag,
-                lanes=len(lanes) if isinstance(lanes, list) else 0,
-                heartbeat=float(heartbeat) if isinstance(heartbeat, (int, float)) else None,
+                lanes=len(rec.lanes),
+                heartbeat=float(rec.heartbeat) if rec.heartbeat is not None else None,
                 conflicts=len(conflicts.get(node_id, [])),
                 live=True,
-                http=rec.get("http"),
+                http=rec.http,
             )
         )
     for node_id, items in sorted(conflicts.items()):
@@ -375,8 +373,8 @@ async def read_nodes(coord: Coordinator, cluster: str) -> tuple[list[NodeView], 
     return views, current
 
 
-def _dump(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+def _or_unknown(value: object) -> str:
+    return "?" if value is None else str(value)
 
 
 def _fmt_time(value: Any) -> str:

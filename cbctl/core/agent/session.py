@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -28,7 +27,9 @@ from cbctl.core.backends.retry import Backoff, poll_until
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError, Conflict, LeaseLost
+from cbctl.core.model.flags import GUARD_OFF, OWNERSHIP_GUARD
 from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.model.records import NodeRecord, RefusalRecord
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
@@ -120,7 +121,7 @@ class LeaseSession:
         key = keys.node(self.ctx.cluster, self.node_id)
         while True:
             holder = await read_holder(coord, self.ctx.cluster, self.node_id)
-            if holder is not None and holder.get("instance_id") != self.instance_id:
+            if holder is not None and holder.instance_id != self.instance_id:
                 if first and not waited_for_stale and self._holder_is_stale(holder):
                     await self._wait_stale_holder(holder, key)
                     waited_for_stale = True
@@ -139,10 +140,10 @@ class LeaseSession:
             except NodeIdConflict as exc:
                 await self._revoke(lease)
                 holder = exc.holder
-                if holder.get("instance_id") == self.instance_id:
+                if holder.instance_id == self.instance_id:
                     # Our own previous session's record: we declared that lease lost before the
                     # store expired it.  Revoke it (never reuse it) and register afresh.
-                    old = lease_from_hex(holder.get("lease"))
+                    old = lease_from_hex(holder.lease)
                     if old is not None:
                         await self._revoke(old)
                     await asyncio.sleep(0.1)
@@ -174,14 +175,14 @@ class LeaseSession:
         ]
         self._wake.set()
 
-    def _holder_is_stale(self, holder: dict[str, Any]) -> bool:
+    def _holder_is_stale(self, holder: NodeRecord) -> bool:
         """A record left by a dead process of this machine (a crash, then a restart)."""
         return bool(self.machine_id) and holder_is_dead_local(holder, machine_id=self.machine_id or "", host=self.host)
 
-    async def _wait_stale_holder(self, holder: dict[str, Any], key: str) -> None:
+    async def _wait_stale_holder(self, holder: NodeRecord, key: str) -> None:
         log.warning(
             "node id %s is still registered by a dead process of this machine (pid %s); "
-            "waiting for its lease to expire", self.node_id, holder.get("pid"),
+            "waiting for its lease to expire", self.node_id, holder.pid,
         )
         await self._wait_key_gone(key, 2 * self.lease_ttl + 15)
 
@@ -197,14 +198,9 @@ class LeaseSession:
             async with asyncio.timeout(max(1.0, self.keepalive_interval)):
                 await record_refusal(
                     self.coordinator, self.ctx.cluster, self.node_id, self.instance_id,
-                    {
-                        "kind": "duplicate-node-id",
-                        "host": self.host,
-                        "pid": os.getpid(),
-                        "holder_instance_id": holder.get("instance_id"),
-                        "holder_host": holder.get("host"),
-                        "holder_pid": holder.get("pid"),
-                    },
+                    RefusalRecord(kind="duplicate-node-id", host=self.host, pid=os.getpid(),
+                                  holder_instance_id=holder.instance_id, holder_host=holder.host,
+                                  holder_pid=holder.pid),
                 )
         raise exc
 
@@ -307,28 +303,26 @@ class LeaseSession:
         with contextlib.suppress(TimeoutError):
             await poll_until(gone, timeout=timeout, interval=0.2, message=f"{key} gone")
 
-    def _record(self, session: Session) -> dict[str, Any]:
-        rec: dict[str, Any] = dict(self.extra_record_fields)
-        rec.update(
-            {
-                "node_id": self.node_id,
-                "machine_id": self.machine_id,
-                "instance_id": self.instance_id,
-                "host": self.host,
-                "pid": os.getpid(),
-                "version": self.version,
-                "started_at": self._started_at,
-                "lease": lease_hex(session.lease),
-                "session": session.number,
-                "applied_revision": self._applied_revision,
-                "cluster_enabled": self.cluster_enabled,
-                "guard": self._flags.get("ownership.guard", "off"),
-                "lanes": sorted(lane for lane, run in self._owned.items() if run.active) if self._session is session else [],
-                "heartbeat": time.time(),
-                "http": self.http_address,
-            }
+    def _record(self, session: Session) -> NodeRecord:
+        """Our node record now (``extra_record_fields`` ride along; a field of the record wins)."""
+        return NodeRecord(
+            node_id=self.node_id,
+            machine_id=self.machine_id,
+            instance_id=self.instance_id,
+            host=self.host,
+            pid=os.getpid(),
+            version=self.version,
+            started_at=self._started_at,
+            lease=lease_hex(session.lease),
+            session=session.number,
+            applied_revision=self._applied_revision,
+            cluster_enabled=self.cluster_enabled,
+            guard=self._flags.get(OWNERSHIP_GUARD, GUARD_OFF),
+            lanes=tuple(sorted(lane for lane, run in self._owned.items() if run.active)) if self._session is session else (),
+            heartbeat=time.time(),
+            http=self.http_address,
+            extra=dict(self.extra_record_fields),
         )
-        return rec
 
     async def _write_record(self, session: Session | None = None) -> None:
         """Rewrite our record by CAS on its revision (we only ever overwrite our own record).
@@ -342,7 +336,7 @@ class LeaseSession:
         async with self._record_lock:
             if session.lost:
                 return
-            body = json.dumps(self._record(session), sort_keys=True, separators=(",", ":")).encode()
+            body = self._record(session).to_json()
             try:
                 session.record_rev = await self.coordinator.commit(
                     keys.node(self.ctx.cluster, self.node_id), body,

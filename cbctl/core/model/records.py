@@ -59,9 +59,16 @@ class _Record:
         return cls(**values, extra=extra)
 
     @classmethod
-    def from_json(cls: type[R], raw: bytes | str) -> R:
-        """Decode and parse; raises ``ValueError`` for bytes that are not JSON (as readers expect)."""
-        return cls.from_dict(json.loads(raw))
+    def from_json(cls: type[R], raw: bytes | str, *, require_object: bool = False) -> R:
+        """Decode and parse; raises ``ValueError`` for bytes that are not JSON (as readers expect).
+
+        ``require_object``: also raise ``ValueError("not a JSON object")`` for JSON that is not
+        an object (readers that report or skip such a record instead of reading it as empty).
+        """
+        decoded = json.loads(raw)
+        if require_object and not isinstance(decoded, Mapping):
+            raise ValueError("not a JSON object")
+        return cls.from_dict(decoded)
 
     def to_dict(self) -> dict[str, Any]:
         """The stored shape: extra keys first, then the fields (the fields win, as in the writers)."""
@@ -107,6 +114,18 @@ class NodeRecord(_Record):
         "guard": _str, "lanes": _str_tuple, "heartbeat": _num, "http": _str,
     }
 
+    @property
+    def probes(self) -> Mapping[str, Any] | None:
+        """The preflight reachability report (``extra["probes"]``), None when absent or not an object."""
+        v = self.extra.get("probes")
+        return v if isinstance(v, Mapping) else None
+
+    @property
+    def clock(self) -> Mapping[str, Any] | None:
+        """The clock-offset report (``extra["clock"]``), None when absent or not an object."""
+        v = self.extra.get("clock")
+        return v if isinstance(v, Mapping) else None
+
 
 @dataclass(frozen=True)
 class LaneOwnerRecord(_Record):
@@ -119,6 +138,19 @@ class LaneOwnerRecord(_Record):
     since: float | None = None
 
     _CONVERT: ClassVar[Mapping[str, Any]] = {"lane": _str, "owner": _str, "instance_id": _str, "since": _num}
+
+
+def lane_owner_in(raw: bytes | None) -> str | None:
+    """The owner's node id in a lane owner key's value (``raw``; None = no key): None when the
+    lane is free, the value is not JSON, or it names no owner. The one reading of "who owns
+    this lane" shared by the agent's signal router and ``cbctl signal send``."""
+    if raw is None:
+        return None
+    try:
+        owner = LaneOwnerRecord.from_json(raw).owner
+    except ValueError:
+        return None
+    return owner or None
 
 
 @dataclass(frozen=True)
@@ -174,4 +206,6 @@ class IdentityRecord(_Record):
     }
 
 
-__all__ = ["ConflictRecord", "IdentityRecord", "LaneOwnerRecord", "NodeRecord", "RefusalRecord", "dump"]
+__all__ = [
+    "ConflictRecord", "IdentityRecord", "LaneOwnerRecord", "NodeRecord", "RefusalRecord", "dump", "lane_owner_in",
+]

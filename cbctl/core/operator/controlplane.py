@@ -14,7 +14,6 @@ Two operators racing therefore record exactly one transition.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from cbctl.core.model.config import Context
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import BadInput, Conflict
 from cbctl.core.model.flags import CANARY_LANES
+from cbctl.core.model.records import NodeRecord
 from cbctl.core.model.rollout import RolloutDocument
 from cbctl.core.model.stages import effective_flags, parse_stage
 
@@ -223,12 +223,12 @@ class ControlPlane:
             ) from None
 
     # -- agents --------------------------------------------------------------------------
-    async def live_nodes(self) -> dict[str, dict[str, Any]]:
+    async def live_nodes(self) -> dict[str, NodeRecord]:
         """Registration records of every live node (records vanish with their lease)."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, NodeRecord] = {}
         for kv in await self.coord.list(keys.nodes_prefix(self.cluster)):
             try:
-                out[kv.key.rsplit("/", 1)[-1]] = json.loads(kv.value)
+                out[kv.key.rsplit("/", 1)[-1]] = NodeRecord.from_json(kv.value)
             except ValueError:
                 continue  # a half-written foreign key is not a node; preflight reports those
         return out
@@ -288,7 +288,7 @@ class ControlPlane:
                     nodes.pop(node_id, None)
                 else:
                     try:
-                        nodes[node_id] = json.loads(ev.value)
+                        nodes[node_id] = NodeRecord.from_json(ev.value)
                     except ValueError:
                         continue
                 current = result()
@@ -305,6 +305,5 @@ class ControlPlane:
         return current
 
 
-def _applied(record: dict[str, Any]) -> int:
-    value = record.get("applied_revision", 0)
-    return value if isinstance(value, int) else 0
+def _applied(record: NodeRecord) -> int:
+    return record.applied_revision or 0

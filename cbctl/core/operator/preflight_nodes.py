@@ -5,14 +5,14 @@ credential files' modes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cbctl.core.model import keys
 from cbctl.core.model.redaction import check_private_file
 from cbctl.core.model.errors import BadInput
+from cbctl.core.model.records import ConflictRecord, IdentityRecord, NodeRecord
 from cbctl.core.operator.preflight_report import CheckResult, PreflightOptions, Status, StoreSnapshot, row
 
 if TYPE_CHECKING:
@@ -32,22 +32,20 @@ async def read_snapshot(ctx: Context, coord: Coordinator) -> StoreSnapshot:
         coord.get(keys.rollout(ctx.cluster)),
     )
     snap = StoreSnapshot(conflicts=conflicts, now=time.time())
+    # The snapshot keeps each record's stored shape (StoreSnapshot's contract); the checks read
+    # it through the records of cbctl/core/model/records.py (_node, _identity).
     for kv in nodes_kv:
         node_id = kv.key[len(keys.nodes_prefix(ctx.cluster)):]
         try:
-            record = json.loads(kv.value)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            snap.nodes[node_id] = record
+            snap.nodes[node_id] = NodeRecord.from_json(kv.value, require_object=True).to_dict()
         except ValueError as exc:
             snap.bad_records[node_id] = f"unreadable registration record: {exc}"
     for kv in idents:
         try:
-            rec = json.loads(kv.value)
+            ident = IdentityRecord.from_json(kv.value, require_object=True)
         except ValueError:
             continue  # a broken identity record only weakens the stability check
-        if isinstance(rec, dict):
-            snap.identities[kv.key[len(keys.identity_prefix(ctx.cluster)):]] = rec
+        snap.identities[kv.key[len(keys.identity_prefix(ctx.cluster)):]] = ident.to_dict()
     if doc_kv is not None:
         try:
             versions = RolloutDocument.from_json(doc_kv.value).flags.get(SCHEMA_VERSIONS) or [1]
@@ -55,6 +53,14 @@ async def read_snapshot(ctx: Context, coord: Coordinator) -> StoreSnapshot:
         except (BadInput, TypeError, ValueError):
             pass  # `stage status` reports a broken document; preflight probes v1
     return snap
+
+
+def _node(record: Mapping[str, Any]) -> NodeRecord:
+    return NodeRecord.from_dict(record)
+
+
+def _identity(record: Mapping[str, Any]) -> IdentityRecord:
+    return IdentityRecord.from_dict(record)
 
 
 def credential_files(ctx: Context) -> list[tuple[str, str]]:
@@ -101,8 +107,8 @@ def check_nodes(ctx: Context, snap: StoreSnapshot) -> list[CheckResult]:
     if not snap.nodes and not ctx.expected_nodes:
         rows.append(row("nodes", "registration", "warn", "no node registered and no expected-nodes configured"))
     for node_id, record in sorted(snap.nodes.items()):
-        probes = record.get("probes")
-        if not isinstance(probes, Mapping):
+        probes = _node(record).probes
+        if probes is None:
             rows.append(row("nodes", "probes", "fail", "no reachability report in the node record", node_id))
             continue
         for backend in ("etcd", "nats", "redis"):
@@ -130,11 +136,11 @@ def check_node_ids(ctx: Context, snap: StoreSnapshot) -> list[CheckResult]:
         rest = kv.key[len(prefix):]
         node_id = rest.split("/", 1)[0]
         try:
-            rec = json.loads(kv.value)
+            conflict = ConflictRecord.from_json(kv.value)
         except ValueError:
-            rec = {}
-        rec = rec if isinstance(rec, dict) else {}
-        reason = rec.get("reason") or rec.get("kind") or "duplicate node id"
+            conflict = ConflictRecord()
+        rec = conflict.to_dict()  # the kind's evidence (host, pid, machine_id) is in extra
+        reason = rec.get("reason") or conflict.kind or "duplicate node id"
         parts = [f"{k} {rec[k]}" for k in ("host", "pid", "machine_id", "instance_id") if rec.get(k)]
         rows.append(row("node-ids", f"conflict {rest}", "fail",
                          f"{reason}" + (f" ({', '.join(parts)})" if parts else "") + f"; clear {kv.key} once resolved",
@@ -142,19 +148,20 @@ def check_node_ids(ctx: Context, snap: StoreSnapshot) -> list[CheckResult]:
     # Stability: a live node on a machine other than the one its id was last bound to.
     for node_id, record in sorted(snap.nodes.items()):
         ident = snap.identities.get(node_id)
-        mine = record.get("machine_id")
-        if ident and mine and ident.get("machine_id") and ident["machine_id"] != mine:
+        bound = _identity(ident).machine_id if ident is not None else None
+        mine = _node(record).machine_id
+        if bound and mine and bound != mine:
             rows.append(row("node-ids", "identity", "fail",
-                             f"node id bound to machine {ident['machine_id']} but registered from {mine}", node_id))
+                             f"node id bound to machine {bound} but registered from {mine}", node_id))
     by_machine: dict[str, set[str]] = {}
     for node_id, ident in snap.identities.items():
-        m = ident.get("machine_id")
+        m = _identity(ident).machine_id
         if m:
-            by_machine.setdefault(str(m), set()).add(node_id)
+            by_machine.setdefault(m, set()).add(node_id)
     for node_id, record in snap.nodes.items():
-        m = record.get("machine_id")
+        m = _node(record).machine_id
         if m:
-            by_machine.setdefault(str(m), set()).add(node_id)
+            by_machine.setdefault(m, set()).add(node_id)
     for machine, ids in sorted(by_machine.items()):
         if len(ids) > 1:
             rows.append(row("node-ids", f"machine {machine}", "fail",
@@ -165,8 +172,9 @@ def check_node_ids(ctx: Context, snap: StoreSnapshot) -> list[CheckResult]:
 
 
 def clock_spread_ms(snap: StoreSnapshot) -> float | None:
-    offsets = [float(r["clock"]["offset_ms"]) for r in snap.nodes.values()
-               if isinstance(r.get("clock"), Mapping) and isinstance(r["clock"].get("offset_ms"), (int, float))]
+    clocks = [_node(r).clock for r in snap.nodes.values()]
+    offsets = [float(c["offset_ms"]) for c in clocks
+               if c is not None and isinstance(c.get("offset_ms"), (int, float))]
     return max(offsets) - min(offsets) if len(offsets) >= 2 else (0.0 if offsets else None)
 
 
@@ -177,8 +185,8 @@ def check_clock(ctx: Context, snap: StoreSnapshot, opts: PreflightOptions) -> li
     if not ctx.ntp_servers:
         rows.append(row("clock", "ntp-servers", "warn", "no ntp-servers configured: node clocks are not measured"))
     for node_id, record in sorted(snap.nodes.items()):
-        clock = record.get("clock")
-        if not isinstance(clock, Mapping):
+        clock = _node(record).clock
+        if clock is None:
             rows.append(row("clock", "offset", "warn", "no clock report in the node record", node_id))
             continue
         off = clock.get("offset_ms")

@@ -30,6 +30,7 @@ from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError
 from cbctl.core.model.flags import ROUTING_OFF, SIGNALS_ROUTING
+from cbctl.core.model.records import lane_owner_in
 from cbctl.core.model.signals import (
     SIGNAL_TYPE,
     Route,
@@ -96,19 +97,13 @@ class SignalResult:
 
 
 async def lane_owner(coord: Coordinator, cluster: str, lane: str) -> str | None:
-    """The node id in the lane's owner key, or None when the lane is free (or the key unreadable).
+    """The node id in the lane's owner key (:func:`cbctl.core.model.records.lane_owner_in`, the
+    reading the agent's router shares); None when the lane is free or the key unreadable.
 
     Raises ``BackendUnavailable`` when the store cannot be reached.
     """
     kv = await coord.get(keys.lane(cluster, lane))
-    if kv is None:
-        return None
-    try:
-        body = kv.json()
-    except ValueError:
-        return None
-    owner = body.get("owner") if isinstance(body, dict) else None
-    return owner if isinstance(owner, str) and owner else None
+    return lane_owner_in(kv.value if kv is not None else None)
 
 
 async def send_signal(
