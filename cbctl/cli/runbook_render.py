@@ -10,10 +10,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cbctl.cli.common import err, print_table
+from cbctl.core.model.records import RunRecord
 
 if TYPE_CHECKING:
     from cbctl.core.operator.drills import Verdict
-    from cbctl.core.operator.runbook.model import Runbook, RunRecord
+    from cbctl.core.operator.runbook.model import Runbook
 
 
 def show_list(good: Sequence[Runbook]) -> None:
@@ -101,8 +102,8 @@ def show_runs(recs: Sequence[Mapping[str, Any]]) -> None:
         return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if isinstance(t, (int, float)) else "-"
 
     rows = []
-    for r in recs:
-        stop = next((s for s in r.get("steps", []) if s.get("status") in ("failed", "declined", "interrupted")), None)
-        rows.append((r.get("run_id"), r.get("runbook"), r.get("kind"), r.get("status"), r.get("actor"),
-                     when(r.get("started_at")), f"step {stop['index']}" if stop else "-"))
+    for r in map(RunRecord.from_dict, recs):
+        stop = r.stopped_step
+        rows.append((r.run_id, r.runbook, r.kind, r.status, r.actor,
+                     when(r.started_at) if r.started_at else "-", f"step {stop}" if stop is not None else "-"))
     print_table("runbook runs", ["run", "runbook", "kind", "status", "actor", "started", "stopped at"], rows)

@@ -114,3 +114,24 @@ def test_writer_records_give_todays_bytes() -> None:
                           extra=extra).to_json() == stored(CONFLICT)
     assert RefusalRecord(**REFUSAL).to_json() == stored(REFUSAL)
     assert IdentityRecord(**IDENTITY).to_json() == stored(IDENTITY)
+
+
+def test_run_record_round_trip_and_leniency() -> None:
+    from cbctl.core.model.records import RunRecord, StepOutcome
+
+    rec = RunRecord(run_id="20250102T030405Z-rb-abc123", runbook="rb", kind="rollback", actor="ops",
+                    started_at=1714550000.25, from_step=2, vars={"X": "<secret>"},
+                    steps=[StepOutcome(1, "run", "a", "skipped"),
+                           StepOutcome(2, "argv", "cbctl x", "failed", exit_code=2, seconds=0.12345, detail="boom",
+                                       revisions=[7, 9]),
+                           StepOutcome(3, "check", "q", "not-run")],
+                    finished_at=1714550001.0, status="failed", resume="cbctl runbook run rb --from-step 2",
+                    cluster="c", runbook_sha256="ff", resumes="r0", overrides=[{"capability": "event-bus"}])
+    stored_shape = json.loads(json.dumps(rec.to_json(), sort_keys=True))  # as save_run stores and list_runs gives it
+    again = RunRecord.from_dict(stored_shape)
+    assert again.to_json() == stored_shape
+    assert again.stopped_step == 2 and again.failed_step is not None and again.failed_step.detail == "boom"
+    odd = RunRecord.from_dict({"runbook": "rb", "steps": ["x", {"index": "1", "status": "failed"},
+                                                          {"index": 4, "status": "declined"}],
+                               "vars": {"A": 1}, "from_step": None, "overrides": "no"})
+    assert (odd.run_id, odd.from_step, odd.vars, odd.overrides, odd.stopped_step) == ("", 1, {}, None, 4)

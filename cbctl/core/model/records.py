@@ -1,9 +1,11 @@
-"""Typed records stored in the coordination store, each with ONE parse and ONE serialise.
+"""Typed records stored in the coordination store, each with ONE parse and ONE serialise
+(node, lane owner, conflict, refusal, identity, runbook run).
 
-Contract: ``to_json()`` gives exactly the bytes the writers store today (compact JSON, keys
+Contract of the store records (the :class:`_Record` s): ``to_json()`` gives exactly the bytes the writers store today (compact JSON, keys
 sorted, see the key layout in cbctl/core/model/keys.py); ``from_dict()`` is as lenient as the
 readers have always been: a field that is missing or of the wrong type reads as ``None`` (an
-empty tuple for lists), unknown keys are kept in ``extra`` and written back. Pure, no I/O.
+empty tuple for lists), unknown keys are kept in ``extra`` and written back. The run record has its own rules
+(:meth:`RunRecord.from_dict`). Pure, no I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, Literal, TypeVar
 
 R = TypeVar("R", bound="_Record")
 
@@ -206,6 +208,160 @@ class IdentityRecord(_Record):
     }
 
 
+# -- runbook runs ----------------------------------------------------------------------------
+# Not a _Record: the run record has required fields, is stored with the store's plain
+# ``json.dumps(sort_keys=True)`` (cbctl/core/operator/runbook/store.py) and its parse gives
+# defaults rather than None.
+
+RunStatus = Literal["running", "completed", "failed", "aborted", "interrupted"]
+
+STEP_STOPPED: Final = ("failed", "declined", "interrupted")
+"""Step statuses that stop a run (the step a resumed run may continue at or before)."""
+
+
+@dataclass
+class StepOutcome:
+    """What happened to one step. ``status``: ``ok`` | ``failed`` | ``declined`` |
+    ``interrupted`` | ``skipped`` (before ``--from-step``) | ``not-run`` (after a stop)."""
+
+    index: int
+    kind: str
+    text: str
+    status: str
+    exit_code: int | None = None
+    seconds: float = 0.0
+    detail: str = ""
+    # Store revisions of the run record saved just before and just after the step: every write
+    # the step made (its audit entries) has a revision strictly between them. None when the
+    # record could not be written (then the step's writes cannot be attributed).
+    revisions: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "text": self.text, "status": self.status,
+                "exit_code": self.exit_code, "seconds": round(self.seconds, 3), "detail": self.detail,
+                "revisions": self.revisions}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepOutcome:
+        """Parse a stored step (lenient: odd fields read as their defaults); the caller drops a
+        step without an integer ``index`` (see :meth:`RunRecord.from_dict`)."""
+        revisions = data.get("revisions")
+        return cls(
+            index=_int(data.get("index")) or 0,
+            kind=_str(data.get("kind")) or "",
+            text=_str(data.get("text")) or "",
+            status=_str(data.get("status")) or "",
+            exit_code=_int(data.get("exit_code")),
+            seconds=float(_num(data.get("seconds")) or 0.0),
+            detail=_str(data.get("detail")) or "",
+            revisions=[r for r in revisions if _int(r) is not None] if isinstance(revisions, list) else None,
+        )
+
+
+@dataclass
+class RunRecord:
+    """A run as stored at ``keys.runbook_run(cluster, run_id)`` (JSON, see :meth:`to_json`).
+
+    ``status`` is ``running`` while the run is in progress (a crashed run stays so), then
+    ``completed`` | ``failed`` | ``aborted`` (declined at a prompt) | ``interrupted`` (SIGINT or
+    SIGTERM: ``interrupted_by`` names it). Times are Unix seconds. ``vars`` holds values, secrets
+    as ``<secret>``. ``resume`` is the command to continue a run that did not complete (None
+    when completed); ``resumes`` the run this one continues. ``overrides``: for a run that
+    stopped, the rollback overrides in force when it stopped (each with ``by_this_run`` and the
+    command that lifts it); None when not looked at.
+    """
+
+    run_id: str
+    runbook: str
+    kind: str
+    actor: str
+    started_at: float
+    from_step: int
+    vars: dict[str, str]
+    steps: list[StepOutcome]
+    finished_at: float | None = None
+    status: RunStatus = "running"
+    resume: str | None = None
+    cluster: str | None = None
+    drill: str | None = None
+    runbook_sha256: str = ""
+    resumes: str | None = None
+    interrupted_by: str | None = None
+    overrides: list[dict[str, Any]] | None = None
+    record_error: str | None = None  # not stored: set when the store could not be written
+
+    @property
+    def failed_step(self) -> StepOutcome | None:
+        """The step the run stopped at (failed, declined or interrupted), if any."""
+        return next((s for s in self.steps if s.status in STEP_STOPPED), None)
+
+    @property
+    def stopped_step(self) -> int | None:
+        """The index of :attr:`failed_step` (None when no step stopped the run)."""
+        step = self.failed_step
+        return step.index if step is not None else None
+
+    @property
+    def done_steps(self) -> list[StepOutcome]:
+        return [s for s in self.steps if s.status == "ok"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "runbook": self.runbook,
+            "kind": self.kind,
+            "actor": self.actor,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "status": self.status,
+            "from_step": self.from_step,
+            "steps": [s.to_json() for s in self.steps],
+            "vars": dict(self.vars),
+            "resume": self.resume,
+            "cluster": self.cluster,
+            "drill": self.drill,
+            "runbook_sha256": self.runbook_sha256,
+            "resumes": self.resumes,
+            "interrupted_by": self.interrupted_by,
+            "overrides": self.overrides,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """The one parse of a stored run record (inverse of :meth:`to_json` for what it wrote).
+
+        Lenient like its readers always were: a missing or mistyped field reads as its default
+        (strings ``""``, ``from_step`` 1, optional fields None), ``vars`` keeps string values
+        only, and a step that is not an object or has no integer ``index`` is left out.
+        """
+        steps = [StepOutcome.from_dict(s) for s in data.get("steps") or ()
+                 if isinstance(s, Mapping) and _int(s.get("index")) is not None]
+        raw_vars = data.get("vars")
+        overrides = data.get("overrides")
+        finished = _num(data.get("finished_at"))
+        return cls(
+            run_id=_str(data.get("run_id")) or "",
+            runbook=_str(data.get("runbook")) or "",
+            kind=_str(data.get("kind")) or "",
+            actor=_str(data.get("actor")) or "",
+            started_at=float(_num(data.get("started_at")) or 0.0),
+            from_step=_int(data.get("from_step")) or 1,
+            vars={k: v for k, v in raw_vars.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(raw_vars, Mapping) else {},
+            steps=steps,
+            finished_at=float(finished) if finished is not None else None,
+            status=_str(data.get("status")) or "",  # type: ignore[arg-type]  # kept as stored
+            resume=_str(data.get("resume")),
+            cluster=_str(data.get("cluster")),
+            drill=_str(data.get("drill")),
+            runbook_sha256=_str(data.get("runbook_sha256")) or "",
+            resumes=_str(data.get("resumes")),
+            interrupted_by=_str(data.get("interrupted_by")),
+            overrides=[dict(o) for o in overrides if isinstance(o, Mapping)] if isinstance(overrides, list) else None,
+        )
+
+
 __all__ = [
-    "ConflictRecord", "IdentityRecord", "LaneOwnerRecord", "NodeRecord", "RefusalRecord", "dump", "lane_owner_in",
+    "STEP_STOPPED", "ConflictRecord", "IdentityRecord", "LaneOwnerRecord", "NodeRecord", "RefusalRecord",
+    "RunRecord", "RunStatus", "StepOutcome", "dump", "lane_owner_in",
 ]

@@ -12,13 +12,11 @@ from typing import Any
 
 from cbctl.core.model.audit import current_actor
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError
+from cbctl.core.model.records import RunRecord, RunStatus, StepOutcome
 from cbctl.core.operator.runbook.model import (
     CheckSpec,
     Runbook,
-    RunRecord,
-    RunStatus,
     Step,
-    StepOutcome,
     masked,
     resume_command,
     substitute,

@@ -1,5 +1,6 @@
 """The runbook model: a validated runbook (:class:`Runbook`, its :class:`Step` s and variables),
-variable values (``--var``, defaults, secrets masked) and the record of a run (:class:`RunRecord`).
+variable values (``--var``, defaults, secrets masked). The record of a run is
+:class:`cbctl.core.model.records.RunRecord`.
 
 Pure data and functions, no I/O. The file format and the run record are described in
 docs/operator.md; the parser is :mod:`cbctl.core.operator.runbook.parser`.
@@ -20,7 +21,6 @@ from cbctl.core.model.errors import BadInput
 SECRET_PLACEHOLDER: Final = "<secret>"
 
 StepKind = Literal["run", "argv", "check"]
-RunStatus = Literal["running", "completed", "failed", "aborted", "interrupted"]
 
 VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A well-formed placeholder; anything else containing "{{" is an error, not literal text.
@@ -225,88 +225,3 @@ def resume_command(runbook: Runbook, values: Mapping[str, str], from_step: int, 
     for name, value in masked(runbook, values).items():
         argv += ["--var", f"{name}={value}"]
     return shlex.join(argv)
-
-
-@dataclass
-class StepOutcome:
-    """What happened to one step. ``status``: ``ok`` | ``failed`` | ``declined`` |
-    ``interrupted`` | ``skipped`` (before ``--from-step``) | ``not-run`` (after a stop)."""
-
-    index: int
-    kind: str
-    text: str
-    status: str
-    exit_code: int | None = None
-    seconds: float = 0.0
-    detail: str = ""
-    # Store revisions of the run record saved just before and just after the step: every write
-    # the step made (its audit entries) has a revision strictly between them. None when the
-    # record could not be written (then the step's writes cannot be attributed).
-    revisions: list[int] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "kind": self.kind, "text": self.text, "status": self.status,
-                "exit_code": self.exit_code, "seconds": round(self.seconds, 3), "detail": self.detail,
-                "revisions": self.revisions}
-
-
-@dataclass
-class RunRecord:
-    """A run as stored at ``keys.runbook_run(cluster, run_id)`` (JSON, see :meth:`to_json`).
-
-    ``status`` is ``running`` while the run is in progress (a crashed run stays so), then
-    ``completed`` | ``failed`` | ``aborted`` (declined at a prompt) | ``interrupted`` (SIGINT or
-    SIGTERM: ``interrupted_by`` names it). Times are Unix seconds. ``vars`` holds values, secrets
-    as ``<secret>``. ``resume`` is the command to continue a run that did not complete (None
-    when completed); ``resumes`` the run this one continues. ``overrides``: for a run that
-    stopped, the rollback overrides in force when it stopped (each with ``by_this_run`` and the
-    command that lifts it); None when not looked at.
-    """
-
-    run_id: str
-    runbook: str
-    kind: str
-    actor: str
-    started_at: float
-    from_step: int
-    vars: dict[str, str]
-    steps: list[StepOutcome]
-    finished_at: float | None = None
-    status: RunStatus = "running"
-    resume: str | None = None
-    cluster: str | None = None
-    drill: str | None = None
-    runbook_sha256: str = ""
-    resumes: str | None = None
-    interrupted_by: str | None = None
-    overrides: list[dict[str, Any]] | None = None
-    record_error: str | None = None  # not stored: set when the store could not be written
-
-    @property
-    def failed_step(self) -> StepOutcome | None:
-        return next((s for s in self.steps if s.status in ("failed", "declined", "interrupted")), None)
-
-    @property
-    def done_steps(self) -> list[StepOutcome]:
-        return [s for s in self.steps if s.status == "ok"]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "runbook": self.runbook,
-            "kind": self.kind,
-            "actor": self.actor,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "status": self.status,
-            "from_step": self.from_step,
-            "steps": [s.to_json() for s in self.steps],
-            "vars": dict(self.vars),
-            "resume": self.resume,
-            "cluster": self.cluster,
-            "drill": self.drill,
-            "runbook_sha256": self.runbook_sha256,
-            "resumes": self.resumes,
-            "interrupted_by": self.interrupted_by,
-            "overrides": self.overrides,
-        }

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from cbctl.core.model import keys
 from cbctl.core.model.errors import BadInput
-from cbctl.core.operator.runbook.model import Runbook, RunRecord
+from cbctl.core.model.records import RunRecord
+from cbctl.core.operator.runbook.model import Runbook
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
@@ -37,7 +38,9 @@ async def save_run(coord: Coordinator, cluster: str, record: RunRecord | Mapping
 
 
 async def list_runs(coord: Coordinator, cluster: str) -> list[dict[str, Any]]:
-    """Every stored run record, oldest first. Undecodable records are skipped (and logged)."""
+    """Every stored run record, oldest first, in its stored shape (``runbook runs -o json`` emits
+    it as is; read one with :meth:`RunRecord.from_dict`). Undecodable records are skipped (and
+    logged)."""
     out: list[dict[str, Any]] = []
     for kv in await coord.list(keys.runbooks_prefix(cluster)):
         try:
@@ -50,8 +53,8 @@ async def list_runs(coord: Coordinator, cluster: str) -> list[dict[str, Any]]:
     return out
 
 
-async def get_run(coord: Coordinator, cluster: str, run_id: str) -> dict[str, Any] | None:
-    """One stored run record, or None. Raises ``BackendUnavailable``."""
+async def get_run(coord: Coordinator, cluster: str, run_id: str) -> RunRecord | None:
+    """One stored run record, or None (also when undecodable). Raises ``BackendUnavailable``."""
     kv = await coord.get(keys.runbook_run(cluster, run_id))
     if kv is None:
         return None
@@ -59,31 +62,29 @@ async def get_run(coord: Coordinator, cluster: str, run_id: str) -> dict[str, An
         data = kv.json()
     except (UnicodeDecodeError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return RunRecord.from_dict(data) if isinstance(data, dict) else None
 
 
-def stopped_step(record: Mapping[str, Any]) -> int | None:
-    """Index of the step a stopped run record stopped at (failed, declined or interrupted)."""
-    for s in record.get("steps") or ():
-        if isinstance(s, Mapping) and s.get("status") in ("failed", "declined", "interrupted"):
-            idx = s.get("index")
-            return idx if isinstance(idx, int) else None
-    return None
+def stopped_step(record: RunRecord | Mapping[str, Any]) -> int | None:
+    """Index of the step a stopped run record stopped at (failed, declined or interrupted);
+    a stored record (a mapping, as :func:`list_runs` gives it) is read with ``RunRecord.from_dict``."""
+    rec = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
+    return rec.stopped_step
 
 
-def check_resumable(record: Mapping[str, Any] | None, runbook: Runbook, run_id: str, from_step: int) -> None:
+def check_resumable(record: RunRecord | None, runbook: Runbook, run_id: str, from_step: int) -> None:
     """``--resumes RUN --from-step N`` must continue a stopped run of the same runbook file, at
     or before the step it stopped at. Raises ``BadInput`` (exit 2) saying which rule broke."""
     if record is None:
         raise BadInput(f"--resumes {run_id}: no such run recorded in this cluster")
-    if record.get("runbook") != runbook.name:
-        raise BadInput(f"--resumes {run_id}: that is a run of {record.get('runbook')!r}, not {runbook.name!r}")
-    if record.get("status") not in STOPPED:
-        raise BadInput(f"--resumes {run_id}: that run is {record.get('status')!r}; only a run that stopped "
+    if record.runbook != runbook.name:
+        raise BadInput(f"--resumes {run_id}: that is a run of {record.runbook!r}, not {runbook.name!r}")
+    if record.status not in STOPPED:
+        raise BadInput(f"--resumes {run_id}: that run is {record.status!r}; only a run that stopped "
                        f"({', '.join(STOPPED)}) can be resumed")
-    if record.get("runbook_sha256") != runbook.sha256:
+    if record.runbook_sha256 != runbook.sha256:
         raise BadInput(f"--resumes {run_id}: {runbook.path} changed since that run; start it again from step 1")
-    stop = stopped_step(record)
+    stop = record.stopped_step
     if stop is None or from_step > stop:
         raise BadInput(f"--resumes {run_id}: that run stopped at step {stop}; --from-step must be at most {stop}")
 
