@@ -1,4 +1,8 @@
-"""Test helpers shared by the suites: config files and running the CLI (in-process or as a process)."""
+"""Test helpers shared by the suites: config files (any contexts file; an agent's; an agent's
+with the event bus) and running the CLI (in-process or as a process).
+
+Helpers for agents, the store, the bus and metrics live in ``tests/support/`` (docs/testing.md).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from typing import Any
 import tomli_w
 
 CBCTL = str(Path(sys.executable).parent / "cbctl")
+
+#: Short leases for agents under test, so a fault shows within seconds (lease TTL and keep-alive, s).
+TTL = 3.0
+KEEPALIVE = 0.5
 
 
 def write_config(
@@ -50,6 +58,29 @@ def write_config(
             ctx[key] = value
     path.write_bytes(tomli_w.dumps({"current-context": context, "contexts": {context: ctx}}).encode())
     return path
+
+
+def agent_config(path: Path, cluster: str, etcd_url: str | Sequence[str], redis_url: str, *,
+                 lane_count: int = 8, ttl: float = TTL, keepalive: float = KEEPALIVE) -> Path:
+    """A contexts file for agents under test (etcd + Redis, no NATS): short leases."""
+    return write_config(
+        path, cluster=cluster, etcd=etcd_url, redis=redis_url, lane_count=lane_count,
+        extra={"coordination": {"lease-ttl": ttl, "keepalive-interval": keepalive, "timeout": 2.0}},
+    )
+
+
+def bus_config(path: Path, cluster: str, etcd_url: str, redis_url: str, nats_url: str | Sequence[str], *,
+               lane_count: int = 4, duplicate_window: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """A contexts file for agents with the event bus: short leases, NATS connect timeout 1 s (a
+    dead server shows fast); ``extra`` tables replace ours whole (``nats`` too)."""
+    nats_table: dict[str, Any] = {"connect-timeout": 1.0}
+    if duplicate_window is not None:
+        nats_table["stream"] = {"duplicate-window": duplicate_window}
+    return write_config(
+        path, cluster=cluster, etcd=etcd_url, redis=redis_url, nats=nats_url, lane_count=lane_count,
+        extra={"coordination": {"lease-ttl": TTL, "keepalive-interval": KEEPALIVE, "timeout": 2.0},
+               "nats": nats_table, **(extra or {})},
+    )
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,20 +32,12 @@ from cbctl.core.agent.workload import WorkloadReport, workflow_transitions
 from cbctl.sandbox import EtcdServer, RedisServer
 from cbctl.sandbox.netfaults import NetNs, netns_unusable
 from cbctl.sandbox.waiting import async_wait_until
-from tests.integration.test_agent import (
-    TTL,
-    AgentProcess,
-    advance,
-    agent_config,
-    all_processed,
-    check_exactly_once,
-    http_get,
-    lane_owners,
-    metric_value,
-    read_record,
-    set_flags,
-    wait_record,
-)
+from tests.helpers import TTL, agent_config
+from tests.support.agent_process import AgentProcess
+from tests.support.metrics import http_get, metric_value
+from tests.support.records import lane_owners, read_record, wait_record
+from tests.support.rollout import advance, set_flags
+from tests.support.workload import all_processed, check_exactly_once
 
 pytestmark = pytest.mark.chaos
 

@@ -25,10 +25,14 @@ from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
+from cbctl.core.agent.node import redis_client_for
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
-from tests.helpers import write_config
-from tests.integration.test_agent import AgentProcess, advance, all_processed, read_record, redis_client_for, wait_record
+from tests.helpers import bus_config, write_config
+from tests.support.agent_process import AgentProcess
+from tests.support.records import read_record, wait_record
+from tests.support.rollout import STREAMING, advance, set_flags, wait_applied
+from tests.support.workload import all_processed, check_stream_exactly_once
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
@@ -127,8 +131,6 @@ async def test_bus_close_is_bounded_and_keeps_unacked_events(
     of the connection behind a full socket buffer can wait forever."""
     from cbctl.core.agent.node import NodeAgent
     from cbctl.core.agent.bus.attach import attach_bus
-    from tests.integration.test_agent_bus import STREAMING, bus_config, check_stream_exactly_once, wait_applied
-    from tests.integration.test_agent import set_flags
 
     config = bus_config(tmp_path / "cbctl.toml", unique_cluster, etcd.client_url, redis_server.url, nats.url)
     ctx = load_config(config).context()

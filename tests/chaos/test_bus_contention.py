@@ -41,8 +41,11 @@ from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import WorkloadReport, generate
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.integration.test_agent import AgentProcess, advance, all_processed, http_get, metric_value, wait_record
-from tests.integration.test_agent_bus import check_stream_exactly_once, metric, wait_applied
+from tests.support.agent_process import AgentProcess
+from tests.support.metrics import http_get, metric, metric_value
+from tests.support.records import wait_record
+from tests.support.rollout import advance, wait_applied
+from tests.support.workload import all_processed, check_stream_exactly_once
 
 # Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
 from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from cbctl.core.agent.node import NodeAgent
 from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.model.config import Context, default_stream_name, load_config
 from cbctl.core.backends.coord.base import Coordinator
@@ -29,19 +28,12 @@ from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.helpers import CBCTL
-from tests.integration.test_agent import AgentProcess, all_processed, http_get, metric_value
-from tests.integration.test_agent_bus import (
-    SseReader,
-    bus_config,
-    check_stream_exactly_once,
-    check_subscriber,
-    metric,
-    stream_event_ids,
-    streaming,
-    wait_applied,
-    wait_lanes_spread,
-)
+from tests.helpers import CBCTL, bus_config
+from tests.support.agent_process import AgentProcess
+from tests.support.metrics import http_get, metric, metric_value
+from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
+from tests.support.sse import SseReader
+from tests.support.workload import all_processed, check_stream_exactly_once, check_subscriber, stream_event_ids
 
 # Fixtures from the integration module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
 from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401

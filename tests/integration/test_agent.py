@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,154 +30,19 @@ from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import BadInput
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.agent.ownership import read_lanes
 from cbctl.core.agent.registration import read_refusals
-from cbctl.core.agent.workload import WorkloadReport, generate
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
-from tests.helpers import CBCTL, cbctl_proc, write_config
+from tests.helpers import CBCTL, agent_config, cbctl_proc
+from tests.support.agent_process import AgentProcess
+from tests.support.metrics import http_get, metric_value
+from tests.support.records import lane_owners, read_record, wait_record
+from tests.support.rollout import advance, set_flags
+from tests.support.workload import all_processed, check_exactly_once
 
 pytestmark = pytest.mark.integration
 
-TTL = 3.0
-KEEPALIVE = 0.5
 LANE_COUNT = 8
-
-
-# -- helpers (also used by tests/chaos/test_agent_faults.py) ---------------------------------
-
-
-def agent_config(path: Path, cluster: str, etcd_url: str | Sequence[str], redis_url: str, *,
-                 lane_count: int = LANE_COUNT, ttl: float = TTL, keepalive: float = KEEPALIVE) -> Path:
-    """A contexts file for agents under test: short leases so faults show within seconds."""
-    return write_config(
-        path, cluster=cluster, etcd=etcd_url, redis=redis_url, lane_count=lane_count,
-        extra={"coordination": {"lease-ttl": ttl, "keepalive-interval": keepalive, "timeout": 2.0}},
-    )
-
-
-def http_get(address: str, path: str, timeout: float = 2.0) -> tuple[int, str]:
-    """GET http://address/path without proxies; (status, body)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{address}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in Prometheus text (0 if absent).
-
-    ``labels`` (``'decision="deny"'``) must all match; labels it does not name (every series
-    also carries ``cluster``, and some ``node``) are ignored.  Sums the matching samples.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-    total, found = 0.0, False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
-                total += sample.value
-                found = True
-    return total if found else 0.0
-
-
-class AgentProcess:
-    """A real `cbctl agent run` child in its own process group (SIGKILL/SIGSTOP-able)."""
-
-    def __init__(self, config: Path, node_id: str, state_dir: Path, log_dir: Path, *,
-                 extra_args: Sequence[str] = (), netns: str | None = None) -> None:
-        self.node_id = node_id
-        self.log_path = log_dir / f"agent-{node_id}-{time.monotonic_ns()}.log"
-        argv = [CBCTL, "agent", "run", "--handler", "demo", "--node-id", node_id, "--state-dir", str(state_dir), *extra_args]
-        if netns:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        env = {**os.environ, "CBCTL_CONFIG": str(config), "NO_COLOR": "1"}
-        env.pop("CBCTL_CONTEXT", None)
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Teardown: CONT (it may be stopped), TERM, then KILL."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        self._log.close()
-
-
-async def read_record(coord: Coordinator, cluster: str, node_id: str) -> dict[str, Any] | None:
-    kv = await coord.get(keys.node(cluster, node_id))
-    return None if kv is None else kv.json()
-
-
-async def wait_record(coord: Coordinator, cluster: str, node_id: str, timeout: float = 15.0,
-                      check: Any = None) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        rec = await read_record(coord, cluster, node_id)
-        if rec is None or (check is not None and not check(rec)):
-            return None
-        return rec
-
-    return await async_wait_until(probe, timeout, interval=0.05, message=f"record of {node_id}")
-
-
-async def lane_owners(coord: Coordinator, ctx: Context) -> dict[str, tuple[str | None, int | None]]:
-    return {v.lane: (v.owner, v.token) for v in await read_lanes(coord, ctx.cluster, ctx.lanes)}
-
-
-async def advance(cp: ControlPlane, to: int, canary: Sequence[str] | None = None) -> int:
-    plan = await cp.plan_advance(to, canary_lanes=canary)
-    return await cp.commit(plan, reason="test")
-
-
-async def set_flags(cp: ControlPlane, **flags: Any) -> int:
-    assignments = {k.replace("__", "."): v for k, v in flags.items()}
-    plan = await cp.plan_flags(assignments)
-    return await cp.commit(plan, reason="test")
-
-
-async def check_exactly_once(guard: LaneGuard, report: WorkloadReport, *, ordered: bool = True) -> None:
-    """Every enqueued transition applied once: seq 1..N without gaps, task ids unique; with
-    ``ordered`` (one owner per lane) also in enqueue order, so every workflow ends completed.
-    Competing consumers (cluster disabled) give no order across a workflow's messages."""
-    for wf, n in report.workflows.items():
-        hist = await guard.history(wf)
-        assert [e["seq"] for e in hist] == list(range(1, n + 1)), (wf, [(e["seq"], e["task_id"]) for e in hist])
-        assert len({e["task_id"] for e in hist}) == n
-        state = await guard.read_workflow(wf)
-        assert state["seq"] == n
-        if ordered:
-            assert state["state"] == "completed", (wf, state)
-            steps = [e["task_id"] for e in hist]
-            assert steps == sorted(steps, key=lambda t: (int(t.split("/")[1][1:]), int(t.split("/")[2]))), steps
-
-
-async def all_processed(guard: LaneGuard, report: WorkloadReport) -> bool:
-    for wf, n in report.workflows.items():
-        state = await guard.read_workflow(wf)
-        if state.get("seq", 0) < n:
-            return False
-    return True
 
 
 # -- fixtures ---------------------------------------------------------------------------------

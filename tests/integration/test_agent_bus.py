@@ -1,173 +1,39 @@
 """The event bus inside node agents, against real etcd, nats-server and redis-server.
 
 Several in-process NodeAgents with :func:`cbctl.core.agent.bus.attach.attach_bus`; subscribers are real
-HTTP SSE clients (httpx).  Helpers here are also used by ``tests/chaos/test_bus_faults.py``.
+HTTP SSE clients (httpx).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats as nats_client
 import pytest
 
 from cbctl.core.agent.node import NodeAgent, redis_client_for
 from cbctl.core.agent.bus.attach import AgentBus, attach_bus
-from cbctl.core.model.config import Context, default_stream_name, load_config
+from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import subject
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.operator.sse_client import SseParser
-from cbctl.core.agent.workload import WorkloadReport, generate
+from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.helpers import cbctl_proc, write_config
-from tests.integration.test_agent import all_processed, set_flags
+from tests.helpers import KEEPALIVE, TTL, bus_config, cbctl_proc
+from tests.support.metrics import metric
+from tests.support.rollout import set_flags, streaming, wait_applied, wait_lanes_spread
+from tests.support.sse import SseReader
+from tests.support.workload import all_processed, check_stream_exactly_once, check_subscriber
 
 pytestmark = pytest.mark.integration
-
-TTL = 3.0
-KEEPALIVE = 0.5
-
-STREAMING = {
-    "cluster.enabled": True, "ownership.guard": "enforce", "eventbus.publish": "on",
-    "eventbus.bridge": "streaming", "stream.source": "canonical", "signals.routing": "off",
-}
-
-
-# -- helpers (shared with the chaos tests) -----------------------------------------------------
-
-
-def bus_config(path: Path, cluster: str, etcd_url: str, redis_url: str, nats_url: str | Sequence[str], *,
-               lane_count: int = 4, duplicate_window: float | None = None, extra: dict[str, Any] | None = None) -> Path:
-    nats_table: dict[str, Any] = {"connect-timeout": 1.0}
-    if duplicate_window is not None:
-        nats_table["stream"] = {"duplicate-window": duplicate_window}
-    return write_config(
-        path, cluster=cluster, etcd=etcd_url, redis=redis_url, nats=nats_url, lane_count=lane_count,
-        extra={"coordination": {"lease-ttl": TTL, "keepalive-interval": KEEPALIVE, "timeout": 2.0},
-               "nats": nats_table, **(extra or {})},
-    )
-
-
-class SseReader:
-    """A real SSE subscriber in the background: ``events`` (parsed JSON, in arrival order),
-    ``ids`` (SSE ids), ``ends`` (``event: end`` payloads), ``status``/``error_body``."""
-
-    def __init__(self, address: str, path: str, subscriber: str, *, after: int | None = None) -> None:
-        params: dict[str, Any] = {"subscriber": subscriber}
-        if after is not None:
-            params["after"] = after
-        self.url = f"http://{address}{path}"
-        self.params = params
-        self.events: list[dict[str, Any]] = []
-        self.received_at: list[float] = []
-        self.ids: list[str] = []
-        self.ends: list[dict[str, Any]] = []
-        self.status: int | None = None
-        self.error_body: Any = None
-        self.opened = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> SseReader:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.wait_for(self.opened.wait(), 10)
-        return self
-
-    async def _run(self) -> None:
-        parser = SseParser()
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None), trust_env=False) as client:
-            async with client.stream("GET", self.url, params=self.params) as resp:
-                self.status = resp.status_code
-                if resp.status_code != 200:
-                    self.error_body = json.loads(await resp.aread())
-                    self.opened.set()
-                    return
-                self.opened.set()
-                async for line in resp.aiter_lines():
-                    msg = parser.feed(line)
-                    if msg is None or msg.comment is not None:
-                        continue
-                    if msg.event == "end":
-                        self.ends.append(json.loads(msg.data))
-                        continue
-                    self.events.append(json.loads(msg.data))
-                    self.received_at.append(time.time())
-                    self.ids.append(msg.id or "")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                await self._task
-
-    async def wait_done(self, timeout: float) -> None:
-        assert self._task is not None
-        await asyncio.wait_for(asyncio.shield(self._task), timeout)
-
-    def by_workflow(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for e in self.events:
-            out.setdefault(e["workflow_id"], []).append(e["seq"])
-        return out
-
-
-async def stream_event_ids(nats_url: str, stream: str) -> list[tuple[str, int, str]]:
-    """Every message in ``stream`` (a cluster's: ``default_stream_name(cluster)``) as
-    (workflow_id, seq, event_id), in stream order."""
-    nc = await nats_client.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            raw = await js.get_msg(stream, seq)
-            obj = json.loads(raw.data or b"{}")
-            out.append((obj["workflow_id"], obj["seq"], obj["event_id"]))
-        return out
-    finally:
-        await nc.close()
-
-
-async def check_stream_exactly_once(nats_url: str, guard: LaneGuard, report: WorkloadReport) -> None:
-    """The stream holds each executed update (Redis history) exactly once, seq 1..N, no gap."""
-    stored = await stream_event_ids(nats_url, default_stream_name(guard.keys.cluster))
-    ids = [eid for _, _, eid in stored]
-    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicate event ids in the stream"
-    per_wf: dict[str, list[int]] = {}
-    for wf, seq, _ in stored:
-        per_wf.setdefault(wf, []).append(seq)
-    for wf, n in report.workflows.items():
-        hist = await guard.history(wf)
-        assert [e["seq"] for e in hist] == list(range(1, n + 1)), wf
-        assert sorted(per_wf.get(wf, [])) == list(range(1, n + 1)), (wf, sorted(per_wf.get(wf, [])))
-
-
-def check_subscriber(reader: SseReader, report: WorkloadReport) -> None:
-    """Every update of every workflow, in order, no duplicate."""
-    got = reader.by_workflow()
-    for wf, n in report.workflows.items():
-        assert got.get(wf) == list(range(1, n + 1)), (wf, got.get(wf))
-
-
-def metric(agent: NodeAgent, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (others, e.g. the
-    ``cluster`` label every series carries, are ignored); 0 when there is none."""
-    total = 0.0
-    for family in agent.metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -226,20 +92,6 @@ async def bus_agents(bus_ctx: Context, tmp_path: Path) -> AsyncIterator[Any]:
     yield make
     for agent in started:
         await agent.stop()
-
-
-async def streaming(coord: Coordinator, ctx: Context, **more: Any) -> int:
-    return await set_flags(ControlPlane(ctx, coord), **{**STREAMING, **more})
-
-
-async def wait_applied(agents: Sequence[NodeAgent], rev: int) -> None:
-    await async_wait_until(lambda: all(a.applied_revision >= rev for a in agents), 10, interval=0.05,
-                           message="flags applied")
-
-
-async def wait_lanes_spread(agents: Sequence[NodeAgent], lanes: int) -> None:
-    await async_wait_until(lambda: sum(len(a.owned_lanes) for a in agents) == lanes, 15, interval=0.05,
-                           message="every lane owned")
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -430,7 +282,7 @@ async def test_local_stream_orders_concurrent_publishers() -> None:
     """Lane worker and signal router publish one workflow concurrently: seq N+1 finishing first
     waits for N (not dropped); legit gaps delay nothing; a stuck seq is given up on (only when a
     time limit is configured) and counted once."""
-    from cbctl.core.agent.bus.attach import LocalStream
+    from cbctl.core.agent.bus.local_stream import LocalStream
 
     ls = LocalStream(gap_timeout=0.2)
     one, every = ls.subscribe("wf-1"), ls.subscribe(None)

@@ -28,17 +28,10 @@ from cbctl.core.backends.coord.base import Coordinator, LeaseKeeper
 from cbctl.core.model.errors import BadInput
 from cbctl.core.agent.ownership import acquire_lane
 from cbctl.sandbox.waiting import async_wait_until
-from tests.integration.test_agent import (  # noqa: F401 - fixtures used by name
-    advance,
-    agent_config,
-    agents,
-    config_path,
-    coord,
-    ctx,
-    read_record,
-    set_flags,
-    wait_record,
-)
+from tests.helpers import agent_config
+from tests.integration.test_agent import agents, config_path, coord, ctx  # noqa: F401 - fixtures used by name
+from tests.support.records import read_record, wait_record
+from tests.support.rollout import advance, set_flags
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

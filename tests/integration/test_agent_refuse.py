@@ -26,11 +26,14 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.criteria import criterion_ownership
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
+from cbctl.core.agent.node import redis_client_for
 from cbctl.core.agent.registration import MACHINE_ID_FILE, clear_conflicts, read_refusals
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import CBCTL, write_config
-from tests.integration.test_agent import AgentProcess, all_processed, check_exactly_once, redis_client_for, wait_record
+from tests.support.agent_process import AgentProcess
+from tests.support.records import wait_record
+from tests.support.workload import all_processed, check_exactly_once
 
 pytestmark = pytest.mark.integration
 

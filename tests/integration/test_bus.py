@@ -25,16 +25,19 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from cbctl.core.agent.bus.bridge import Bridge, SubscriberLagged, Subscription
+from cbctl.core.agent.bus.bridge import Bridge
+from cbctl.core.agent.bus.subscription import SubscriberLagged, Subscription
 from cbctl.core.backends.nats.connect import connect_nats
 from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.agent.bus.publisher import Publisher
 from cbctl.core.backends.nats.stream import ensure_stream, verify_stream
 from cbctl.core.model.config import NatsConfig, SecretRef, StreamConfig, TLSConfig
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable
-from cbctl.core.model.events import Event, decode_event, encode_event, make_event, msg_id, subject
+from cbctl.core.model.events import Event, decode_event, encode_event, msg_id, subject
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, async_wait_until, free_port
+from tests.support.events import collect, ev
+from tests.support.metrics import sample
 
 pytestmark = pytest.mark.integration
 
@@ -43,15 +46,6 @@ CLUSTER = "bt"  # subjects cb.bt.events.v<N>.<workflow>
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def ev(workflow_id: str, seq: int, *, node_id: str = NODE, **kw: Any) -> Event:
-    return make_event(workflow_id=workflow_id, seq=seq, type="task.completed", lane="lane-00", node_id=node_id,
-                      task_id=f"t{seq}", payload={"seq": seq}, **kw)
-
-
-def metric(m: AgentMetrics, name: str, **labels: str) -> float:
-    return m.registry.get_sample_value(name, labels) or 0.0
 
 
 def nats_cfg(server: NatsServer, **stream: Any) -> NatsConfig:
@@ -70,10 +64,6 @@ async def stream_contents(js: JetStreamContext, stream: str) -> list[tuple[str, 
         raw = await js.get_msg(stream, seq)
         out.append((raw.subject or "", (raw.headers or {}).get("Nats-Msg-Id"), raw.data or b""))
     return out
-
-
-async def collect(sub: Subscription, n: int, timeout: float = 5.0) -> list[Event]:
-    return [await sub.next(timeout) for _ in range(n)]
 
 
 @pytest.fixture
@@ -183,8 +173,8 @@ async def test_publish_ok_and_duplicate(publisher_env, js_conn) -> None:  # type
     e = ev("wf-1", 1)
     assert await pub.publish(e) == "ok"
     assert await pub.publish(e) == "duplicate"  # same event id -> JetStream suppressed it
-    assert metric(m, "event_bus_publish_total", status="ok") == 1
-    assert metric(m, "event_bus_publish_total", status="duplicate") == 1
+    assert sample(m, "event_bus_publish_total", status="ok") == 1
+    assert sample(m, "event_bus_publish_total", status="duplicate") == 1
     msgs = await stream_contents(js, "CB_EVENTS")
     assert [(s, mid) for s, mid, _ in msgs] == [(f"cb.{CLUSTER}.events.v1.wf-1", msg_id(e.event_id, 1))]
     assert decode_event(msgs[0][2])[1] == e
@@ -211,7 +201,7 @@ async def test_dual_publish_shadow_and_off(publisher_env, js_conn) -> None:  # t
     pub.apply_flags("off", [1, 2])
     assert await pub.publish(ev("order.42", 2)) == "off"
     assert len(await stream_contents(js, "CB_EVENTS")) == 2
-    assert metric(m, "event_bus_publish_total", status="ok") == 2
+    assert sample(m, "event_bus_publish_total", status="ok") == 2
 
 
 async def test_retries_then_buffer_when_the_stream_is_missing(publisher_env, js_conn) -> None:  # type: ignore[no-untyped-def]
@@ -220,9 +210,9 @@ async def test_retries_then_buffer_when_the_stream_is_missing(publisher_env, js_
     assert await pub.publish(ev("wf-r", 1)) == "ok"
     await js.delete_stream("CB_EVENTS")  # connected, but JetStream refuses every publish now
     assert await pub.publish(ev("wf-r", 2)) == "buffered"
-    assert metric(m, "event_bus_publish_retries_total") == 3  # bounded: pub.retries
-    assert metric(m, "event_bus_outages_total") == 1
-    assert metric(m, "event_bus_publish_total", status="buffered") == 1
+    assert sample(m, "event_bus_publish_retries_total") == 3  # bounded: pub.retries
+    assert sample(m, "event_bus_outages_total") == 1
+    assert sample(m, "event_bus_publish_total", status="buffered") == 1
     # The drain task re-creates the stream and publishes the buffered event.
     await async_wait_until(lambda: not pub.degraded, 10, message="outbox drained")
     msgs = await stream_contents(js, "CB_EVENTS")
@@ -251,16 +241,16 @@ async def test_degraded_mode_buffers_and_drains_in_order(nats: NatsServer, tmp_p
         during = [ev(f"wf-{i % 3}", i // 3 + 11) for i in range(60)]
         statuses = await asyncio.gather(*(pub.publish(x) for x in during))
         assert set(statuses) == {"buffered"}  # returned only once committed to the outbox
-        assert pub.degraded and metric(m, "event_bus_degraded") == 1
-        assert metric(m, "event_bus_outages_total") == 1
-        assert metric(m, "event_bus_outbox_depth") == 60 == outbox.depth
+        assert pub.degraded and sample(m, "event_bus_degraded") == 1
+        assert sample(m, "event_bus_outages_total") == 1
+        assert sample(m, "event_bus_outbox_depth") == 60 == outbox.depth
         # Still accepting while degraded; still one outage.
         assert await pub.publish(ev("wf-0", 31)) == "buffered"
-        assert metric(m, "event_bus_outages_total") == 1
+        assert sample(m, "event_bus_outages_total") == 1
 
         nats.restart()
         await async_wait_until(lambda: not pub.degraded, 15, message="outbox drained")
-        assert metric(m, "event_bus_degraded") == 0 and metric(m, "event_bus_outbox_depth") == 0
+        assert sample(m, "event_bus_degraded") == 0 and sample(m, "event_bus_outbox_depth") == 0
         assert await pub.publish(ev("wf-1", 31)) == "ok"  # direct again
         delivered += await collect(sub, 62, timeout=10)
         assert sub.pending() == 0
@@ -274,7 +264,7 @@ async def test_degraded_mode_buffers_and_drains_in_order(nats: NatsServer, tmp_p
         by_wf.setdefault(e.workflow_id, []).append(e.seq)
     assert {wf: seqs == list(range(1, len(seqs) + 1)) for wf, seqs in by_wf.items()} == {
         "wf-0": True, "wf-1": True, "wf-2": True}
-    assert metric(bm, "event_bus_bridge_ordering_violations_total") == 0
+    assert sample(bm, "event_bus_bridge_ordering_violations_total") == 0
     nc = await nats_client.connect(nats.url)
     try:
         msgs = await stream_contents(nc.jetstream(), "CB_EVENTS")
@@ -289,7 +279,7 @@ async def test_degraded_mode_buffers_and_drains_in_order(nats: NatsServer, tmp_p
     for wf, got in seqs.items():
         assert got == sorted(got), f"{wf} out of order in the stream: {got}"
         assert got == list(range(1, len(got) + 1))
-    assert metric(m, "event_bus_outages_total") == 1
+    assert sample(m, "event_bus_outages_total") == 1
 
 
 _CRASH_CHILD = textwrap.dedent(
@@ -342,7 +332,7 @@ async def test_sigkilled_publisher_loses_no_acknowledged_event(nats: NatsServer,
     pub = Publisher(factory(cfg), cfg.stream, outbox, m, NODE, cluster=CLUSTER, publish_mode="on", reconnect_min=0.05)
     await pub.start()
     try:
-        assert metric(m, "event_bus_degraded") == 1  # an outbox left by a crash: degraded from the start
+        assert sample(m, "event_bus_degraded") == 1  # an outbox left by a crash: degraded from the start
         await async_wait_until(lambda: not pub.degraded, 15, message="outbox drained")
     finally:
         await pub.close()
@@ -397,11 +387,11 @@ async def test_bridge_dedup_reorder_gaps_and_bad_events(bridge_env) -> None:  # 
     await put(js, a[3])
     got = await sub.next(5)
     assert got.seq == 4 and got.event_id == a[3].event_id
-    assert metric(m, "event_bus_bridge_duplicates_suppressed_total") == 1
-    assert metric(m, "event_bus_bad_events_total", reason="not_utf8") == 1
-    assert metric(m, "event_bus_bad_events_total", reason="unknown_version") == 1
-    assert metric(m, "event_bus_bad_events_total", reason="not_object") == 1
-    assert metric(m, "event_bus_bridge_ordering_violations_total") == 0
+    assert sample(m, "event_bus_bridge_duplicates_suppressed_total") == 1
+    assert sample(m, "event_bus_bad_events_total", reason="not_utf8") == 1
+    assert sample(m, "event_bus_bad_events_total", reason="unknown_version") == 1
+    assert sample(m, "event_bus_bad_events_total", reason="not_object") == 1
+    assert sample(m, "event_bus_bridge_ordering_violations_total") == 0
 
     # A gap that never fills and no filler to ask: after give_up_after the bridge counts a
     # violation (the subscriber really misses seq 2) and skips ahead.
@@ -410,17 +400,17 @@ async def test_bridge_dedup_reorder_gaps_and_bad_events(bridge_env) -> None:  # 
     assert (await sub.next(5)).seq == 1
     await put(js, b3)
     assert (await sub.next(5)).seq == 3  # released only by the give-up
-    assert metric(m, "event_bus_bridge_ordering_violations_total") == 1
+    assert sample(m, "event_bus_bridge_ordering_violations_total") == 1
     # The missing one arriving after that is dropped (seqs per workflow only go up), and its
     # loss is not counted twice.
     await put(js, b2)
     await put(js, a[4])
     assert (await sub.next(5)).event_id == a[4].event_id
-    assert metric(m, "event_bus_bridge_ordering_violations_total") == 1
+    assert sample(m, "event_bus_bridge_ordering_violations_total") == 1
     assert bridge.stats.late_dropped == 1
     assert bridge.last_delivered_seq("wf-a") == 5 and bridge.last_delivered_seq("wf-b") == 3
     assert sub.pending() == 0
-    assert metric(m, "event_bus_consumer_dedup_mismatch_total") == 0
+    assert sample(m, "event_bus_consumer_dedup_mismatch_total") == 0
 
 
 async def test_bridge_modes_and_origin(bridge_env) -> None:  # type: ignore[no-untyped-def]
@@ -444,8 +434,8 @@ async def test_bridge_modes_and_origin(bridge_env) -> None:  # type: ignore[no-u
     assert [e.seq for e in await collect(sse, 2)] == [3, 1]
     assert [e.seq for e in await collect(hook, 2)] == [3, 1]
     assert (await one.next(5)).seq == 3  # the single-workflow subscription sees only wf-m
-    assert metric(m, "event_bus_bridge_delivered_total", origin="remote") == 1
-    assert metric(m, "event_bus_bridge_delivered_total", origin="local") == 2
+    assert sample(m, "event_bus_bridge_delivered_total", origin="remote") == 1
+    assert sample(m, "event_bus_bridge_delivered_total", origin="local") == 2
 
     # after_seq: replay what was already released (from memory), then continue live.
     late = bridge.subscribe("wf-m", "sse", after_seq=1)
@@ -485,8 +475,8 @@ async def test_each_node_has_its_own_consumer(nats: NatsServer, js_conn) -> None
             await put(js, ev("wf", s, node_id="n1"))
         for sub in subs:
             assert [e.seq for e in await collect(sub, 3)] == [1, 2, 3]
-        assert metric(bridges[0].metrics, "event_bus_bridge_delivered_total", origin="local") == 3
-        assert metric(bridges[1].metrics, "event_bus_bridge_delivered_total", origin="remote") == 3
+        assert sample(bridges[0].metrics, "event_bus_bridge_delivered_total", origin="local") == 3
+        assert sample(bridges[1].metrics, "event_bus_bridge_delivered_total", origin="remote") == 3
         names = sorted([c.name async for c in _consumers(js)])
         assert names == ["bridge-n1", "bridge-n2"]
     finally:
@@ -520,7 +510,7 @@ async def test_schema_version_switch_delivers_each_event_once(bridge_env) -> Non
     last = (await js.stream_info("CB_EVENTS")).state.last_seq
     await async_wait_until(lambda: bridge._last_stream_seq >= last, 5)
     assert sub.pending() == 0
-    assert metric(m, "event_bus_bridge_duplicates_suppressed_total") == 0
+    assert sample(m, "event_bus_bridge_duplicates_suppressed_total") == 0
 
 
 async def test_broker_dedup_mismatch_is_detected(nats: NatsServer, js_conn) -> None:  # type: ignore[no-untyped-def]
@@ -544,8 +534,8 @@ async def test_broker_dedup_mismatch_is_detected(nats: NatsServer, js_conn) -> N
             return not ack.duplicate
 
         await async_wait_until(stored_again, 5, interval=0.05)
-        await async_wait_until(lambda: metric(m, "event_bus_consumer_dedup_mismatch_total") == 1, 5)
-        assert metric(m, "event_bus_bridge_duplicates_suppressed_total") == 1
+        await async_wait_until(lambda: sample(m, "event_bus_consumer_dedup_mismatch_total") == 1, 5)
+        assert sample(m, "event_bus_bridge_duplicates_suppressed_total") == 1
         assert sub.pending() == 0
     finally:
         await bridge.close()
@@ -586,14 +576,14 @@ async def test_outbox_drained_after_the_duplicate_window_reaches_subscribers_onc
         await pub.start()
         try:
             await async_wait_until(lambda: not pub.degraded, 10, message="outbox drained")
-            assert metric(pm, "event_bus_publish_total", status="ok") == 20  # stored again, not duplicates
+            assert sample(pm, "event_bus_publish_total", status="ok") == 20  # stored again, not duplicates
             await put(js, ev("wf-o", 21))
             assert (await sub.next(5)).seq == 21  # nothing from the drain came in between
         finally:
             await pub.close()
-        assert metric(m, "event_bus_bridge_duplicates_suppressed_total") == 20
-        assert metric(m, "event_bus_consumer_dedup_mismatch_total") == 0
-        assert metric(m, "event_bus_bad_events_total", reason="not_json") >= 2  # the probes: skipped
+        assert sample(m, "event_bus_bridge_duplicates_suppressed_total") == 20
+        assert sample(m, "event_bus_consumer_dedup_mismatch_total") == 0
+        assert sample(m, "event_bus_bad_events_total", reason="not_json") >= 2  # the probes: skipped
     finally:
         outbox.close()
         await bridge.close()

@@ -1,6 +1,6 @@
 """Issue 9 regressions for the event bus, against real etcd, nats-server and redis-server.
 
-* No holes: the fencing guard's publish marker (cbctl/core/backends/redis/lanes.py) makes every node publish a
+* No holes: the fencing guard's publish marker (cbctl/core/backends/redis/guard.py) makes every node publish a
   workflow's events once its publishing began, so a flag transition applied at different times
   by different nodes (off -> shadow -> on, cluster.enabled false -> true, competing consumers)
   leaves no seq hole in the stream.  One test reproduces the issue's hole deterministically (a
@@ -25,7 +25,8 @@ import pytest
 
 from cbctl.core.agent.node import NodeAgent
 from cbctl.core.agent.bus.attach import AgentBus, attach_bus
-from cbctl.core.agent.bus.bridge import Bridge, GapFill
+from cbctl.core.agent.bus.bridge import Bridge
+from cbctl.core.agent.bus.gap_fill import GapFill
 from cbctl.core.backends.nats.stream import ensure_stream
 from cbctl.core.model.config import Context, StreamConfig, default_stream_name
 from cbctl.core.operator.controlplane import ControlPlane
@@ -36,8 +37,11 @@ from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.integration.test_agent import all_processed, set_flags
-from tests.integration.test_agent_bus import KEEPALIVE, TTL, SseReader, metric, stream_event_ids, wait_applied
+from tests.helpers import KEEPALIVE, TTL, bus_config
+from tests.support.metrics import metric
+from tests.support.rollout import set_flags, wait_applied
+from tests.support.sse import SseReader
+from tests.support.workload import all_processed, stream_event_ids
 
 # Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
 from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
@@ -255,7 +259,7 @@ async def _transitions(agents: list[tuple[NodeAgent, AgentBus]], cp: ControlPlan
     await async_wait_until(lambda: all(b.bridge is not None for _, b in agents), 10, interval=0.05)
     # Every bridge verifies the whole stream, the lagging node's too: its consumer is created only
     # when it applies eventbus.bridge != off (1.5 s after the others, typically after the last
-    # event was stored), but it reads from when its bridge started (cbctl/core/bus/bridge.py).
+    # event was stored), but it reads from when its bridge started (cbctl/core/agent/bus/bridge.py).
     try:
         await async_wait_until(
             lambda: all(b.bridge is not None and b.bridge.stats.released >= len(stored) for _, b in agents), 60,
@@ -339,8 +343,6 @@ async def test_flag_transition_hole_reproduced_deterministically(
     from cbctl.core.agent.node import redis_client_for
     from cbctl.core.model.config import load_config
     from cbctl.core.backends.coord import make_coordinator
-    from tests.integration.test_agent_bus import bus_config
-
     config = bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url,
                         lane_count=1)
     ctx = load_config(config).context()

@@ -16,13 +16,15 @@ from typing import Any
 import nats as nats_client
 import pytest
 
-from cbctl.core.agent.bus.bridge import Bridge, _Forgotten, _IdWindow, _MsgWindow
+from cbctl.core.agent.bus.bridge import Bridge
+from cbctl.core.agent.bus.dedup import Forgotten as _Forgotten, IdWindow as _IdWindow, MsgWindow as _MsgWindow
 from cbctl.core.backends.nats.stream import ensure_stream
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.events import deterministic_event_id, encode_event, msg_id, subject
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.integration.test_bus import collect, ev, metric
+from tests.support.events import collect, ev
+from tests.support.metrics import sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -159,14 +161,14 @@ async def test_copies_after_both_windows_of_an_evicted_workflow_are_not_delivere
 
         await async_wait_until(old_forgotten, 20, interval=0.1, message="wf-old evicted and its ids expired")
         assert len(bridge._forgotten) >= 1
-        dup_before = metric(m, "event_bus_bridge_duplicates_suppressed_total")
+        dup_before = sample(m, "event_bus_bridge_duplicates_suppressed_total")
         for e in old:  # stored again: JetStream's 1 s window has long passed
             await put(e)
         await put(ev("wf-old", 4))
         got = await sub.next(5)
         assert (got.workflow_id, got.seq) == ("wf-old", 4), got
-        assert metric(m, "event_bus_bridge_duplicates_suppressed_total") - dup_before == 3
-        assert metric(m, "event_bus_bridge_ordering_violations_total") == 0
+        assert sample(m, "event_bus_bridge_duplicates_suppressed_total") - dup_before == 3
+        assert sample(m, "event_bus_bridge_ordering_violations_total") == 0
         assert sub.pending() == 0
     finally:
         await bridge.close()

@@ -32,8 +32,10 @@ import nats as nats_client
 import pytest
 
 from cbctl.core.agent.node import NodeAgent
-from cbctl.core.agent.bus.attach import AgentBus, fill_from_record
-from cbctl.core.agent.bus.bridge import Bridge, Subscription
+from cbctl.core.agent.bus.attach import AgentBus
+from cbctl.core.agent.bus.gap_fill import fill_from_record
+from cbctl.core.agent.bus.bridge import Bridge
+from cbctl.core.agent.bus.subscription import Subscription
 from cbctl.core.backends.nats.stream import ensure_stream
 from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
@@ -44,8 +46,9 @@ from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.integration.test_agent import all_processed, set_flags
-from tests.integration.test_agent_bus import STREAMING, metric, wait_applied, wait_lanes_spread
+from tests.support.metrics import metric
+from tests.support.rollout import STREAMING, set_flags, wait_applied, wait_lanes_spread
+from tests.support.workload import all_processed
 
 # Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
 from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401

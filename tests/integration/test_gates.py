@@ -13,39 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import start_http_server
 
 from cbctl.core.model import keys
 from cbctl.core.model.config import load_config
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.gate_eval import evaluate_rules
 from cbctl.core.model.gate_settings import gate_config
-from cbctl.core.model.metrics import AgentMetrics
-from cbctl.core.backends.prometheus import PromClient
-from cbctl.sandbox import free_port
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_run, write_config
+from tests.support.prometheus import Exporter, wait_samples, wait_value
+from tests.support.records import write_preflight
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 LANES = [f"lane-{i:02d}" for i in range(4)]
 GATES = {"window": "5s", "min-samples": 3}
-
-
-class Exporter:
-    """One agent's metric registry (series labelled with ``cluster``) on a free loopback port."""
-
-    def __init__(self, node: str, cluster: str) -> None:
-        self.metrics = AgentMetrics(node, cluster=cluster)
-        self.metrics.applied_revision.set(0)  # as an agent does once it has read the document
-        self.port = free_port()
-        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.metrics.registry)
-        self.hostport = f"127.0.0.1:{self.port}"
-        self.node = node
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -65,24 +47,6 @@ def context(cfg: Path):
     return load_config(cfg).context()
 
 
-async def wait_samples(url: str, metric: str, n: int, timeout: float = 20.0) -> None:
-    """Until Prometheus holds at least ``n`` samples of ``metric`` in the last 5 s."""
-    async with PromClient(url) as prom:
-        async def enough() -> bool:
-            v = await prom.query_value(f"min(count_over_time({metric}[5s]))")
-            return v is not None and v >= n
-
-        await async_wait_until(enough, timeout, interval=0.2, message=f"{n} samples of {metric}")
-
-
-async def wait_value(url: str, expr: str, value: float, timeout: float = 20.0) -> None:
-    async with PromClient(url) as prom:
-        async def seen() -> bool:
-            return await prom.query_value(expr) == value
-
-        await async_wait_until(seen, timeout, interval=0.2, message=f"{expr} == {value}")
-
-
 async def wait_gates_pass(ctx, stage: int, timeout: float = 30.0) -> None:
     """Until every gate of ``stage`` passes, evaluated exactly as `stage advance` does."""
     from cbctl.core.operator.gate_eval import stage_gates
@@ -96,16 +60,6 @@ async def wait_gates_pass(ctx, stage: int, timeout: float = 30.0) -> None:
             await coord.close()
 
     await async_wait_until(passing, timeout, interval=0.5, message=f"gates of stage {stage} pass")
-
-
-async def write_preflight(ctx, *, ok: bool = True, age: float = 0.0) -> None:
-    coord = make_coordinator(ctx)
-    await coord.connect()
-    try:
-        record = {"time": time.time() - age, "ok": ok, "failed": [] if ok else ["nats"], "actor": "test"}
-        await coord.put(keys.preflight_last(ctx.cluster), json.dumps(record).encode())
-    finally:
-        await coord.close()
 
 
 async def test_rules_give_no_data_then_pass_then_fail(cfg: Path, prometheus, exporter: Exporter) -> None:

@@ -16,8 +16,8 @@ from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
-from tests.integration.test_agent import all_processed
-from tests.integration.test_agent_bus import check_stream_exactly_once, streaming, wait_applied, wait_lanes_spread
+from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
+from tests.support.workload import all_processed, check_stream_exactly_once
 
 # Fixtures from the integration module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
 from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401

@@ -34,7 +34,8 @@ from cbctl.core.operator.signal_sender import send_signal
 from cbctl.sandbox import NatsServer
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run, write_config
-from tests.integration.test_agent import lane_owners, set_flags
+from tests.support.records import lane_owners
+from tests.support.rollout import set_flags
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -30,7 +30,7 @@ from cbctl.core.operator.instant import evaluation_instant, stage_entry
 from cbctl.core.backends.prometheus import PromClient
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run
-from tests.integration.test_gates import write_preflight
+from tests.support.records import write_preflight
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

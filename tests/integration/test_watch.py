@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cbctl_run, write_config
-from tests.integration.test_gates import Exporter, wait_samples, wait_value
+from tests.support.prometheus import Exporter, wait_samples, wait_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
