@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import tomli_w
 
-from cbctl.core.agent.node import redis_client_for
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.model.config import load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator

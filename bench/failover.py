@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tomli_w
 
-from cbctl.core.agent.node import redis_client_for
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator

@@ -161,7 +161,7 @@ def load(
     fmt = output_format(ctx, output)
 
     async def body() -> dict[str, Any]:
-        from cbctl.core.agent.node import redis_client_for
+        from cbctl.core.backends.redis.client import redis_client_for
         from cbctl.core.backends.redis.queue import LaneQueue
         from cbctl.core.agent.workload import generate
 

@@ -18,13 +18,14 @@ from typing import Any, Literal
 import pytest
 
 from cbctl.core.agent.bus.attach import AgentBus, attach_bus
-from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.config import Context, load_config
-from tests.helpers import write_config
+from tests.helpers import KEEPALIVE, TTL, write_config
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class StackOptions:
 
     lane_count: int = 8
     nats: Literal["none", "own", "shared"] = "none"
-    ttl: float = 3.0
-    keepalive: float = 0.5
+    ttl: float = TTL
+    keepalive: float = KEEPALIVE
     #: ``[nats] connect-timeout`` (None: the config default); 1 s makes a dead server show fast
     nats_connect_timeout: float | None = 1.0
     #: extra context keys, merged into the tables write_config makes

@@ -34,6 +34,7 @@ from cbctl.core.agent.tasks import cancel_all
 from cbctl.core.agent.worker import LaneRun, LaneWorkers
 from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.backends.coord.base import Coordinator, Lease
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model import keys
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NodeAgent", "redis_client_for"]
+__all__ = ["NodeAgent"]
 
 
 class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
@@ -521,22 +522,3 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
             self._stop_outcome.append(f"{what} failed: {exc}")
             log.error("agent %s stop: %s failed: %s; going on", self.node_id, what, exc,
                       exc_info=not isinstance(exc, CbctlError))
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
-    """The Redis client of a context, configured for lanes (:func:`cbctl.core.backends.redis.client.redis_client`).
-
-    The socket timeout must outlast a blocking XREADGROUP of ``block_ms``.
-    """
-    from cbctl.core.backends.redis.client import redis_client
-
-    secret = ctx.redis.password.resolve() if ctx.redis.password else None
-    return redis_client(
-        ctx.redis.url,
-        password=secret.reveal() if secret is not None else None,
-        # Generous: a reply that arrived while the process was suspended must still be read.
-        socket_timeout=block_ms / 1000 + 10.0,
-    )

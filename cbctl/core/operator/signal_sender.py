@@ -25,7 +25,7 @@ from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
 from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.backends.redis.queue import LaneQueue, lane_for
-from cbctl.core.backends.redis.client import redis_client as new_redis_client
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError
@@ -172,11 +172,8 @@ async def _enqueue_local(ctx: Context, workflow_id: str, name: str, signal_id: s
     """The local path: a ``signal`` task on the workflow's lane stream; returns the entry id."""
     own = redis_client is None
     if redis_client is None:
-        secret = ctx.redis.password.resolve() if ctx.redis.password else None
-        # The settings of the agent's client (cbctl/core/agent/node.py, redis_client_for) for a
-        # non-blocking caller: a reply that arrived while the process was suspended is still read.
-        redis_client = new_redis_client(ctx.redis.url, password=secret.reveal() if secret is not None else None,
-                                        socket_timeout=10.0)
+        # The agent's lane client settings, for a caller that never blocks on a read.
+        redis_client = redis_client_for(ctx)
     try:
         queue = LaneQueue(redis_client, ctx.cluster, ctx.lanes)
         try:

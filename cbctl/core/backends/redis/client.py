@@ -1,7 +1,8 @@
 """The one Redis client factory of cbctl and the edge where redis-py errors become ours.
 
-Contract: every Redis client in cbctl comes from :func:`redis_client` (or :func:`open_redis`,
-the same for a ``RedisConfig``), and every call whose failure a caller handles runs under
+Contract: every Redis client in cbctl comes from :func:`redis_client`, or for a context from
+one of its two named settings: :func:`redis_client_for` (lanes: the agent's guard and queue, the
+signal sender's enqueue) or :func:`open_redis` (probes: single attempts, raw replies), and every call whose failure a caller handles runs under
 :func:`redis_errors` (or :func:`redis_call`), which raises
 :class:`~cbctl.core.model.errors.AuthFailed` for refused credentials and
 :class:`~cbctl.core.model.errors.BackendUnavailable` for an unreachable Redis or one that cannot
@@ -24,9 +25,9 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable
 
 if TYPE_CHECKING:
-    from cbctl.core.model.config import RedisConfig
+    from cbctl.core.model.config import Context, RedisConfig
 
-__all__ = ["as_str", "json_compact", "open_redis", "redis_call", "redis_client", "redis_errors"]
+__all__ = ["as_str", "json_compact", "open_redis", "redis_call", "redis_client", "redis_client_for", "redis_errors"]
 
 BACKEND = "redis"
 DEFAULT_OPEN_TIMEOUT = 2.0
@@ -73,15 +74,33 @@ def redis_client(
     )
 
 
+def _password(cfg: RedisConfig) -> str | None:
+    # Resolved at the moment of use (ConfigError if the reference is unset), never stored.
+    secret = cfg.password.resolve() if cfg.password else None
+    return secret.reveal() if secret is not None else None
+
+
+def redis_client_for(ctx: Context, block_ms: int = 0) -> Redis:
+    """:func:`redis_client` for a context's lanes: the agent's guard and queue, the signal sender.
+
+    The defaults of :func:`redis_client` (redis-py retries a dropped connection 3 times, decoded
+    replies as the guard and queue parse them), with a generous socket timeout: it must outlast
+    a blocking XREADGROUP of ``block_ms``, and a reply that arrived while the process was
+    suspended must still be read.  The password reference is resolved now.
+    """
+    return redis_client(ctx.redis.url, password=_password(ctx.redis), socket_timeout=block_ms / 1000 + 10.0)
+
+
 def open_redis(cfg: RedisConfig, *, timeout: float = DEFAULT_OPEN_TIMEOUT) -> Redis:
-    """:func:`redis_client` for a context's ``redis`` section, single attempts, raw replies.
+    """:func:`redis_client` for a context's ``redis`` section as probes need it: single attempts
+    (a probe must see a failure, not wait through retries), raw replies, ``timeout`` for connect
+    and every read.
 
     The password reference is resolved now (``ConfigError`` if it is unset).
     """
-    secret = cfg.password.resolve() if cfg.password else None
     return redis_client(
         cfg.url,
-        password=secret.reveal() if secret is not None else None,
+        password=_password(cfg),
         socket_timeout=timeout,
         connect_timeout=timeout,
         retries=0,
