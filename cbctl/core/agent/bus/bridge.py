@@ -1,111 +1,22 @@
-"""The bridge: canonical stream -> in-process subscribers, de-duplicated and in order per workflow.
+"""The bridge: the canonical stream -> in-process subscribers, de-duplicated and in order per
+workflow (docs/event-bus.md, "Bridge").
 
-Consumption
------------
-Each node has its own durable pull consumer, ``bridge-<node_id>`` (every node delivers every
-workflow to its own subscribers, so nodes must not share one), filtered to every event subject of
-this cluster, ``cb.<cluster>.events.>`` (:func:`cbctl.core.model.events.stream_subjects`), all schema
-versions.  Subscribers get the pinned version (flag ``consumers.schema_version``); a message of
-another version is skipped unread unless this bridge has delivered from that version before
-(step 1).  So changing the pinned version needs no new consumer: the same one goes on where it
-was.  (It used to be filtered to the pinned version, ``cb.<cluster>.events.v<N>.>``, and
-re-created on the new filter at a switch.  Then an event published only in the old version and
-stored after the old consumer's last fetch -- a lagging node still publishing v1 only, the tail
-of a workflow whose v2 publishing never began -- was never seen by either consumer, and with no
-later event of that workflow to reveal the gap its subscribers silently missed it.  A durable
-consumer still on such a filter is re-created on the new one ``rewind`` stream messages before
-where it had got to; whatever is seen twice that way is removed by the de-duplication below.)
-Every message is acked once handled, including undecodable ones, so nothing redelivers forever.
-A consumer created from scratch starts at the stream messages stored since this bridge *started*
-(``deliver_new``; the consumer itself is only created once ``eventbus.bridge`` leaves ``off``):
-a node joining late does not replay the stream's history, and a node that applies
-``off -> read-only`` later than the others (a busy machine) still reads everything published
-since it started, like a durable consumer that was paused while ``off``.  Starting at "new
-messages as of the flag change" tied a bridge's view to how late its node heard of the change:
-a lagging node's bridge missed whatever the others published meanwhile (all of it, in the
-flag-transition test of ``tests/integration/test_bus_holes.py``).  One that vanished (a server
-restart can lose a consumer created just before it was killed) is re-created from the last
-stream sequence seen, minus ``rewind``, and is looked for at once after every reconnect.
-
-Per message, in order:
-
-1. Decode (:func:`cbctl.core.model.events.decode_event`, subject checked too).  Garbage bytes, an
-   unknown schema version, a malformed event: ``event_bus_bad_events_total{reason}``, skipped.
-   A message of a version other than the pinned one: skipped (acked, not even decoded) unless
-   this bridge has delivered from that version before -- i.e. after ``consumers.schema_version``
-   moved, the old version's messages.  Those are not delivered (subscribers get the pinned
-   version's content) but mark their seq as owed: the gap filler brings it from the record
-   unless the pinned version's copy comes first (a seq published only in the old version, e.g.
-   by a node that has not applied the dual-publish window yet, has none).  Left-overs fetched
-   before the switch and handled after it are treated the same way.
-2. Broker de-dup check: the same ``Nats-Msg-Id`` stored twice (two stream sequences) within the
-   stream's duplicate window means JetStream failed to suppress a duplicate it should have:
-   ``event_bus_consumer_dedup_mismatch_total``.  (Copies further apart than the window are
-   expected, e.g. an outbox drained after a long outage; step 3 handles them.)
-3. De-dup: ``event_bus_bridge_duplicates_suppressed_total``.  ``event_id`` is deterministic
-   (one per workflow and seq, the same in every schema version), so a copy is recognised two
-   ways.  (a) By ``event_id`` over a window a little longer than JetStream's duplicate window
-   (default: the window + 60 s, at most 200,000 ids), kept as 128-bit integers in a few
-   generations of sets dropped whole (about 90 bytes an id instead of about 300 for a string in
-   an ordered dict: at 200 events/s this was the agent's largest growing structure).  (b) By the
-   workflow's seq order, however late the copy: a seq at or below the last one released is not
-   released again (step 4).  That covers workflows whose ordering state is kept (the
-   ``max_workflows`` most recently active) and, through a compact record of where each evicted
-   workflow had got to (``forget_max`` workflows for ``forget_max_age``, default 1 hour, about
-   16 bytes each), evicted ones too: so an outbox drained long after an outage (after both
-   JetStream's window and the id window) still delivers nothing twice.  The dual-published copy
-   of an event read again after a version switch is removed the same way.
-4. Reorder per workflow by ``seq``: seq n+1 is released only after n.  A later seq is held back.
-   A late event is never dropped for being late: if the gap is still open after ``gap_timeout``
-   the bridge asks its *gap filler* (the agent reads the workflow's Redis history, the
-   authoritative record of every applied event, and its publish marker, see
-   :mod:`cbctl.core.backends.redis.lanes`) for the missing seqs and releases them from there, in order; the
-   stream copy that arrives later has the same deterministic ``event_id`` and is suppressed by
-   step 3.  Only a seq that is provably gone (trimmed from the history by ``history-max``, or
-   the workflow's keys expired) is skipped, or -- when there is no filler, or Redis cannot be
-   read -- one still missing after ``give_up_after``: then the bridge counts
-   ``event_bus_bridge_ordering_violations_total`` (subscribers really miss it) and goes on from
-   the lowest held seq.  A copy of a skipped seq that turns up afterwards is dropped (subscribers
-   were promised increasing seqs) and not counted again.
-   A workflow first seen at a seq above 1 starts where its stream starts *for this bridge*: the
-   filler says at which seq the workflow's publishing began, and which of the missing events
-   were applied after this bridge's consumer was created (those are in the part of the stream
-   the consumer reads, so they are filled); events from before the consumer existed are not
-   this bridge's to deliver (a node joining late does not replay history).  Without a filler,
-   lower seqs arriving within ``gap_timeout`` go first and the bridge then starts at the lowest
-   held seq.  Neither case is a violation.
-5. Release: track the workflow's last released seq, keep it in a short per-workflow history (for
-   ``after_seq`` replays) and fan out by mode (flag ``eventbus.bridge``):
-   ``off`` consumes nothing; ``read-only`` runs steps 1-4 and delivers to nobody; ``canary``
-   delivers only to subscribers whose name is in ``canary.subscribers``; ``streaming`` to all.
-   ``event_bus_bridge_delivered_total{origin}`` counts each event that reached at least one
-   subscriber, ``origin`` ``local`` when this node published it (its ``node_id``), else ``remote``.
-
-Subscribers
------------
-:meth:`Bridge.subscribe` returns a :class:`Subscription`, an async iterator of :class:`Event`.
-Per workflow, a subscription sees strictly increasing seqs.  With ``after_seq`` (single-workflow
-subscriptions only) it first replays what the bridge already released with a higher seq (from
-the in-memory history, else read back from the stream), then continues live without a gap or a
-repeat.  A replay read back from the stream is all or nothing: if NATS fails part-way,
-iterating raises ``BackendUnavailable`` (nothing of the replay is yielded; subscribe again with
-the same ``after_seq``).  A subscriber that falls ``max_queue`` events behind is dropped:
-iterating raises :class:`SubscriberLagged`, carrying the last seq it got, to resubscribe from.
+Contract: one durable pull consumer per node (``bridge-<node_id>``) on every schema version of
+the cluster's subjects; subscribers get the pinned version (``consumers.schema_version``), per
+workflow in strictly increasing seq order, nothing twice, per the mode (``eventbus.bridge``):
+``off`` consumes nothing, ``read-only`` verifies and delivers to nobody, ``canary`` delivers to
+``canary.subscribers`` only, ``streaming`` to all.  Every message is acked once handled.  A gap
+is filled from the record or skipped and counted (:mod:`cbctl.core.agent.bus.sequencer`).
+Memory is bounded by the constructor's options, never by uptime.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import hashlib
-import itertools
 import logging
 import re
 import time
-from array import array
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -116,8 +27,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from cbctl.core.agent.bus.dedup import MsgWindow
+from cbctl.core.agent.bus.gap_fill import GapFiller
+from cbctl.core.agent.bus.sequencer import Sequencer
+from cbctl.core.agent.bus.subscription import Subscription
 from cbctl.core.model.config import StreamConfig
-from cbctl.core.model.errors import BackendUnavailable, BadInput, CbctlError
+from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.events import (
     BAD_EVENT_REASONS,
     SUPPORTED_SCHEMA_VERSIONS,
@@ -157,339 +72,14 @@ def _retrieve(fut: asyncio.Future[object]) -> None:
         log.debug("bridge: %s", fut.exception())
 
 
-def _id_digest(event_id: str) -> int:
-    """A 128-bit integer standing for ``event_id``: the id itself when it is 32 hex digits (what
-    :func:`cbctl.core.model.events.deterministic_event_id` makes: lossless), else a BLAKE2b digest.
-    About 44 bytes as a Python int, against about 300 for the string and its dict entry."""
-    if len(event_id) == 32:
-        try:
-            return int(event_id, 16)
-        except ValueError:
-            pass
-    return int.from_bytes(hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=16).digest(), "big")
-
-
-class _IdWindow:
-    """Event ids seen recently (membership only), bounded by age and by count.
-
-    Digests (:func:`_id_digest`) in ``generations`` sets, each covering about ``max_age /
-    generations`` seconds (or ``max_ids / generations`` ids, whichever fills first); a whole set
-    is dropped once its newest id is older than ``max_age`` or the window holds more than
-    ``max_ids``.  So an id is remembered at least ``max_age`` seconds unless the count bound
-    bites first, and memory never exceeds ``max_ids`` digests plus one generation.
-    """
-
-    __slots__ = ("max_ids", "max_age", "_span", "_per_gen", "_gens", "_n")
-
-    def __init__(self, max_ids: int, max_age: float, generations: int = 8) -> None:
-        self.max_ids = max(1, max_ids)
-        self.max_age = max_age
-        self._span = max_age / generations
-        self._per_gen = max(1, self.max_ids // generations)
-        self._gens: deque[tuple[float, set[int]]] = deque()  # (started at, digests), oldest first
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __contains__(self, event_id: object) -> bool:
-        if not isinstance(event_id, str) or not self._gens:
-            return False
-        h = _id_digest(event_id)
-        return any(h in ids for _, ids in reversed(self._gens))
-
-    def add(self, event_id: str, now: float) -> None:
-        gens = self._gens
-        if not gens or now - gens[-1][0] >= self._span or len(gens[-1][1]) >= self._per_gen:
-            gens.append((now, set()))
-            # Expired: the newest id of a generation is at most its start + span old.
-            while len(gens) > 1 and now - (gens[0][0] + self._span) > self.max_age:
-                self._n -= len(gens.popleft()[1])
-        ids = gens[-1][1]
-        before = len(ids)
-        ids.add(_id_digest(event_id))
-        self._n += len(ids) - before
-        while self._n > self.max_ids and len(gens) > 1:
-            self._n -= len(gens.popleft()[1])
-
-
-class _MsgWindow:
-    """``Nats-Msg-Id`` -> (stream seq, stored at) for the last ``window`` seconds of stored time
-    (the broker de-dup check, module doc step 2), bounded by ``max_n`` too.
-
-    Kept compact: the key is the id's 64-bit ``hash`` (per process; a collision can only
-    mis-count the mismatch metric, never drop an event) and the value one int packing the stream
-    seq and the store time in milliseconds, in four generations of plain dicts dropped whole.
-    """
-
-    __slots__ = ("window", "max_n", "_span", "_gens", "_n", "_latest")
-
-    _MS_BITS = 42  # stored-at milliseconds fit in 42 bits until the year 2109
-
-    def __init__(self, window: float, max_n: int, generations: int = 4) -> None:
-        self.window = window
-        self.max_n = max(1, max_n)
-        self._span = max(0.001, window / generations)
-        self._gens: deque[tuple[float, dict[int, int]]] = deque()  # (first stored at, entries)
-        self._n = 0
-        self._latest = 0.0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def get(self, mid: str) -> tuple[int, float] | None:
-        h = hash(mid)
-        for _, d in reversed(self._gens):
-            v = d.get(h)
-            if v is not None:
-                return v >> self._MS_BITS, (v & ((1 << self._MS_BITS) - 1)) / 1000
-        return None
-
-    def put(self, mid: str, stream_seq: int, stored_at: float) -> None:
-        gens = self._gens
-        self._latest = max(self._latest, stored_at)
-        if not gens or stored_at - gens[-1][0] >= self._span:
-            gens.append((stored_at, {}))
-            # Entries older than the window can no longer show a mismatch.
-            while len(gens) > 1 and self._latest - (gens[0][0] + self._span) > self.window:
-                self._n -= len(gens.popleft()[1])
-        d = gens[-1][1]
-        before = len(d)
-        d[hash(mid)] = (stream_seq << self._MS_BITS) | (int(stored_at * 1000) & ((1 << self._MS_BITS) - 1))
-        self._n += len(d) - before
-        while self._n > self.max_n and len(gens) > 1:
-            self._n -= len(gens.popleft()[1])
-
-
-class _Forgotten:
-    """Where workflows whose ordering state was evicted had got to: ``workflow_id`` -> last seq.
-
-    Without it a copy of an old event of an evicted workflow (an outbox drained after JetStream's
-    duplicate window, once the event-id window has passed too) would look like a workflow first
-    seen mid-life and be delivered again.  Compact, since it covers a long horizon: the current
-    generation is a dict keyed by the id's 64-bit ``hash`` (per process); older generations are
-    frozen into two sorted arrays (8 + 8 bytes per workflow) searched by bisection.  A
-    generation covers ``max_age / generations`` seconds; whole generations are dropped once
-    older than ``max_age`` or when more than ``max_n`` workflows are remembered.
-    """
-
-    __slots__ = ("max_n", "max_age", "_span", "_live", "_live_since", "_frozen", "_n")
-
-    def __init__(self, max_n: int, max_age: float, generations: int = 12) -> None:
-        self.max_n = max(1, max_n)
-        self.max_age = max_age
-        self._span = max_age / generations
-        self._live: dict[int, int] = {}
-        self._live_since: float | None = None
-        self._frozen: deque[tuple[float, array[int], array[int]]] = deque()  # (ended at, keys, seqs)
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n + len(self._live)
-
-    def put(self, workflow_id: str, last_seq: int, now: float) -> None:
-        if self._live_since is None:
-            self._live_since = now
-        elif now - self._live_since >= self._span or len(self._live) >= self.max_n:
-            keys = sorted(self._live)
-            self._frozen.append((now, array("q", keys), array("q", (self._live[k] for k in keys))))
-            self._n += len(keys)
-            self._live, self._live_since = {}, now
-        while self._frozen and (now - self._frozen[0][0] > self.max_age
-                                or self._n + len(self._live) > self.max_n):
-            self._n -= len(self._frozen.popleft()[1])
-        self._live[hash(workflow_id)] = last_seq
-
-    def pop(self, workflow_id: str) -> int | None:
-        """The last seq remembered for ``workflow_id`` (newest first), or None."""
-        h = hash(workflow_id)
-        seq = self._live.pop(h, None)
-        if seq is not None:
-            return seq
-        for _, keys, seqs in reversed(self._frozen):
-            i = bisect.bisect_left(keys, h)
-            if i < len(keys) and keys[i] == h:
-                return seqs[i]  # left in place: a frozen generation is immutable; the live state supersedes it
-        return None
-
-
-class SubscriberLagged(CbctlError):
-    """A subscriber fell too far behind and was dropped; resubscribe with ``after_seq``."""
-
-    exit_code = 1
-
-    def __init__(self, name: str, workflow_id: str | None, last_seq: int | None) -> None:
-        super().__init__(
-            f"subscriber {name!r} fell behind and was dropped (last seq {last_seq} of workflow {workflow_id!r})"
-        )
-        self.name = name
-        self.workflow_id = workflow_id
-        self.last_seq = last_seq
-
-
-_CLOSED = object()
-_LAGGED = object()
-
-
-class Subscription:
-    """Async iterator of events for one subscriber. Create with :meth:`Bridge.subscribe`."""
-
-    def __init__(self, bridge: Bridge, workflow_id: str | None, name: str, after_seq: int | None,
-                 max_queue: int) -> None:
-        self.workflow_id = workflow_id
-        self.name = name
-        self.after_seq = after_seq
-        self._bridge = bridge
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._max_queue = max_queue
-        self._replay: list[Event] | None = None
-        self._replay_task: asyncio.Task[list[Event]] | None = None
-        self._replay_upto: int | None = None  # live events at or below this seq were replayed
-        self._last_seq: int | None = after_seq  # last seq handed to the consumer (one workflow)
-        self._closed = False
-        self._lagged = False
-
-    @property
-    def last_seq(self) -> int | None:
-        """The last seq this subscription yielded (single-workflow subscriptions)."""
-        return self._last_seq
-
-    def _offer(self, ev: Event) -> bool:
-        if self._closed or self._lagged:
-            return False
-        if self._queue.qsize() >= self._max_queue:
-            # Blocking the bridge for one slow subscriber would stall every other one.
-            self._lagged = True
-            self._queue.put_nowait(_LAGGED)
-            self._bridge._remove(self)
-            return False
-        self._queue.put_nowait(ev)
-        return True
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._replay is None and self.after_seq is not None and self.workflow_id is not None:
-            # The replay runs as its own task: a read back from the stream can outlast the
-            # caller's timeout (next(keepalive)), and cancelling it would restart it from scratch
-            # on every call, never finishing.
-            if self._replay_task is None:
-                self._replay_task = asyncio.ensure_future(self._bridge._replay(self))
-            task = self._replay_task
-            try:
-                replay = await asyncio.shield(task)
-            finally:
-                if task.done():
-                    self._replay_task = None  # a failed replay is tried afresh on the next call
-            self._replay = list(reversed(replay))  # pop() from the end = oldest first
-        while True:
-            if self._replay:
-                ev = self._replay.pop()
-            else:
-                item = await self._queue.get()
-                if item is _CLOSED:
-                    self._queue.put_nowait(_CLOSED)  # keep raising on further calls
-                    raise StopAsyncIteration
-                if item is _LAGGED:
-                    raise SubscriberLagged(self.name, self.workflow_id, self._last_seq)
-                assert isinstance(item, Event)
-                ev = item
-            if self.workflow_id is not None and self._last_seq is not None and ev.seq <= self._last_seq:
-                continue  # already yielded by the replay
-            if self.workflow_id is not None:
-                self._last_seq = ev.seq
-            return ev
-
-    async def next(self, timeout: float | None = None) -> Event:
-        """The next event, or ``asyncio.TimeoutError`` after ``timeout`` seconds."""
-        return await asyncio.wait_for(self.__anext__(), timeout)
-
-    def pending(self) -> int:
-        """Events queued and not yet taken."""
-        return self._queue.qsize() + len(self._replay or ())
-
-    def close(self) -> None:
-        """Stop receiving; iteration ends after what is already queued."""
-        if not self._closed:
-            self._closed = True
-            self._bridge._remove(self)
-            self._queue.put_nowait(_CLOSED)
-            task, self._replay_task = self._replay_task, None
-            if task is not None:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled():
-                    task.exception()  # mark a failure retrieved: nobody is left to be told
-
-
-@dataclass(frozen=True, slots=True)
-class GapFill:
-    """What a :data:`GapFiller` found for one workflow in the authoritative record.
-
-    ``begin``: the seq at which the workflow's publishing began in the asked schema version
-    (``None``: not begun in it, or not known, e.g. its keys expired).  ``begins``: the same for
-    every schema version whose publishing began (empty: taken as ``{asked version: begin}``).
-    ``events``: the record's events with a seq in the asked range that were published in some
-    version (seq >= the lowest of ``begins``).  ``applied_at``: wall-clock time (epoch seconds)
-    each of those was applied.  ``oldest``: the lowest seq the record still holds (older ones
-    were trimmed), ``None`` if it holds none.
-    """
-
-    begin: int | None
-    events: Mapping[int, Event]
-    applied_at: Mapping[int, float]
-    oldest: int | None
-    begins: Mapping[int, int] = field(default_factory=dict)
-
-
-GapFiller = Callable[[str, int, int, int], Awaitable[GapFill]]
-"""``await filler(workflow_id, schema_version, lo, hi)``: the workflow's events with
-``lo <= seq <= hi`` from the authoritative record.  Raises ``BackendUnavailable`` when the
-record cannot be read right now (the bridge retries)."""
-
-
-@dataclass(slots=True)
-class _Workflow:
-    last_seq: int  # last seq released (or skipped over)
-    # False until something is released: the bridge may have started in the middle of the
-    # workflow, so where its sequence starts is not known yet (see _order).
-    baseline_known: bool = True
-    held: dict[int, Event] = field(default_factory=dict)
-    gap_since: float | None = None
-    # Created only when needed (an empty deque costs ~750 bytes, a set ~200: times
-    # max_workflows, that was most of the bridge's ordering state).
-    history: deque[Event] | None = None  # only for the history_workflows most recently active
-    filling: bool = False  # a gap fill is in flight
-    skipped: set[int] | None = None  # seqs given up on (their late copies are dropped)
-    first_seq: int | None = None  # lowest seq released (a copy at or above it is a duplicate)
-    owed: int = 0  # highest seq seen only in a previous version's left-over message (see _owe)
-
-
-@dataclass(slots=True)
-class BridgeStats:
-    """Counters for tests and status pages (the Prometheus metrics are the contract)."""
-
-    received: int = 0
-    bad: int = 0
-    duplicates: int = 0
-    dedup_mismatches: int = 0
-    ordering_violations: int = 0
-    late_dropped: int = 0
-    released: int = 0
-    delivered: int = 0
-    held: int = 0
-    filled: int = 0  # events released from the gap filler (the authoritative record)
-    fills: int = 0  # filler calls
-    fill_errors: int = 0
-
 
 def durable_name(node_id: str) -> str:
     """The durable consumer name of ``node_id``'s bridge (characters JetStream rejects -> ``_``)."""
     return "bridge-" + re.sub(r"[^A-Za-z0-9_-]", "_", node_id)
 
 
-class Bridge:
+
+class Bridge(Sequencer):
     """Consumes the canonical stream and fans events out to subscribers; see the module doc."""
 
     def __init__(
@@ -526,7 +116,7 @@ class Bridge:
         ``cluster``: whose subjects are consumed (``cb.<cluster>.events.v<N>.>``).
         ``deliver_new``: a consumer created from scratch starts at new messages (a node joining
         late does not replay the stream's whole history); False starts at the beginning.
-        ``filler``: reads missing events from the authoritative record (module doc, step 4);
+        ``filler``: reads missing events from the authoritative record (docs/event-bus.md, step 4);
         ``gap_timeout``: how long a gap stays open before the filler is asked;
         ``give_up_after``: how long a gap nothing can fill is waited for before it is skipped.
 
@@ -536,7 +126,7 @@ class Bridge:
         workflows, ``dedup_max_ids`` event ids kept ``dedup_max_age`` seconds (default: the
         stream's duplicate window + 60 s), the last seq of up to ``forget_max`` evicted workflows
         for ``forget_max_age`` seconds (about 16 bytes each), ``max_held`` held events per
-        workflow, and ``max_queue`` events per subscriber (module doc, step 3)."""
+        workflow, and ``max_queue`` events per subscriber (docs/event-bus.md, "Memory bounds")."""
         if dedup_max_age is None:
             dedup_max_age = stream_cfg.duplicate_window + 60.0
         if dedup_max_age <= stream_cfg.duplicate_window:
@@ -544,54 +134,34 @@ class Bridge:
                 f"bridge de-dup age {dedup_max_age}s must exceed the stream's duplicate window "
                 f"{stream_cfg.duplicate_window}s"
             )
+        super().__init__(
+            metrics, gap_timeout=gap_timeout,
+            give_up_after=give_up_after, filler=filler, dedup_max_ids=dedup_max_ids, dedup_max_age=dedup_max_age,
+            max_workflows=max_workflows, forget_max=forget_max, forget_max_age=forget_max_age, max_held=max_held,
+            history=history, history_workflows=history_workflows, deliver_new=deliver_new,
+        )
         self.nc = nc
         # A JetStream API request in flight when the server dies only ends by this timeout.
         self.js: JetStreamContext = nc.jetstream(timeout=api_timeout)
         self.stream_cfg = stream_cfg
-        self.metrics = metrics
         self.node_id = node_id
         self.cluster = cluster
         self.durable = durable or durable_name(node_id)
-        self.deliver_new = deliver_new
-        self.gap_timeout = gap_timeout
-        self.give_up_after = give_up_after
-        self.filler = filler
-        self.history_workflows = history_workflows
-        # Wall-clock time this bridge's stream begins (its start; events applied before it are
-        # not ours to fill for a workflow first seen mid-life); a margin covers clock skew.
-        self._consumer_since: float | None = None
-        self.skew_margin = 5.0
-        self._with_history: OrderedDict[str, None] = OrderedDict()
-        self._fill_tasks: set[asyncio.Task[None]] = set()
-        self.max_concurrent_fills = 16
-        self.dedup_max_ids = dedup_max_ids
-        self.dedup_max_age = dedup_max_age
-        self.max_workflows = max_workflows
-        self.max_held = max_held
-        self.history = history
         self.fetch_batch = fetch_batch
         self.fetch_timeout = fetch_timeout
         self.max_queue = max_queue
         self.rewind = rewind
-        self.stats = BridgeStats()
 
         self._mode = "off"
-        self._version = 1
         self._canary: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self.apply_flags(mode, schema_version, canary_subscribers)
-        # Every version this bridge has delivered from (been pinned to while consuming): their
-        # seqs are its to deliver (step 1 and _begin).  Kept as subject tokens too ("v1"), so a
-        # message of any other version is skipped without decoding it.
-        self._consumed_versions: set[int] = set()
+        # The versions this bridge has delivered from, as subject tokens ("v1"), so a message of
+        # any other version is skipped without decoding it.
         self._consumed_tokens: frozenset[str] = frozenset()
         self._psub: JetStreamContext.PullSubscription | None = None
         self._last_stream_seq = 0
-        self._seen_ids = _IdWindow(dedup_max_ids, dedup_max_age)  # event ids seen (monotonic time)
-        self._seen_msgs = _MsgWindow(stream_cfg.duplicate_window, dedup_max_ids)  # msg id -> (stream seq, stored at)
-        self._forgotten = _Forgotten(forget_max, forget_max_age)  # evicted workflow -> its last seq
-        self._workflows: OrderedDict[str, _Workflow] = OrderedDict()
-        self._gapped: set[str] = set()
+        self._seen_msgs = MsgWindow(stream_cfg.duplicate_window, dedup_max_ids)  # msg id -> (stream seq, stored at)
         self._by_workflow: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -643,7 +213,7 @@ class Bridge:
             return
         if self._consumer_since is None:
             # Where this bridge's stream begins, whatever the mode now: a consumer created later
-            # (the mode leaves "off") starts here, not at the flag change (module doc).
+            # (the mode leaves "off") starts here, not at the flag change (docs/event-bus.md).
             self._consumer_since = time.time() if self.deliver_new else 0.0
         self._tasks = [
             asyncio.create_task(self._consume(), name="cbctl-bridge"),
@@ -865,7 +435,7 @@ class Bridge:
             if start_seq is not None:
                 policy = jsapi.DeliverPolicy.BY_START_SEQUENCE
             elif self.deliver_new and self._consumer_since:
-                # What was stored since this bridge started (module doc), not only what comes
+                # What was stored since this bridge started (docs/event-bus.md), not only what comes
                 # after the mode left "off": that is when this node applied a flag, which can be
                 # seconds after the other nodes began publishing.
                 policy = jsapi.DeliverPolicy.BY_START_TIME
@@ -907,7 +477,7 @@ class Bridge:
     # ------------------------------------------------------------------ per message
 
     def _handle(self, msg: Msg) -> None:
-        """Steps 1-5 of the module docstring for one message (synchronous: no interleaving)."""
+        """Steps 1-5 of docs/event-bus.md ("Per message") for one message (synchronous: no interleaving)."""
         self.stats.received += 1
         now = time.monotonic()
         try:
@@ -942,12 +512,7 @@ class Bridge:
         hdr = msg.headers.get(MSG_ID_HEADER) if msg.headers else None
         if hdr and meta is not None:
             self._check_broker_dedup(hdr, meta.sequence.stream, meta.timestamp.timestamp(), now)
-        if ev.event_id in self._seen_ids:
-            self.stats.duplicates += 1
-            self.metrics.bridge_duplicates.inc()
-            return
-        self._seen_ids.add(ev.event_id, now)
-        self._order(ev, now)
+        self._accept(ev, now)
 
     def _check_broker_dedup(self, mid: str, stream_seq: int, stored_at: float, now: float) -> None:
         prev = self._seen_msgs.get(mid)
@@ -963,260 +528,8 @@ class Bridge:
             log.warning("bridge: message id %s stored twice (stream seq %d and %d, %.3fs apart) within the "
                         "duplicate window", mid, prev_seq, stream_seq, abs(stored_at - prev_ts))
 
-    def _owe(self, ev: Event, now: float) -> None:
-        """``ev`` is known to exist but is not delivered from this message (see :meth:`_handle`)."""
-        wf = self._state_of(ev)
-        if ev.seq <= wf.last_seq or ev.seq in wf.held or ev.seq <= wf.owed:
-            return
-        wf.owed = ev.seq
-        if wf.gap_since is None:
-            wf.gap_since = now
-            self._gapped.add(ev.workflow_id)
-
-    def _state_of(self, ev: Event) -> _Workflow:
-        """The ordering state of ``ev``'s workflow, created (or restored) on first sight."""
-        wf = self._workflows.get(ev.workflow_id)
-        if wf is None:
-            last = self._forgotten.pop(ev.workflow_id)
-            if last is not None:
-                # Evicted earlier: it goes on from where it had got to (a copy of an old event is
-                # a duplicate however late it comes; module doc, step 3).
-                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=last, first_seq=1)
-            else:
-                # A workflow first seen at seq 1 starts here.  One first seen later is held back
-                # like any gap until the filler (or, without one, the gap timeout) says where its
-                # stream starts for this bridge (module doc, step 4).
-                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
-            self._evict_workflows()
-        else:
-            self._workflows.move_to_end(ev.workflow_id)
-        return wf
-
-    def _order(self, ev: Event, now: float) -> None:
-        wf = self._state_of(ev)
-        if ev.seq <= wf.last_seq:
-            # A copy of a seq released already or given up on: never delivered out of order.
-            # Its loss was counted when the gap was skipped (if it was one), not again here.
-            if wf.skipped is not None and ev.seq in wf.skipped:
-                self.stats.late_dropped += 1
-                wf.skipped.discard(ev.seq)
-                log.warning("bridge: workflow %s seq %d arrived after it was given up on; dropped",
-                            ev.workflow_id, ev.seq)
-            elif wf.first_seq is not None and ev.seq >= wf.first_seq:
-                # Released before and no longer in the event-id window (e.g. an outbox drained
-                # long after): the per-workflow order recognises it.
-                self.stats.duplicates += 1
-                self.metrics.bridge_duplicates.inc()
-            else:
-                self.stats.late_dropped += 1  # below where this workflow's stream began for us
-            return
-        if ev.seq in wf.held:
-            self.stats.duplicates += 1
-            self.metrics.bridge_duplicates.inc()
-            return
-        if ev.seq == wf.last_seq + 1 and wf.baseline_known:
-            self._release(wf, ev)
-            self._release_run(ev.workflow_id, wf, now)
-            return
-        wf.held[ev.seq] = ev
-        self.stats.held += 1
-        if wf.gap_since is None:
-            wf.gap_since = now
-            self._gapped.add(ev.workflow_id)
-        if len(wf.held) > self.max_held:
-            # Memory bound: stop waiting for what is missing below the held events.
-            self._skip_gap(ev.workflow_id, wf, now, why=f"more than {self.max_held} events held")
-
-    def _release_run(self, workflow_id: str, wf: _Workflow, now: float) -> None:
-        """Release held events that are now contiguous; restart the gap clock if some remain."""
-        while wf.held and (wf.last_seq + 1) in wf.held:
-            self._release(wf, wf.held.pop(wf.last_seq + 1))
-        if wf.held or wf.owed > wf.last_seq:
-            wf.gap_since = now  # a new gap starts now
-            self._gapped.add(workflow_id)
-        else:
-            wf.gap_since = None
-            self._gapped.discard(workflow_id)
-
-    def _skip_gap(self, workflow_id: str, wf: _Workflow, now: float, *, why: str) -> None:
-        """Give up on the seqs missing below the lowest held one (they are really missing for
-        subscribers: counted once) and go on from there."""
-        nxt = min(wf.held) if wf.held else wf.owed + 1
-        if wf.baseline_known:
-            self.stats.ordering_violations += 1
-            self.metrics.bridge_ordering_violations.inc()
-            log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs (%s); skipping ahead",
-                        workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now), why)
-            if wf.skipped is None:
-                wf.skipped = set()
-            wf.skipped.update(range(max(wf.last_seq + 1, nxt - 100), nxt))  # bounded: recent ones only
-            while len(wf.skipped) > 1000:
-                wf.skipped.discard(min(wf.skipped))
-        else:
-            log.debug("bridge: workflow %s first seen at seq %d; starting there", workflow_id, nxt)
-        self._start_at(wf, nxt)
-        self._release_run(workflow_id, wf, now)
-
-    @staticmethod
-    def _start_at(wf: _Workflow, seq: int) -> None:
-        wf.last_seq = seq - 1
-        wf.baseline_known = True
-
-    def _drop_held_below(self, wf: _Workflow) -> None:
-        """Held events at or below the new start can never be released: drop them (left in
-        ``held`` they would keep the workflow gapped and unevictable forever)."""
-        for seq in [s for s in wf.held if s <= wf.last_seq]:
-            del wf.held[seq]
-            self.stats.late_dropped += 1
-
-    def tick(self, now: float | None = None) -> None:
-        """Deal with gaps older than ``gap_timeout``: ask the filler, or (without one) skip
-        (runs periodically by itself after start)."""
-        now = time.monotonic() if now is None else now
-        for workflow_id in list(self._gapped):
-            wf = self._workflows.get(workflow_id)
-            if wf is None or not (wf.held or wf.owed > wf.last_seq):
-                self._gapped.discard(workflow_id)
-                continue
-            if wf.gap_since is None or now - wf.gap_since < self.gap_timeout or wf.filling:
-                continue
-            if self.filler is None:
-                if not wf.baseline_known:
-                    self._skip_gap(workflow_id, wf, now, why="first seen mid-workflow")
-                elif now - wf.gap_since >= self.give_up_after:
-                    self._skip_gap(workflow_id, wf, now, why="no gap filler")
-                continue
-            if len(self._fill_tasks) >= self.max_concurrent_fills:
-                continue  # the next tick gets it
-            wf.filling = True
-            task = asyncio.ensure_future(self._fill(workflow_id, wf))
-            self._fill_tasks.add(task)
-            task.add_done_callback(self._fill_tasks.discard)
-
-    async def _fill(self, workflow_id: str, wf: _Workflow) -> None:
-        """Fill the gap below the lowest held seq of ``workflow_id`` from the filler."""
-        assert self.filler is not None
-        version = self._version
-        try:
-            lo = wf.last_seq + 1 if wf.baseline_known else 1
-            hi = min(wf.held) - 1 if wf.held else wf.owed
-            if hi < lo:
-                return
-            self.stats.fills += 1
-            try:
-                got = await self.filler(workflow_id, version, lo, hi)
-            except (CbctlError, OSError, asyncio.TimeoutError) as exc:
-                self.stats.fill_errors += 1
-                log.warning("bridge: cannot read workflow %s's record to fill seq %d..%d: %s", workflow_id, lo,
-                            hi, exc)
-                now = time.monotonic()
-                if (wf.gap_since is not None and now - wf.gap_since >= self.give_up_after
-                        and (wf.held or wf.owed > wf.last_seq)):
-                    self._skip_gap(workflow_id, wf, now, why=f"record unreadable for {self.give_up_after:g}s")
-                return
-            if self._workflows.get(workflow_id) is not wf or version != self._version:
-                return  # forgotten or re-pinned meanwhile: the next gap starts afresh
-            self._apply_fill(workflow_id, wf, got, lo, hi, version)
-        finally:
-            wf.filling = False
-
-    def _begin(self, got: GapFill, version: int) -> int | None:
-        """Where the workflow's stream began for this bridge: the earliest publish marker among
-        the schema versions this bridge has consumed (``None``: in none of them).
-
-        Not only the pinned version's: when ``consumers.schema_version`` moved (1 -> 2 right
-        after a v1+v2 window opened), a workflow this bridge delivered in v1 began in v2 at a
-        later seq (its first apply after the window opened), or not yet at all; its events
-        before that exist only in v1, and they are this bridge's to deliver (it was reading
-        v1 then).  Asking only about v2 made them look missing (counted as ordering
-        violations) or "never published" (skipped silently)."""
-        begins = dict(got.begins) if got.begins else ({version: got.begin} if got.begin is not None else {})
-        mine = [b for v, b in begins.items() if v in self._consumed_versions or v == version]
-        return min(mine) if mine else None
-
-    def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int,
-                    version: int | None = None) -> None:
-        now = time.monotonic()
-        if not wf.held and wf.owed <= wf.last_seq:
-            return
-        begin = self._begin(got, self._version if version is None else version)
-        if not wf.baseline_known:
-            # Where does this workflow's stream start for this bridge?  At the seq its publishing
-            # began, or later: events applied before our consumer existed are not ours to fill.
-            start = min(wf.held) if wf.held else wf.owed + 1
-            since = (self._consumer_since or 0.0) - self.skew_margin
-            floor = begin if begin is not None else start
-            seq = start - 1
-            while seq >= max(floor, lo) and seq in got.events and got.applied_at.get(seq, 0.0) >= since:
-                seq -= 1
-            self._start_at(wf, seq + 1)
-        for seq in range(wf.last_seq + 1, hi + 1):
-            if seq in wf.held:
-                continue
-            ev = got.events.get(seq)
-            if ev is None:
-                continue
-            if ev.event_id in self._seen_ids:
-                continue  # the stream copy got here first (and was released or is held)
-            self._seen_ids.add(ev.event_id, now)
-            wf.held[seq] = ev
-            self.stats.filled += 1
-        self._release_run(workflow_id, wf, now)
-        if not wf.held and wf.owed <= wf.last_seq:
-            return
-        # Still a gap: is what is missing provably gone (before the publishing began, trimmed
-        # from the history, or the workflow's keys expired)?  Then skip; else keep waiting.
-        missing = wf.last_seq + 1
-        if begin is not None and missing < begin:
-            self._start_at(wf, begin)  # never published in a version we read: not a gap
-            self._drop_held_below(wf)
-            self._release_run(workflow_id, wf, now)
-        elif begin is None or (got.oldest is not None and missing < got.oldest) or got.oldest is None:
-            self._skip_gap(workflow_id, wf, now, why="not in the workflow's record (trimmed or expired)")
-        elif wf.gap_since is not None and now - wf.gap_since >= self.give_up_after:
-            self._skip_gap(workflow_id, wf, now, why=f"still missing after {self.give_up_after:g}s")
-        else:
-            wf.gap_since = now  # applied but its event not in the record yet: ask again later
-
-    async def _tick_loop(self) -> None:
-        while not self._stopped:
-            await asyncio.sleep(max(0.02, self.gap_timeout / 4))
-            self.tick()
-
-    def _evict_workflows(self) -> None:
-        # Forget the least recently active workflows; never one with held events (the gap timer
-        # resolves those soon).
-        excess = len(self._workflows) - self.max_workflows
-        if excess <= 0:
-            return
-        for workflow_id in list(itertools.islice(self._workflows, excess * 2)):
-            if excess <= 0:
-                break
-            old = self._workflows[workflow_id]
-            if not old.held and old.owed <= old.last_seq:
-                del self._workflows[workflow_id]
-                self._with_history.pop(workflow_id, None)
-                if old.baseline_known:
-                    self._forgotten.put(workflow_id, old.last_seq, time.monotonic())
-                excess -= 1
-
-    def _release(self, wf: _Workflow, ev: Event) -> None:
-        wf.baseline_known = True
-        wf.last_seq = ev.seq
-        if wf.first_seq is None:
-            wf.first_seq = ev.seq
-        self.stats.released += 1
-        if wf.history is None:
-            wf.history = deque(maxlen=self.history)
-        wf.history.append(ev)
-        # Only the most recently active workflows keep a replay history (memory bound).
-        self._with_history[ev.workflow_id] = None
-        self._with_history.move_to_end(ev.workflow_id)
-        if len(self._with_history) > self.history_workflows:
-            old_id, _ = self._with_history.popitem(last=False)
-            old = self._workflows.get(old_id)
-            if old is not None:
-                old.history = None
+    def _deliver(self, ev: Event) -> None:
+        """Fan a released event out by mode (docs/event-bus.md, step 5)."""
         if self._mode not in ("canary", "streaming"):
             return  # read-only: verified, delivered to nobody
         delivered = False
@@ -1228,5 +541,4 @@ class Bridge:
             self.metrics.bridge_delivered.labels(origin="local" if ev.node_id == self.node_id else "remote").inc()
 
 
-__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "BridgeStats", "GapFill", "GapFiller", "SubscriberLagged",
-           "Subscription", "durable_name"]
+__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "durable_name"]
