@@ -22,6 +22,7 @@ from cbctl.core.backends.retry import Backoff
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue, Task
 from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
+from cbctl.core.model.flags import CANARY_LANES, GUARD_OFF, OWNERSHIP_GUARD
 from cbctl.core.model.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ class LaneWorkers:
         """Handle one task and write its result + ack through the guard with the lane's token."""
         assert self.guard is not None
         lane, token = run.lane, run.token
-        mode = "off" if run.local else self._flags.get("ownership.guard", "off")
-        canary = tuple(self._flags.get("canary.lanes", ()))
+        mode = GUARD_OFF if run.local else self._flags.get(OWNERSHIP_GUARD, GUARD_OFF)
+        canary = tuple(self._flags.get(CANARY_LANES, ()))
         if not task.workflow_id:
             log.warning("lane %s entry %s has no workflow id; dropping it", lane, task.entry_id)
             if run.active:

@@ -28,6 +28,7 @@ from cbctl.core.backends.redis.client import as_str, json_compact, redis_errors
 from cbctl.core.backends.redis.keys import GROUP, LaneKeys, check_name, check_workflow_id
 from cbctl.core.model.config import DEFAULT_REDIS_HISTORY_MAX, DEFAULT_REDIS_RETENTION
 from cbctl.core.model.errors import BackendUnavailable, StaleFencingToken
+from cbctl.core.model.flags import GUARD_CANARY, GUARD_ENFORCE, GUARD_OBSERVE, GUARD_OFF, GUARD_VALUES
 from cbctl.core.model.metrics import AgentMetrics
 
 __all__ = [
@@ -38,10 +39,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GuardFlag = Literal["off", "observe", "canary", "enforce"]
-"""Values of the ``ownership.guard`` flag."""
+"""Values of the ``ownership.guard`` flag, for type checkers (a Literal cannot name constants;
+the values are ``flags.GUARD_VALUES``, which the code compares against)."""
 
 ScriptMode = Literal["off", "observe", "enforce"]
 """What the script is told: ``canary`` is resolved per lane before the call."""
+
+_SCRIPT_MODES: tuple[str, ...] = (GUARD_OFF, GUARD_OBSERVE, GUARD_ENFORCE)
+"""The flag values the script takes as they are (guard.lua's ARGV 1 mode)."""
 
 Decision = Literal["allow", "would_deny", "deny"]
 """Guard decisions; also the ``decision`` label of ``redis_lane_ownership_decision_total``."""
@@ -60,7 +65,7 @@ GUARD_LUA: str = resources.files(__package__).joinpath("guard.lua").read_text(en
 _OP_MODE: dict[tuple[str, str], bytes] = {
     (op, mode): f"{op} {mode}".encode()
     for op in ("fence", "ack", "apply", "apply_ack")
-    for mode in ("off", "observe", "enforce")
+    for mode in _SCRIPT_MODES
 }
 
 
@@ -70,11 +75,11 @@ def resolve_mode(flag: GuardFlag, lane: str, canary_lanes: Collection[str] = ())
     ``canary`` enforces on the lanes in ``canary_lanes`` and observes everywhere else; the other
     flag values apply to every lane.  Raises ``ValueError`` for an unknown flag value.
     """
-    if flag == "canary":
-        return "enforce" if lane in canary_lanes else "observe"
-    if flag in ("off", "observe", "enforce"):
+    if flag == GUARD_CANARY:
+        return GUARD_ENFORCE if lane in canary_lanes else GUARD_OBSERVE
+    if flag in _SCRIPT_MODES:
         return flag
-    raise ValueError(f"unknown ownership.guard mode {flag!r} (expected one of off, observe, canary, enforce)")
+    raise ValueError(f"unknown ownership.guard mode {flag!r} (expected one of {', '.join(GUARD_VALUES)})")
 
 
 _NO_VERSIONS: tuple[int, ...] = ()
@@ -327,7 +332,7 @@ class LaneGuard:
         check_name("lane", lane)
         _check_token(token)
         keys = [self.keys.fence(lane), self.keys.tasks(lane)]
-        args = [_OP_MODE["fence", "enforce"], token, self._settings, lane, "", "", "", "", "{}", "[]"]
+        args = [_OP_MODE["fence", GUARD_ENFORCE], token, self._settings, lane, "", "", "", "", "{}", "[]"]
         with redis_errors(f"raise the fence of lane {lane!r}"):
             raw = await self._eval(keys, args)
         return int(as_str(raw).split(" ")[2])
