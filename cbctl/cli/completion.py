@@ -15,8 +15,8 @@ Install::
     cbctl completion zsh  > "${fpath[1]}/_cbctl"
     cbctl completion fish > ~/.config/fish/completions/cbctl.fish
 
-The generated copies in ``completions/`` are kept equal to these by a test
-(regenerate with ``python -m cbctl.cli.completion_gen completions``).
+The generated copies shipped in the package (``cbctl/completions/``) are kept equal to these by
+a test (regenerate with ``make completions``: ``python -m cbctl.cli.completion_gen``).
 """
 
 from __future__ import annotations

@@ -1,18 +1,27 @@
-"""Regenerate (or check) the completion scripts in ``completions/``.
+"""Regenerate (or check) the completion scripts shipped in the package (``cbctl/completions/``).
 
-    python -m cbctl.cli.completion_gen completions          # write cbctl.bash, cbctl.zsh, cbctl.fish
-    python -m cbctl.cli.completion_gen --check completions  # exit 1 and name the stale files
+    python -m cbctl.cli.completion_gen          # write cbctl.bash, cbctl.zsh, cbctl.fish (make completions)
+    python -m cbctl.cli.completion_gen --check  # exit 1 and name the stale files
+    python -m cbctl.cli.completion_gen DIR      # the same, into another directory
 
-The scripts are exactly what ``cbctl completion SHELL`` prints.
+The scripts are exactly what ``cbctl completion SHELL`` prints. They are package data
+(pyproject.toml), so an installed wheel carries them: :func:`shipped_dir` finds them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import sys
 from pathlib import Path
 
 from cbctl.cli.completion import PROG_NAME, SHELLS, script
+
+
+def shipped_dir() -> Path:
+    """The package's ``completions/`` directory (``cbctl/completions/`` in a checkout)."""
+    shipped = importlib.resources.files("cbctl").joinpath("completions")
+    return shipped if isinstance(shipped, Path) else Path(str(shipped))
 
 
 def expected_files(prog_name: str = PROG_NAME) -> dict[str, str]:
@@ -42,9 +51,12 @@ def write(directory: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbctl.cli.completion_gen", description=__doc__.splitlines()[0])
-    parser.add_argument("directory", type=Path, help="where the scripts live (the project's completions/)")
+    parser.add_argument("directory", type=Path, nargs="?", default=None,
+                        help="where the scripts live (default: the package's cbctl/completions/)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is stale")
     args = parser.parse_args(argv)
+    if args.directory is None:
+        args.directory = shipped_dir()
     if args.check:
         bad = stale(args.directory)
         for name in bad:

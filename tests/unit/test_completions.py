@@ -13,14 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cbctl.cli.completion import SHELLS, script
-from cbctl.cli.completion_gen import expected_files, main, stale
+from cbctl.cli.completion_gen import expected_files, main, shipped_dir, stale
 from cbctl.cli.main import app
 from tests.helpers import CBCTL
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPLETIONS = ROOT / "completions"
+COMPLETIONS = ROOT / "cbctl" / "completions"
 
 
 def test_checked_in_scripts_equal_the_generated_ones(tmp_path: Path) -> None:
@@ -28,8 +28,9 @@ def test_checked_in_scripts_equal_the_generated_ones(tmp_path: Path) -> None:
     for name in expected_files():
         generated = (tmp_path / name).read_text(encoding="utf-8")
         current = (COMPLETIONS / name).read_text(encoding="utf-8") if (COMPLETIONS / name).exists() else None
-        assert current == generated, f"completions/{name} is stale: run python -m cbctl.cli.completion_gen completions"
+        assert current == generated, f"cbctl/completions/{name} is stale: run make completions"
     assert stale(COMPLETIONS) == []
+    assert shipped_dir().resolve() == COMPLETIONS.resolve()  # the default directory is the shipped one
 
 
 def test_check_mode_names_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ Every error is a :class:`~cbctl.core.operator.runbook.model.RunbookError` naming
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import re
 import shlex
@@ -17,7 +18,6 @@ from typing import Final, Literal, NoReturn
 
 import yaml
 
-import cbctl
 from cbctl.core.model.errors import BadInput, NotFound
 from cbctl.core.operator.runbook.model import (
     PLACEHOLDER,
@@ -316,12 +316,18 @@ def load_runbook(path: str | os.PathLike[str]) -> Runbook:
 
 
 def default_runbooks_dir() -> Path:
-    """``$CBCTL_RUNBOOKS_DIR``, else the project's ``runbooks/`` next to the ``cbctl`` package."""
+    """``$CBCTL_RUNBOOKS_DIR``, else the runbooks shipped inside the package (``cbctl/runbooks/``).
+
+    The shipped directory is found through :mod:`importlib.resources`, so it is the same for a
+    source checkout, an editable install and an installed wheel (package data, pyproject.toml).
+    """
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env)
-    # Located from the package root, not from this file, so the module's depth does not matter.
-    return Path(cbctl.__file__).resolve().parent.parent / "runbooks"
+    shipped = importlib.resources.files("cbctl").joinpath("runbooks")
+    # A package installed on a file system (wheel, editable, checkout) yields a real Path; the
+    # loader of a zipped package would not, and the YAML files are then not readable as files.
+    return shipped if isinstance(shipped, Path) else Path(str(shipped))
 
 
 
