@@ -1,5 +1,5 @@
 # The two commands a new user runs: `make demo` and `make test` (see README.md).
-.PHONY: setup test demo bench clean completions
+.PHONY: setup test demo bench clean completions man deploy generated
 
 setup:
 	@bash scripts/setup.sh
@@ -19,8 +19,17 @@ demo-repeat: setup
 bench: setup
 	.venv/bin/python -m bench
 
-completions: setup
-	.venv/bin/python -m cbctl.cli.completion_gen completions
+# Generated files that are committed and shipped; a test fails when one is stale.
+completions: setup  # cbctl/completions/cbctl.{bash,zsh,fish} (package data)
+	.venv/bin/python -m cbctl.cli.completion_gen
+
+man: setup  # cbctl/man/man1/cbctl.1 (package data), from the command tree
+	.venv/bin/python -m cbctl.cli.manpage
+
+deploy: setup  # deploy/prometheus/cbctl-rules{,.test}.yml and deploy/grafana/cbctl-dashboard.json, from the gate table
+	.venv/bin/python -m cbctl.core.operator.deploy_gen
+
+generated: completions man deploy
 
 clean:
 	rm -rf .venv build *.egg-info
