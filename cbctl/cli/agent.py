@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, run, state
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def run_agent(
         str | None, typer.Option("--advertise-host", help="Host written into the record's 'http' (default: the bind address).")
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="Where the machine identity is kept (default ~/.local/state/cbctl).")
+        Path | None, typer.Option("--state-dir", shell_complete=cv.dirs, help="Where the machine identity is kept (default ~/.local/state/cbctl).")
     ] = None,
     lease_ttl: Annotated[
         float | None, typer.Option("--lease-ttl", help="Lease TTL in seconds (default: coordination.lease-ttl).")

@@ -63,6 +63,8 @@ _SOURCE_BASH = """\
             compopt -o default
         elif [[ $type == 'plain' ]]; then
             COMPREPLY+=($value)
+            # NAME= is half a word: the value follows without a space.
+            [[ $value == *= ]] && compopt -o nospace
         fi
     done
 
@@ -83,6 +85,8 @@ _SOURCE_ZSH = """\
 %(complete_func)s() {
     local -a completions
     local -a completions_with_descriptions
+    local -a nospace
+    local -a nospace_with_descriptions
     local -a response
     (( ! $+commands[%(prog_name)s] )) && return 1
 
@@ -91,7 +95,12 @@ _SOURCE_ZSH = """\
 
     for type key descr in ${response}; do
         if [[ "$type" == "plain" ]]; then
-            if [[ "$descr" == "_" ]]; then
+            # NAME= is half a word: the value follows without a space.
+            if [[ "$key" == *= && "$descr" == "_" ]]; then
+                nospace+=("$key")
+            elif [[ "$key" == *= ]]; then
+                nospace_with_descriptions+=("$key":"$descr")
+            elif [[ "$descr" == "_" ]]; then
                 completions+=("$key")
             else
                 completions_with_descriptions+=("$key":"$descr")
@@ -109,6 +118,14 @@ _SOURCE_ZSH = """\
 
     if [ -n "$completions" ]; then
         compadd -U -V unsorted -a completions
+    fi
+
+    if [ -n "$nospace_with_descriptions" ]; then
+        _describe -V unsorted nospace_with_descriptions -U -S ''
+    fi
+
+    if [ -n "$nospace" ]; then
+        compadd -U -S '' -V unsorted -a nospace
     fi
 }
 
@@ -150,21 +167,63 @@ class _Base(ShellComplete):
         return {"complete_func": self.func_name, "complete_var": self.complete_var, "prog_name": self.prog_name}
 
 
+def join_wordbreaks(cwords: list[str], cword: int) -> tuple[list[str], str, str]:
+    """Undo bash's split at ``=`` (COMP_WORDBREAKS): ``NAME`` ``=`` ``VAL`` -> ``NAME=VAL``.
+
+    Returns the words before the current one, the current word as typed (``NAME=VAL``), and
+    the part of it that bash will not replace (``NAME=``: bash replaces only its own current
+    word, ``VAL``, or ``=`` when the cursor is right after it). Only words up to the cursor are
+    looked at; a word after the cursor (cword == len) is never glued (a space was typed).
+    """
+    merged: list[str] = []
+    glue = False
+    end = min(cword + 1, len(cwords))
+    for i, word in enumerate(cwords[:end]):
+        if word == "=" and merged and i > 1:
+            merged[-1] += word
+            glue = True
+        elif glue:
+            merged[-1] += word
+            glue = False
+        else:
+            merged.append(word)
+    if cword >= len(cwords):
+        return merged[1:], "", ""
+    current = merged.pop()
+    own = cwords[cword]
+    return merged[1:], current, current[: len(current) - len(own)]
+
+
 class BashComplete(_Base):
-    """``COMP_WORDS``/``COMP_CWORD`` in; ``type,value`` lines out."""
+    """``COMP_WORDS``/``COMP_CWORD`` in; ``type,value`` lines out.
+
+    bash splits ``NAME=VALUE`` into three words; they are joined again for click, and the
+    candidates lose the prefix bash keeps (see :func:`join_wordbreaks`).
+    """
 
     name: ClassVar[str] = "bash"
     source_template: ClassVar[str] = _SOURCE_BASH
+    _current: str = ""
+    _kept: str = ""
 
     def get_completion_args(self) -> tuple[list[str], str]:
         cwords = split_arg_string(os.environ.get("COMP_WORDS", ""))
         cword = int(os.environ.get("COMP_CWORD", "0") or 0)
-        args = cwords[1:cword]
-        incomplete = cwords[cword] if cword < len(cwords) else ""
-        return args, incomplete
+        args, self._current, self._kept = join_wordbreaks(cwords, cword)
+        return args, self._current
+
+    def _value(self, item: CompletionItem) -> str:
+        value = str(item.value)
+        if not self._kept or item.type != "plain":
+            return value
+        if not value.startswith(self._kept):
+            # click completed only what follows `--option=`: put the option back first.
+            head, eq, _ = self._current.partition("=")
+            value = head + eq + value if eq else value
+        return value[len(self._kept):] if value.startswith(self._kept) else value
 
     def format_completion(self, item: CompletionItem) -> str:
-        return f"{item.type},{item.value}"
+        return f"{item.type},{self._value(item)}"
 
 
 class ZshComplete(BashComplete):
@@ -172,6 +231,12 @@ class ZshComplete(BashComplete):
 
     name: ClassVar[str] = "zsh"
     source_template: ClassVar[str] = _SOURCE_ZSH
+
+    def get_completion_args(self) -> tuple[list[str], str]:
+        # zsh's words are shell words: NAME=VALUE arrives whole, nothing to join.
+        cwords = split_arg_string(os.environ.get("COMP_WORDS", ""))
+        cword = int(os.environ.get("COMP_CWORD", "0") or 0)
+        return cwords[1:cword], cwords[cword] if cword < len(cwords) else ""
 
     def format_completion(self, item: CompletionItem) -> str:
         help_ = " ".join((item.help or "_").split()) or "_"

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import new_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run_sync, state
 
 app = new_app("Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).")
@@ -66,7 +67,7 @@ def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
 
 
 @app.command("use-context")
-def use_context(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Context to make current.")]) -> None:
+def use_context(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Context to make current.", shell_complete=cv.context_names)]) -> None:
     """Make NAME the current context."""
     from cbctl.core.model.errors import ConfigError
 
@@ -86,7 +87,7 @@ def use_context(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Co
 @app.command("set-context")
 def set_context(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Context name (created or updated).")],
+    name: Annotated[str, typer.Argument(help="Context name (created or updated).", shell_complete=cv.context_names)],
     cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster name (key prefix /cbctl/<cluster>/).")] = None,
     etcd: Annotated[list[str] | None, typer.Option("--etcd", help="etcd endpoint URL (repeat for several).")] = None,
     consul: Annotated[str | None, typer.Option("--consul", help="Consul URL (sets backend = consul).")] = None,
@@ -96,7 +97,7 @@ def set_context(
     lane_count: Annotated[int | None, typer.Option("--lane-count", help="Lanes lane-00..lane-(N-1).")] = None,
     nats_user: Annotated[str | None, typer.Option("--nats-user", help="NATS user name.")] = None,
     nats_password_env: Annotated[str | None, typer.Option("--nats-password-env", help="Name of the env var holding the NATS password.")] = None,
-    nats_creds_file: Annotated[str | None, typer.Option("--nats-creds-file", help="Path of a NATS .creds file.")] = None,
+    nats_creds_file: Annotated[str | None, typer.Option("--nats-creds-file", help="Path of a NATS .creds file.", shell_complete=cv.files)] = None,
     etcd_user: Annotated[str | None, typer.Option("--etcd-user", help="etcd user name.")] = None,
     etcd_password_env: Annotated[str | None, typer.Option("--etcd-password-env", help="Name of the env var holding the etcd password.")] = None,
     use: Annotated[bool, typer.Option("--use/--no-use", help="Also make it the current context.")] = False,

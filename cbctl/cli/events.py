@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import OutputFormat, OutputOpt, err, new_app, output_format, run, state
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def _line(ev: dict[str, Any]) -> str:
 def tail(
     ctx: typer.Context,
     workflow: Annotated[str | None, typer.Option("--workflow", "-w", help="Only this workflow (default: all).")] = None,
-    node: Annotated[str | None, typer.Option("--node", help="Node to subscribe on (default: the first live node).")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Node to subscribe on (default: the first live node).", shell_complete=cv.node_ids)] = None,
     subscriber: Annotated[
         str, typer.Option("--subscriber", help="Subscriber name (what canary.subscribers lists).")
     ] = "cbctl-tail",

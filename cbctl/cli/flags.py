@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import (
     new_app,
     DryRunOpt,
@@ -34,7 +35,7 @@ app = new_app("Read and set individual rollout flags (validated, audited, compar
 @app.command("get")
 def get(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(help="One flag name; all flags when omitted.")] = None,
+    name: Annotated[str | None, typer.Argument(help="One flag name; all flags when omitted.", shell_complete=cv.flag_names)] = None,
     output: OutputOpt = None,
 ) -> None:
     """Show the effective value of one flag or of all flags."""
@@ -68,7 +69,7 @@ def get(
 @app.command("set")
 def set_(
     ctx: typer.Context,
-    assignments: Annotated[list[str], typer.Argument(help="NAME=VALUE pairs, e.g. ownership.guard=observe.")],
+    assignments: Annotated[list[str], typer.Argument(help="NAME=VALUE pairs, e.g. ownership.guard=observe.", shell_complete=cv.flag_assignments)],
     reason: ReasonOpt = None,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
@@ -104,7 +105,7 @@ def diff(
     ctx: typer.Context,
     stage: Annotated[int, typer.Option("--stage", help="Stage to compare the current flags with.")],
     canary: Annotated[
-        Path | None, typer.Option("--canary", help="Lanes file: the canary lanes stage 2 would use.")
+        Path | None, typer.Option("--canary", help="Lanes file: the canary lanes stage 2 would use.", shell_complete=cv.files)
     ] = None,
     output: OutputOpt = None,
 ) -> None:

@@ -15,6 +15,7 @@ import typer
 
 from cbctl import __version__
 from cbctl.cli.common import AppState, OutputFormat
+from cbctl.cli import complete_values as cv
 from cbctl.cli.lazy import LazyCommand, LazyGroup
 
 # name -> where it lives and its one-line help (shown by `cbctl --help` without importing it).
@@ -69,8 +70,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    context: Annotated[str | None, typer.Option("--context", envvar="CBCTL_CONTEXT", help="Context to use (env CBCTL_CONTEXT).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", envvar="CBCTL_CONFIG", help="Contexts file (env CBCTL_CONFIG; default ~/.config/cbctl/config.toml).")] = None,
+    context: Annotated[str | None, typer.Option("--context", envvar="CBCTL_CONTEXT", shell_complete=cv.context_names, help="Context to use (env CBCTL_CONTEXT).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", envvar="CBCTL_CONFIG", shell_complete=cv.files, help="Contexts file (env CBCTL_CONFIG; default ~/.config/cbctl/config.toml).")] = None,
     output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json; JSON goes to stdout alone.")] = OutputFormat.table,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import OutputFormat, confirm, emit_json, err, show_diff
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 #: ``--ignore-missing NODE`` of every mutating command that waits.
 IgnoreMissingOpt = Annotated[
     list[str] | None,
-    typer.Option("--ignore-missing", metavar="NODE",
+    typer.Option("--ignore-missing", metavar="NODE", shell_complete=cv.node_ids,
                  help="Do not wait for this expected node while it is not live (repeatable; recorded in the audit log)."),
 ]
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli import runbook_render as render
 from cbctl.cli.common import (
     DryRunOpt,
@@ -54,11 +55,11 @@ def _complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
 
 DirOpt = Annotated[
     Path | None,
-    typer.Option("--dir", envvar="CBCTL_RUNBOOKS_DIR",
+    typer.Option("--dir", envvar="CBCTL_RUNBOOKS_DIR", shell_complete=cv.dirs,
                  help="Runbooks directory (env CBCTL_RUNBOOKS_DIR; default: the project's runbooks/)."),
 ]
 NameArg = Annotated[
-    str, typer.Argument(help="Runbook name (or a path to a .yaml file).", autocompletion=_complete_names)
+    str, typer.Argument(help="Runbook name (or a path to a .yaml file).", shell_complete=cv.runbook_names)
 ]
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, print_table, state
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ app.add_typer(chaos_app, name="chaos")
 
 DirOpt = Annotated[
     Path | None,
-    typer.Option("--dir", envvar="CBCTL_SANDBOX_DIR",
+    typer.Option("--dir", envvar="CBCTL_SANDBOX_DIR", shell_complete=cv.dirs,
                  help="Sandbox directory (env CBCTL_SANDBOX_DIR; default: the sandbox context's, "
                       "else $XDG_STATE_HOME/cbctl/sandbox)."),
 ]

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cbctl.cli import complete_values as cv
 from cbctl.cli.common import (
     new_app,
     DryRunOpt,
@@ -83,10 +84,12 @@ def advance(
     ctx: typer.Context,
     to: Annotated[int | None, typer.Option("--to", help="Target stage; must be current+1 (current = no-op).")] = None,
     canary: Annotated[
-        Path | None, typer.Option("--canary", help="Lanes file for stage 2: one lane id per line, # comments.")
+        Path | None, typer.Option("--canary", help="Lanes file for stage 2: one lane id per line, # comments.",
+                                   shell_complete=cv.files)
     ] = None,
     canary_subscribers: Annotated[
-        Path | None, typer.Option("--canary-subscribers", help="Subscribers file for stage 2: one name per line.")
+        Path | None, typer.Option("--canary-subscribers", help="Subscribers file for stage 2: one name per line.",
+                                   shell_complete=cv.files)
     ] = None,
     reason: ReasonOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Advance despite failing gates (needs --reason; audited).")] = False,

@@ -17,6 +17,8 @@ _CBCTL_COMPLETE=bash_complete $1)
             compopt -o default
         elif [[ $type == 'plain' ]]; then
             COMPREPLY+=($value)
+            # NAME= is half a word: the value follows without a space.
+            [[ $value == *= ]] && compopt -o nospace
         fi
     done
 

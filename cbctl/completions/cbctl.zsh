@@ -4,6 +4,8 @@
 _cbctl_completion() {
     local -a completions
     local -a completions_with_descriptions
+    local -a nospace
+    local -a nospace_with_descriptions
     local -a response
     (( ! $+commands[cbctl] )) && return 1
 
@@ -12,7 +14,12 @@ _CBCTL_COMPLETE=zsh_complete cbctl)}")
 
     for type key descr in ${response}; do
         if [[ "$type" == "plain" ]]; then
-            if [[ "$descr" == "_" ]]; then
+            # NAME= is half a word: the value follows without a space.
+            if [[ "$key" == *= && "$descr" == "_" ]]; then
+                nospace+=("$key")
+            elif [[ "$key" == *= ]]; then
+                nospace_with_descriptions+=("$key":"$descr")
+            elif [[ "$descr" == "_" ]]; then
                 completions+=("$key")
             else
                 completions_with_descriptions+=("$key":"$descr")
@@ -30,6 +37,14 @@ _CBCTL_COMPLETE=zsh_complete cbctl)}")
 
     if [ -n "$completions" ]; then
         compadd -U -V unsorted -a completions
+    fi
+
+    if [ -n "$nospace_with_descriptions" ]; then
+        _describe -V unsorted nospace_with_descriptions -U -S ''
+    fi
+
+    if [ -n "$nospace" ]; then
+        compadd -U -S '' -V unsorted -a nospace
     fi
 }
 
