@@ -115,7 +115,7 @@ _OK: Final = "healthy"
 _MINUTES: Final = 40  # input length; evaluated at 15m, after one full window
 
 
-def _series(selector: str, cluster: str, instance: str) -> str:
+def series(selector: str, cluster: str, instance: str) -> str:
     """``m{k="v"}`` -> ``m{k="v",cluster="...",instance="..."}`` (promtool's series notation)."""
     extra = f'cluster="{cluster}",instance="{instance}"'
     if selector.endswith("}"):
@@ -142,11 +142,11 @@ def _inputs() -> list[dict[str, str]]:
             bad = f"0+{per_min}x{_MINUTES}"
         else:
             bad = f"{2 * (int(threshold) + 1)}x{_MINUTES}"
-        key = _series(rule.metric, _BAD, "a")
+        key = series(rule.metric, _BAD, "a")
         values[key] = max(values.get(key, bad), bad, key=lambda v: int(v.split("x")[0].split("+")[-1]))
-        values.setdefault(_series(rule.metric, _BAD, "b"), f"0x{_MINUTES}")
-        values.setdefault(_series(rule.metric, _OK, "a"), f"0x{_MINUTES}")
-        values.setdefault(_series(rule.metric, _OK, "b"), f"0x{_MINUTES}")
+        values.setdefault(series(rule.metric, _BAD, "b"), f"0x{_MINUTES}")
+        values.setdefault(series(rule.metric, _OK, "a"), f"0x{_MINUTES}")
+        values.setdefault(series(rule.metric, _OK, "b"), f"0x{_MINUTES}")
     return [{"series": s, "values": v} for s, v in values.items()]
 
 
