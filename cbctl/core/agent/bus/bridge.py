@@ -203,7 +203,7 @@ class Bridge(Sequencer):
     def last_delivered_seq(self, workflow_id: str) -> int | None:
         """The last seq released (delivered or, in read-only mode, verified) for a workflow."""
         wf = self._workflows.get(workflow_id)
-        return wf.last_seq if wf is not None else None
+        return wf.last if wf is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -274,7 +274,7 @@ class Bridge(Sequencer):
                 # Everything up to the workflow's current last seq comes from the replay; the
                 # queue gets what is released from now on.  No await between these two steps.
                 wf = self._workflows.get(workflow_id)
-                sub._replay_upto = wf.last_seq if wf is not None else None
+                sub._replay_upto = wf.last if wf is not None else None
         return sub
 
     def _remove(self, sub: Subscription) -> None:

@@ -10,11 +10,10 @@ stream") has the design.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from cbctl.core.agent.bus.reorder import ReorderBuffer, SeqOrder
 from cbctl.core.agent.bus.subscription import SubscriberLagged
 from cbctl.core.model.events import Event
 
@@ -63,14 +62,17 @@ class LocalSubscription:
 
 
 @dataclass(slots=True)
-class _LocalWorkflow:
-    """Ordering state of one workflow in :class:`LocalStream`."""
+class _LocalWorkflow(SeqOrder):
+    """Ordering state of one workflow in :class:`LocalStream`: the shared reorder state (held:
+    published, waiting for a lower in-flight seq; skipped: in-flight seqs given up on) plus the
+    reservations and the gap timer."""
 
-    last: int | None = None  # highest seq released to subscribers
     inflight: dict[int, int] = field(default_factory=dict)  # seq -> hooks still publishing it
-    held: dict[int, Event] = field(default_factory=dict)  # published, waiting for a lower in-flight seq
-    skipped: set[int] | None = None  # in-flight seqs given up on (a late copy is a violation); made when needed
     timer: asyncio.TimerHandle | None = None
+
+    def idle(self) -> bool:
+        """Nothing held and nothing in flight: the state may be forgotten."""
+        return not self.inflight and not self.held
 
 
 @dataclass(slots=True)
@@ -102,7 +104,7 @@ class LocalStream:
         self.gap_timeout = gap_timeout
         self.max_held = max_held
         self.stats = LocalStreamStats()
-        self._wf: OrderedDict[str, _LocalWorkflow] = OrderedDict()
+        self._wf: ReorderBuffer[_LocalWorkflow] = ReorderBuffer(max_workflows, _LocalWorkflow.idle)
         self._by_workflow: dict[str, set[LocalSubscription]] = {}
         self._all: set[LocalSubscription] = set()
 
@@ -115,30 +117,14 @@ class LocalStream:
         return sub
 
     def _state(self, workflow_id: str) -> _LocalWorkflow:
-        wf = self._wf.get(workflow_id)
-        if wf is None:
-            wf = self._wf[workflow_id] = _LocalWorkflow()
-            self._evict()
-        else:
-            self._wf.move_to_end(workflow_id)
-        return wf
-
-    def _evict(self) -> None:
-        # Forget the least recently active workflows, never one with work in progress.
-        excess = len(self._wf) - self.max_workflows
-        for workflow_id in list(itertools.islice(self._wf, max(0, excess) * 2)):  # oldest first, O(excess)
-            if excess <= 0:
-                break
-            wf = self._wf[workflow_id]
-            if not wf.inflight and not wf.held:
-                del self._wf[workflow_id]
-                excess -= 1
+        # Forgets the least recently active workflows beyond max_workflows, never a busy one.
+        return self._wf.state(workflow_id, _LocalWorkflow)
 
     def reserve(self, workflow_id: str, seq: int) -> None:
         """Announce that ``seq`` (just assigned by the guard) is being published; higher seqs of
         the workflow wait for it.  Pair with :meth:`publish` or :meth:`abandon`."""
         wf = self._state(workflow_id)
-        if wf.last is not None and seq <= wf.last:
+        if wf.released(seq):
             return  # a re-apply of something already released: nothing will wait for it
         wf.inflight[seq] = wf.inflight.get(seq, 0) + 1
 
@@ -154,15 +140,13 @@ class LocalStream:
         """Offer ``ev`` to subscribers, in seq order per workflow (class doc)."""
         wf = self._state(ev.workflow_id)
         self._unreserve(wf, ev.seq)
-        if (wf.last is not None and ev.seq <= wf.last) or ev.seq in wf.held:
-            if wf.skipped is not None and ev.seq in wf.skipped:
-                wf.skipped.discard(ev.seq)
+        if wf.released(ev.seq) or not wf.hold(ev):
+            if wf.late_skipped(ev.seq):
                 log.warning("local stream: workflow %s seq %d published after seq %d was released; dropped",
                             ev.workflow_id, ev.seq, wf.last)
             else:
                 self.stats.duplicates += 1
             return
-        wf.held[ev.seq] = ev
         self._release_ready(ev.workflow_id, wf)
         if ev.seq in wf.held:
             self.stats.held += 1
@@ -180,11 +164,8 @@ class LocalStream:
 
     def _release_ready(self, workflow_id: str, wf: _LocalWorkflow) -> None:
         """Release held events, lowest first, while no lower seq is still in flight."""
-        while wf.held:
-            nxt = min(wf.held)
-            if any(r < nxt for r in wf.inflight):
-                break
-            self._release(wf, wf.held.pop(nxt))
+        for ev in wf.pop_before(min(wf.inflight, default=None)):
+            self._release(ev)
         if not wf.held:
             if wf.timer is not None:
                 wf.timer.cancel()
@@ -210,13 +191,9 @@ class LocalStream:
             wf.timer = None
         upto = max(wf.held)
         stuck = sorted(r for r in wf.inflight if r < upto)
-        if wf.skipped is None:
-            wf.skipped = set()
         for r in stuck:
             del wf.inflight[r]
-            wf.skipped.add(r)
-        while len(wf.skipped) > 1000:  # bounded: only recent give-ups can still turn up
-            wf.skipped.discard(min(wf.skipped))
+        wf.skip(stuck)  # bounded: only recent give-ups can still turn up
         self._violation()
         log.warning("local stream: workflow %s: seq(s) %s still not published; releasing %d held",
                     workflow_id, ", ".join(map(str, stuck[:10])), len(wf.held))
@@ -226,8 +203,7 @@ class LocalStream:
         # Not the bridge's Prometheus counter (a different stream); logged and in GET /v1/bus.
         self.stats.ordering_violations += 1
 
-    def _release(self, wf: _LocalWorkflow, ev: Event) -> None:
-        wf.last = ev.seq
+    def _release(self, ev: Event) -> None:
         self.stats.released += 1
         for sub in (*self._by_workflow.get(ev.workflow_id, ()), *self._all):
             sub._offer(ev)

@@ -11,14 +11,14 @@ thread-safe: one event loop.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cbctl.core.agent.bus.dedup import Forgotten, IdWindow
 from cbctl.core.agent.bus.gap_fill import GapFill, GapFiller
+from cbctl.core.agent.bus.reorder import ReorderBuffer, SeqOrder
 from cbctl.core.model.errors import CbctlError
 from cbctl.core.model.events import Event
 from cbctl.core.model.metrics import AgentMetrics
@@ -29,20 +29,26 @@ __all__ = ["BridgeStats", "Sequencer"]
 
 
 @dataclass(slots=True)
-class _Workflow:
-    last_seq: int  # last seq released (or skipped over)
+class _Workflow(SeqOrder):
+    """One workflow's state in the bridge: the shared reorder state (``last``: last seq released
+    or skipped over; ``held``; ``skipped``: seqs given up on, their late copies are dropped) and
+    the bridge's own."""
+
     # False until something is released: the bridge may have started in the middle of the
     # workflow, so where its sequence starts is not known yet (see _order).
     baseline_known: bool = True
-    held: dict[int, Event] = field(default_factory=dict)
     gap_since: float | None = None
     # Created only when needed (an empty deque costs ~750 bytes, a set ~200: times
     # max_workflows, that was most of the bridge's ordering state).
     history: deque[Event] | None = None  # only for the history_workflows most recently active
     filling: bool = False  # a gap fill is in flight
-    skipped: set[int] | None = None  # seqs given up on (their late copies are dropped)
     first_seq: int | None = None  # lowest seq released (a copy at or above it is a duplicate)
     owed: int = 0  # highest seq seen only in a previous version's left-over message (see _owe)
+
+    def idle(self) -> bool:
+        """Nothing held and nothing owed: the state may be forgotten (the gap timer resolves
+        the others soon)."""
+        return not self.held and self.owed <= self.last
 
 
 @dataclass(slots=True)
@@ -109,7 +115,9 @@ class Sequencer:
         self._consumed_versions: set[int] = set()
         self._seen_ids = IdWindow(dedup_max_ids, dedup_max_age)  # event ids seen (monotonic time)
         self._forgotten = Forgotten(forget_max, forget_max_age)  # evicted workflow -> its last seq
-        self._workflows: OrderedDict[str, _Workflow] = OrderedDict()
+        # Ordering state of the max_workflows most recently active workflows; an evicted one's
+        # last seq goes to _forgotten.
+        self._workflows: ReorderBuffer[_Workflow] = ReorderBuffer(max_workflows, _Workflow.idle, self._evicted)
         self._gapped: set[str] = set()
         self._stopped = False
 
@@ -129,7 +137,7 @@ class Sequencer:
     def _owe(self, ev: Event, now: float) -> None:
         """``ev`` is known to exist but is not delivered from this message (see :meth:`_handle`)."""
         wf = self._state_of(ev)
-        if ev.seq <= wf.last_seq or ev.seq in wf.held or ev.seq <= wf.owed:
+        if ev.seq <= wf.last or ev.seq in wf.held or ev.seq <= wf.owed:
             return
         wf.owed = ev.seq
         if wf.gap_since is None:
@@ -138,31 +146,27 @@ class Sequencer:
 
     def _state_of(self, ev: Event) -> _Workflow:
         """The ordering state of ``ev``'s workflow, created (or restored) on first sight."""
-        wf = self._workflows.get(ev.workflow_id)
-        if wf is None:
+
+        def create() -> _Workflow:
             last = self._forgotten.pop(ev.workflow_id)
             if last is not None:
                 # Evicted earlier: it goes on from where it had got to (a copy of an old event is
                 # a duplicate however late it comes; docs/event-bus.md, step 3).
-                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=last, first_seq=1)
-            else:
-                # A workflow first seen at seq 1 starts here.  One first seen later is held back
-                # like any gap until the filler (or, without one, the gap timeout) says where its
-                # stream starts for this bridge (docs/event-bus.md, step 4).
-                wf = self._workflows[ev.workflow_id] = _Workflow(last_seq=0, baseline_known=ev.seq == 1)
-            self._evict_workflows()
-        else:
-            self._workflows.move_to_end(ev.workflow_id)
-        return wf
+                return _Workflow(last=last, first_seq=1)
+            # A workflow first seen at seq 1 starts here.  One first seen later is held back
+            # like any gap until the filler (or, without one, the gap timeout) says where its
+            # stream starts for this bridge (docs/event-bus.md, step 4).
+            return _Workflow(last=0, baseline_known=ev.seq == 1)
+
+        return self._workflows.state(ev.workflow_id, create)
 
     def _order(self, ev: Event, now: float) -> None:
         wf = self._state_of(ev)
-        if ev.seq <= wf.last_seq:
+        if ev.seq <= wf.last:
             # A copy of a seq released already or given up on: never delivered out of order.
             # Its loss was counted when the gap was skipped (if it was one), not again here.
-            if wf.skipped is not None and ev.seq in wf.skipped:
+            if wf.late_skipped(ev.seq):
                 self.stats.late_dropped += 1
-                wf.skipped.discard(ev.seq)
                 log.warning("bridge: workflow %s seq %d arrived after it was given up on; dropped",
                             ev.workflow_id, ev.seq)
             elif wf.first_seq is not None and ev.seq >= wf.first_seq:
@@ -177,11 +181,11 @@ class Sequencer:
             self.stats.duplicates += 1
             self.metrics.bridge_duplicates.inc()
             return
-        if ev.seq == wf.last_seq + 1 and wf.baseline_known:
+        if ev.seq == wf.last + 1 and wf.baseline_known:
             self._release(wf, ev)
             self._release_run(ev.workflow_id, wf, now)
             return
-        wf.held[ev.seq] = ev
+        wf.hold(ev)
         self.stats.held += 1
         if wf.gap_since is None:
             wf.gap_since = now
@@ -192,9 +196,9 @@ class Sequencer:
 
     def _release_run(self, workflow_id: str, wf: _Workflow, now: float) -> None:
         """Release held events that are now contiguous; restart the gap clock if some remain."""
-        while wf.held and (wf.last_seq + 1) in wf.held:
-            self._release(wf, wf.held.pop(wf.last_seq + 1))
-        if wf.held or wf.owed > wf.last_seq:
+        for ev in wf.pop_contiguous():
+            self._release(wf, ev)
+        if wf.held or wf.owed > wf.last:
             wf.gap_since = now  # a new gap starts now
             self._gapped.add(workflow_id)
         else:
@@ -209,12 +213,8 @@ class Sequencer:
             self.stats.ordering_violations += 1
             self.metrics.bridge_ordering_violations.inc()
             log.warning("bridge: workflow %s: seq %d..%d missing after %.1fs (%s); skipping ahead",
-                        workflow_id, wf.last_seq + 1, nxt - 1, now - (wf.gap_since or now), why)
-            if wf.skipped is None:
-                wf.skipped = set()
-            wf.skipped.update(range(max(wf.last_seq + 1, nxt - 100), nxt))  # bounded: recent ones only
-            while len(wf.skipped) > 1000:
-                wf.skipped.discard(min(wf.skipped))
+                        workflow_id, wf.last + 1, nxt - 1, now - (wf.gap_since or now), why)
+            wf.skip(range(max(wf.last + 1, nxt - 100), nxt))  # bounded: recent ones only
         else:
             log.debug("bridge: workflow %s first seen at seq %d; starting there", workflow_id, nxt)
         self._start_at(wf, nxt)
@@ -222,15 +222,13 @@ class Sequencer:
 
     @staticmethod
     def _start_at(wf: _Workflow, seq: int) -> None:
-        wf.last_seq = seq - 1
+        wf.start_at(seq)
         wf.baseline_known = True
 
     def _drop_held_below(self, wf: _Workflow) -> None:
         """Held events at or below the new start can never be released: drop them (left in
         ``held`` they would keep the workflow gapped and unevictable forever)."""
-        for seq in [s for s in wf.held if s <= wf.last_seq]:
-            del wf.held[seq]
-            self.stats.late_dropped += 1
+        self.stats.late_dropped += wf.drop_held_released()
 
     def tick(self, now: float | None = None) -> None:
         """Deal with gaps older than ``gap_timeout``: ask the filler, or (without one) skip
@@ -238,7 +236,7 @@ class Sequencer:
         now = time.monotonic() if now is None else now
         for workflow_id in list(self._gapped):
             wf = self._workflows.get(workflow_id)
-            if wf is None or not (wf.held or wf.owed > wf.last_seq):
+            if wf is None or not (wf.held or wf.owed > wf.last):
                 self._gapped.discard(workflow_id)
                 continue
             if wf.gap_since is None or now - wf.gap_since < self.gap_timeout or wf.filling:
@@ -261,7 +259,7 @@ class Sequencer:
         assert self.filler is not None
         version = self._version
         try:
-            lo = wf.last_seq + 1 if wf.baseline_known else 1
+            lo = wf.last + 1 if wf.baseline_known else 1
             hi = min(wf.held) - 1 if wf.held else wf.owed
             if hi < lo:
                 return
@@ -274,7 +272,7 @@ class Sequencer:
                             hi, exc)
                 now = time.monotonic()
                 if (wf.gap_since is not None and now - wf.gap_since >= self.give_up_after
-                        and (wf.held or wf.owed > wf.last_seq)):
+                        and (wf.held or wf.owed > wf.last)):
                     self._skip_gap(workflow_id, wf, now, why=f"record unreadable for {self.give_up_after:g}s")
                 return
             if self._workflows.get(workflow_id) is not wf or version != self._version:
@@ -300,7 +298,7 @@ class Sequencer:
     def _apply_fill(self, workflow_id: str, wf: _Workflow, got: GapFill, lo: int, hi: int,
                     version: int | None = None) -> None:
         now = time.monotonic()
-        if not wf.held and wf.owed <= wf.last_seq:
+        if not wf.held and wf.owed <= wf.last:
             return
         begin = self._begin(got, self._version if version is None else version)
         if not wf.baseline_known:
@@ -313,7 +311,7 @@ class Sequencer:
             while seq >= max(floor, lo) and seq in got.events and got.applied_at.get(seq, 0.0) >= since:
                 seq -= 1
             self._start_at(wf, seq + 1)
-        for seq in range(wf.last_seq + 1, hi + 1):
+        for seq in range(wf.last + 1, hi + 1):
             if seq in wf.held:
                 continue
             ev = got.events.get(seq)
@@ -325,11 +323,11 @@ class Sequencer:
             wf.held[seq] = ev
             self.stats.filled += 1
         self._release_run(workflow_id, wf, now)
-        if not wf.held and wf.owed <= wf.last_seq:
+        if not wf.held and wf.owed <= wf.last:
             return
         # Still a gap: is what is missing provably gone (before the publishing began, trimmed
         # from the history, or the workflow's keys expired)?  Then skip; else keep waiting.
-        missing = wf.last_seq + 1
+        missing = wf.last + 1
         if begin is not None and missing < begin:
             self._start_at(wf, begin)  # never published in a version we read: not a gap
             self._drop_held_below(wf)
@@ -346,26 +344,15 @@ class Sequencer:
             await asyncio.sleep(max(0.02, self.gap_timeout / 4))
             self.tick()
 
-    def _evict_workflows(self) -> None:
-        # Forget the least recently active workflows; never one with held events (the gap timer
-        # resolves those soon).
-        excess = len(self._workflows) - self.max_workflows
-        if excess <= 0:
-            return
-        for workflow_id in list(itertools.islice(self._workflows, excess * 2)):
-            if excess <= 0:
-                break
-            old = self._workflows[workflow_id]
-            if not old.held and old.owed <= old.last_seq:
-                del self._workflows[workflow_id]
-                self._with_history.pop(workflow_id, None)
-                if old.baseline_known:
-                    self._forgotten.put(workflow_id, old.last_seq, time.monotonic())
-                excess -= 1
+    def _evicted(self, workflow_id: str, old: _Workflow) -> None:
+        """``workflow_id``'s ordering state was forgotten (it was idle): remember where it had got to."""
+        self._with_history.pop(workflow_id, None)
+        if old.baseline_known:
+            self._forgotten.put(workflow_id, old.last, time.monotonic())
 
     def _release(self, wf: _Workflow, ev: Event) -> None:
         wf.baseline_known = True
-        wf.last_seq = ev.seq
+        wf.last = ev.seq
         if wf.first_seq is None:
             wf.first_seq = ev.seq
         self.stats.released += 1
