@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.model.assignment import assign
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane

@@ -25,7 +25,7 @@ from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.agent.node import redis_client_for
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import bus_config, write_config

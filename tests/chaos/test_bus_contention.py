@@ -46,11 +46,17 @@ from tests.support.metrics import http_get, metric, metric_value
 from tests.support.records import wait_record
 from tests.support.rollout import advance, wait_applied
 from tests.support.workload import all_processed, check_stream_exactly_once
+from tests.support.stack import StackOptions
 
-# Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+
+
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
+
 
 WORKFLOWS = 240
 RATE = 8.0  # workflows/s: the workload lasts about 30 s, long enough for both drills to run inside it
@@ -76,36 +82,36 @@ async def _commit_rollback(cp: ControlPlane, capability: str, *, clear: bool = F
 
 
 async def test_rollback_drills_under_cpu_contention_lose_nothing(
-    busy_cores: list[subprocess.Popen[bytes]], bus_agents: Any, coord: Coordinator, bus_ctx: Context,
-    guard: LaneGuard, queue: LaneQueue, nats: NatsServer, config_file: Path, tmp_path: Path,
+    busy_cores: list[subprocess.Popen[bytes]], bus_agents: Any, coord: Coordinator, ctx: Context,
+    guard: LaneGuard, queue: LaneQueue, nats: NatsServer, config_path: Path, tmp_path: Path,
 ) -> None:
-    cp = ControlPlane(bus_ctx, coord)
-    procs = [AgentProcess(config_file, f"node-{i}", tmp_path / f"state-{i}", tmp_path) for i in range(2)]
+    cp = ControlPlane(ctx, coord)
+    procs = [AgentProcess(config_path, f"node-{i}", tmp_path / f"state-{i}", tmp_path) for i in range(2)]
     try:
-        await _drills(cp, procs, bus_agents, coord, bus_ctx, guard, queue, nats, busy_cores)
+        await _drills(cp, procs, bus_agents, coord, ctx, guard, queue, nats, busy_cores)
     finally:
         for p in procs:
             await asyncio.to_thread(p.stop)
 
 
-async def _drills(cp: ControlPlane, procs: list[AgentProcess], bus_agents: Any, coord: Coordinator, bus_ctx: Context,
+async def _drills(cp: ControlPlane, procs: list[AgentProcess], bus_agents: Any, coord: Coordinator, ctx: Context,
                   guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
                   busy_cores: list[subprocess.Popen[bytes]]) -> None:
     # The subscriber's bridge opens a gap after only 50 ms (default 0.5 s): on a busy machine
     # events of one workflow from different processes then arrive "late" all the time, which
     # is the case the issue saw end in lossy skips; they must be waited for or filled instead.
     agent, bus = await bus_agents("node-2", bus_options={"bridge_options": {"gap_timeout": 0.05}})
-    records = {p.node_id: await wait_record(coord, bus_ctx.cluster, p.node_id, timeout=60, check=lambda r: r.get("http"))
+    records = {p.node_id: await wait_record(coord, ctx.cluster, p.node_id, timeout=60, check=lambda r: r.get("http"))
                for p in procs}
 
     async def applied(rev: int) -> None:
         await wait_applied([agent], rev)
         for p in procs:
-            await wait_record(coord, bus_ctx.cluster, p.node_id, timeout=60,
+            await wait_record(coord, ctx.cluster, p.node_id, timeout=60,
                               check=lambda r: r["applied_revision"] >= rev)
 
     await applied(await advance(cp, 1))
-    await applied(await advance(cp, 2, canary=list(bus_ctx.lanes[:2])))
+    await applied(await advance(cp, 2, canary=list(ctx.lanes[:2])))
     await applied(await advance(cp, 3))
     await async_wait_until(lambda: bus.bridge is not None and bus.bridge.mode == "streaming", 60,
                            interval=0.1, message="the bridge streaming")

@@ -34,22 +34,27 @@ from tests.support.metrics import http_get, metric, metric_value
 from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
 from tests.support.sse import SseReader
 from tests.support.workload import all_processed, check_stream_exactly_once, check_subscriber, stream_event_ids
+from tests.support.stack import StackOptions
 
-# Fixtures from the integration module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = pytest.mark.chaos
 
 
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
+
+
 async def test_nats_sigkill_under_load(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
 ) -> None:
     a, _ = await bus_agents("node-a")
     b, _ = await bus_agents("node-b")
     c, bus_c = await bus_agents("node-c")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a, b, c], rev)
-    await wait_lanes_spread([a, b, c], len(bus_ctx.lanes))
+    await wait_lanes_spread([a, b, c], len(ctx.lanes))
     await async_wait_until(lambda: bus_c.bridge is not None, 10, interval=0.05, message="bridge")
     reader = await SseReader(c.http_address or "", "/v1/events", "ops").start()
     seen_degraded: set[str] = set()
@@ -152,19 +157,19 @@ async def test_outbox_drained_after_duplicate_window_no_duplicate_to_subscriber(
 
 
 async def test_sigkilled_agent_with_full_outbox_delivers_after_restart(
-    config_file: Path, tmp_path: Path, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+    config_path: Path, tmp_path: Path, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue,
     nats: NatsServer,
 ) -> None:
     state = tmp_path / "agent-state"
-    proc = AgentProcess(config_file, "node-k", state, tmp_path, extra_args=["--lease-ttl", "3", "--keepalive", "0.5"])
+    proc = AgentProcess(config_path, "node-k", state, tmp_path, extra_args=["--lease-ttl", "3", "--keepalive", "0.5"])
     try:
-        rev = await streaming(coord, bus_ctx)
+        rev = await streaming(coord, ctx)
         await asyncio.to_thread(nats.stop)
-        await async_wait_until(lambda: _record_applied(coord, bus_ctx, "node-k", rev), 20, interval=0.1,
+        await async_wait_until(lambda: _record_applied(coord, ctx, "node-k", rev), 20, interval=0.1,
                                message="agent applied the flags")
         report = await generate(queue, workflows=6, rate=0, tasks_per_workflow=2, fail_rate=0, seed=5, prefix="sk")
         await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1, message="processed (degraded)")
-        addr = await _record_http(coord, bus_ctx, "node-k")
+        addr = await _record_http(coord, ctx, "node-k")
         _, text = await asyncio.to_thread(http_get, addr, "/metrics")
         depth = metric_value(text, "event_bus_outbox_depth")
         assert depth == sum(report.workflows.values()) and metric_value(text, "event_bus_degraded") == 1
@@ -173,13 +178,13 @@ async def test_sigkilled_agent_with_full_outbox_delivers_after_restart(
     finally:
         await asyncio.to_thread(proc.stop)
     await asyncio.to_thread(nats.start)
-    proc2 = AgentProcess(config_file, "node-k", state, tmp_path, extra_args=["--lease-ttl", "3", "--keepalive", "0.5"])
+    proc2 = AgentProcess(config_path, "node-k", state, tmp_path, extra_args=["--lease-ttl", "3", "--keepalive", "0.5"])
     try:
         total = sum(report.workflows.values())
 
         async def stored() -> bool:
             try:
-                return len(await stream_event_ids(nats.url, default_stream_name(bus_ctx.cluster))) >= total
+                return len(await stream_event_ids(nats.url, default_stream_name(ctx.cluster))) >= total
             except Exception:  # noqa: BLE001  (test poll: the stream may not exist yet)
                 return False
 
@@ -208,13 +213,13 @@ async def _record_http(coord: Coordinator, ctx: Context, node_id: str) -> str:
 
 
 async def test_lane_moves_mid_stream_subscriber_on_third_node_in_order(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue,
 ) -> None:
     a, _ = await bus_agents("node-a")
     b, _ = await bus_agents("node-b")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a, b], rev)
-    await wait_lanes_spread([a, b], len(bus_ctx.lanes))
+    await wait_lanes_spread([a, b], len(ctx.lanes))
     c, bus_c = await bus_agents("node-c")  # joins: rendezvous moves some lanes to it mid-stream
     await async_wait_until(lambda: bus_c.bridge is not None, 10, interval=0.05)
     reader = await SseReader(c.http_address or "", "/v1/events", "watcher").start()

@@ -4,16 +4,16 @@ servers from tests/conftest.py).
 ``config_path`` -> ``ctx`` -> ``coord`` / ``redis_c`` -> ``guard`` / ``queue``, and two factories
 of started in-process agents (``agents``; ``bus_agents`` with the event bus attached), every
 one closed or stopped at teardown. A module picks its variant by overriding ``stack_options``
-(e.g. ``StackOptions(lane_count=4, nats="own")``); a module that defines a fixture of the same
-name keeps its own (module fixtures win over this conftest).
+with a :class:`tests.support.stack.StackOptions` (e.g. ``StackOptions(lane_count=4, nats="own")``);
+a module that defines a fixture of the same name keeps its own (module fixtures win over this
+conftest).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
@@ -25,25 +25,8 @@ from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.config import Context, load_config
-from tests.helpers import KEEPALIVE, TTL, write_config
-
-
-@dataclass(frozen=True)
-class StackOptions:
-    """What the stack's contexts file holds.
-
-    ``nats``: none, the module's own server (the ``nats`` fixture: a test may kill it) or the
-    session's ``shared_nats``. Short leases (``ttl``/``keepalive``) so faults show within seconds.
-    """
-
-    lane_count: int = 8
-    nats: Literal["none", "own", "shared"] = "none"
-    ttl: float = TTL
-    keepalive: float = KEEPALIVE
-    #: ``[nats] connect-timeout`` (None: the config default); 1 s makes a dead server show fast
-    nats_connect_timeout: float | None = 1.0
-    #: extra context keys, merged into the tables write_config makes
-    extra: dict[str, Any] = field(default_factory=dict)
+from tests.helpers import write_config
+from tests.support.stack import StackOptions
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 Agents run in-process (several NodeAgents in one event loop) unless a test needs a real
 ``cbctl agent run`` process (duplicate node id, exit codes).  Every wait is a condition with a
-deadline.  Isolation on the shared servers: a unique cluster name per test.
+deadline.  Isolation on the shared servers: a unique cluster name per test.  The fixture stack
+(``config_path`` .. ``agents``) is tests/integration/conftest.py's default: 8 lanes, no NATS.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import pytest
 
 from cbctl.core.model import keys
 from cbctl.core.agent.hooks import AppliedUpdate
-from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.agent.node import NodeAgent
+from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.model.assignment import assign
-from cbctl.core.model.config import Context, load_config
+from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
@@ -33,7 +34,7 @@ from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.registration import read_refusals
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
-from tests.helpers import CBCTL, agent_config, cbctl_proc
+from tests.helpers import CBCTL, cbctl_proc
 from tests.support.agent_process import AgentProcess
 from tests.support.metrics import http_get, metric_value
 from tests.support.records import lane_owners, read_record, wait_record
@@ -43,61 +44,6 @@ from tests.support.workload import all_processed, check_exactly_once
 pytestmark = pytest.mark.integration
 
 LANE_COUNT = 8
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def config_path(tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any) -> Path:
-    return agent_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url)
-
-
-@pytest.fixture
-def ctx(config_path: Path) -> Context:
-    return load_config(config_path).context()
-
-
-@pytest.fixture
-async def coord(ctx: Context) -> AsyncIterator[Coordinator]:
-    c = make_coordinator(ctx)
-    await c.connect()
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def redis_c(ctx: Context) -> AsyncIterator[Any]:
-    r = redis_client_for(ctx)
-    yield r
-    await r.aclose()
-
-
-@pytest.fixture
-def guard(redis_c: Any, ctx: Context) -> LaneGuard:
-    return LaneGuard(redis_c, ctx.cluster, None, "test-reader")
-
-
-@pytest.fixture
-def queue(redis_c: Any, ctx: Context) -> LaneQueue:
-    return LaneQueue(redis_c, ctx.cluster, ctx.lanes)
-
-
-@pytest.fixture
-async def agents(ctx: Context, tmp_path: Path) -> AsyncIterator[Any]:
-    """A factory of started in-process agents; all stopped at teardown."""
-    started: list[NodeAgent] = []
-
-    async def make(node_id: str, **kwargs: Any) -> NodeAgent:
-        kwargs.setdefault("state_dir", tmp_path / "state")
-        agent = NodeAgent(ctx, node_id, **kwargs)
-        await agent.start()
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        await agent.stop()
 
 
 # -- registration -----------------------------------------------------------------------------

@@ -16,11 +16,10 @@ from typing import Any
 import nats as nats_client
 import pytest
 
-from cbctl.core.agent.node import NodeAgent, redis_client_for
+from cbctl.core.agent.node import NodeAgent
 from cbctl.core.agent.bus.attach import AgentBus, attach_bus
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
-from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import subject
 from cbctl.core.backends.redis.guard import LaneGuard
@@ -31,81 +30,32 @@ from tests.helpers import KEEPALIVE, TTL, bus_config, cbctl_proc
 from tests.support.metrics import metric
 from tests.support.rollout import set_flags, streaming, wait_applied, wait_lanes_spread
 from tests.support.sse import SseReader
+from tests.support.stack import StackOptions
 from tests.support.workload import all_processed, check_stream_exactly_once, check_subscriber
 
 pytestmark = pytest.mark.integration
 
 
-# -- fixtures ---------------------------------------------------------------------------------
+# -- fixtures: the stack of tests/integration/conftest.py, 4 lanes, a nats-server of the test's own -----
 
 
 @pytest.fixture
-def config_file(tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer) -> Path:
-    return bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url)
-
-
-@pytest.fixture
-def bus_ctx(config_file: Path) -> Context:
-    return load_config(config_file).context()
-
-
-@pytest.fixture
-async def coord(bus_ctx: Context) -> AsyncIterator[Coordinator]:
-    c = make_coordinator(bus_ctx)
-    await c.connect()
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def redis_c(bus_ctx: Context) -> AsyncIterator[Any]:
-    r = redis_client_for(bus_ctx)
-    yield r
-    await r.aclose()
-
-
-@pytest.fixture
-def guard(redis_c: Any, bus_ctx: Context) -> LaneGuard:
-    return LaneGuard(redis_c, bus_ctx.cluster, None, "test-reader")
-
-
-@pytest.fixture
-def queue(redis_c: Any, bus_ctx: Context) -> LaneQueue:
-    return LaneQueue(redis_c, bus_ctx.cluster, bus_ctx.lanes)
-
-
-@pytest.fixture
-async def bus_agents(bus_ctx: Context, tmp_path: Path) -> AsyncIterator[Any]:
-    """A factory of started in-process agents with the bus attached (own state dir each)."""
-    started: list[NodeAgent] = []
-
-    async def make(node_id: str, ctx: Context | None = None, **kwargs: Any) -> tuple[NodeAgent, AgentBus]:
-        kwargs.setdefault("state_dir", tmp_path / f"state-{node_id}")
-        kwargs.setdefault("probes", False)
-        bus_opts = kwargs.pop("bus_options", {})
-        agent = NodeAgent(ctx or bus_ctx, node_id, lease_ttl=TTL, keepalive_interval=KEEPALIVE, **kwargs)
-        bus = attach_bus(agent, keepalive=2.0, **bus_opts)
-        await agent.start()
-        started.append(agent)
-        return agent, bus
-
-    yield make
-    for agent in started:
-        await agent.stop()
+def stack_options() -> StackOptions:
+    return StackOptions(lane_count=4, nats="own")
 
 
 # -- tests ------------------------------------------------------------------------------------
 
 
 async def test_canonical_stream_reaches_subscriber_on_any_node(
-    bus_agents: Any, config_file: Path, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, config_path: Path, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
 ) -> None:
     a, _ = await bus_agents("node-a")
     b, _ = await bus_agents("node-b")
     c, bus_c = await bus_agents("node-c")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a, b, c], rev)
-    await wait_lanes_spread([a, b, c], len(bus_ctx.lanes))
+    await wait_lanes_spread([a, b, c], len(ctx.lanes))
     await async_wait_until(lambda: bus_c.bridge is not None, 10, interval=0.05, message="bridge")
     all_reader = await SseReader(c.http_address or "", "/v1/events", "ops").start()
     one_reader = await SseReader(c.http_address or "", "/v1/workflows/bus-000000/events", "ops", after=0).start()
@@ -133,23 +83,23 @@ async def test_canonical_stream_reaches_subscriber_on_any_node(
         await r.stop()
 
     # `cbctl events tail` is a subscriber too: the backlog after --after, then exit on 1 s idle.
-    res = await asyncio.to_thread(cbctl_proc, config_file, "-o", "json", "events", "tail", "--workflow", "bus-000001",
+    res = await asyncio.to_thread(cbctl_proc, config_path, "-o", "json", "events", "tail", "--workflow", "bus-000001",
                                   "--node", "node-b", "--after", "0")
     assert res.exit_code == 0, res.stderr
     lines = [json.loads(x) for x in res.stdout.splitlines()]
     assert [x["seq"] for x in lines] == list(range(1, n1 + 1))
-    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--for", "1.5s", "--follow")
+    res = await asyncio.to_thread(cbctl_proc, config_path, "events", "tail", "--for", "1.5s", "--follow")
     assert res.exit_code == 0, res.stderr
-    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--node", "node-zz")
+    res = await asyncio.to_thread(cbctl_proc, config_path, "events", "tail", "--node", "node-zz")
     assert res.exit_code == 2 and "node-zz" in res.stderr
 
 
 async def test_bridge_modes_and_local_source(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue,
 ) -> None:
     a, bus_a = await bus_agents("node-a")
-    cp = ControlPlane(bus_ctx, coord)
-    rev = await streaming(coord, bus_ctx, **{"eventbus.bridge": "read-only"})
+    cp = ControlPlane(ctx, coord)
+    rev = await streaming(coord, ctx, **{"eventbus.bridge": "read-only"})
     await wait_applied([a], rev)
     addr = a.http_address or ""
     r = await SseReader(addr, "/v1/events", "ops").start()
@@ -184,10 +134,10 @@ async def test_bridge_modes_and_local_source(
 
 
 async def test_bad_events_counted_and_skipped(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
 ) -> None:
     a, bus_a = await bus_agents("node-a")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a], rev)
     await async_wait_until(lambda: bus_a.bridge is not None, 10, interval=0.05)
     reader = await SseReader(a.http_address or "", "/v1/events", "ops").start()
@@ -196,7 +146,7 @@ async def test_bad_events_counted_and_skipped(
                            message="bridge consumer bound")
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
-    junk = subject(bus_ctx.cluster, 1, "junk")
+    junk = subject(ctx.cluster, 1, "junk")
     await js.publish(junk, b"\xff\xfe garbage")
     await js.publish(junk, b'{"schema_version": 99, "event_id": "x"}')
     await js.publish(junk, b"[1,2,3]")
@@ -214,13 +164,13 @@ async def test_bad_events_counted_and_skipped(
 
 async def test_degraded_start_buffers_then_drains(
     tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer,
-    coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, bus_agents: Any,
+    coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, bus_agents: Any,
 ) -> None:
     """NATS unreachable at start: the agent starts, executes tasks, buffers; then drains."""
     nats.stop()
     a, bus_a = await bus_agents("node-a")
     assert bus_a.publisher is not None and not bus_a.publisher.connected  # started anyway
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a], rev)
     report = await generate(queue, workflows=4, rate=0, tasks_per_workflow=1, fail_rate=0, seed=1, prefix="deg")
     await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1, message="processed degraded")
@@ -314,14 +264,14 @@ async def test_local_stream_orders_concurrent_publishers() -> None:
 
 
 async def test_replay_failure_ends_the_stream_with_a_reason(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, monkeypatch: pytest.MonkeyPatch,
+    bus_agents: Any, coord: Coordinator, ctx: Context, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A NATS error part-way through an after= replay read from the stream: `event: end` with a
     reason (the client resumes with after), never a silent seq hole."""
     import nats.errors
 
     a, bus_a = await bus_agents("node-a")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a], rev)
     await async_wait_until(lambda: bus_a.bridge is not None, 10, interval=0.05, message="bridge")
     assert bus_a.bridge is not None
@@ -339,7 +289,7 @@ async def test_replay_failure_ends_the_stream_with_a_reason(
 
 
 async def test_bridge_connection_task_restarts_after_a_crash(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, monkeypatch: pytest.MonkeyPatch,
+    bus_agents: Any, coord: Coordinator, ctx: Context, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An unexpected error in the bridge's connection task closes its connection, is logged,
     and the task comes back (with backoff) instead of dying silently."""
@@ -440,6 +390,6 @@ async def test_subscribe_events_client(monkeypatch: pytest.MonkeyPatch) -> None:
         await collect(address, subscriber="ok")
 
 
-async def test_events_tail_rejects_an_empty_subscriber(config_file: Path) -> None:
-    res = await asyncio.to_thread(cbctl_proc, config_file, "events", "tail", "--subscriber", " ")
+async def test_events_tail_rejects_an_empty_subscriber(config_path: Path) -> None:
+    res = await asyncio.to_thread(cbctl_proc, config_path, "events", "tail", "--subscriber", " ")
     assert res.exit_code == 2 and "--subscriber must not be empty" in res.stderr

@@ -5,6 +5,8 @@
 * a rollout document deleted while the agent was not watching: stage 0 on resync;
 * the LeaseKeeper deadline counted from the grant, not from after registration;
 * a stop that is exception-safe (a failing stop hook does not skip the revoke) and idempotent.
+
+The fixture stack (``config_path`` .. ``agents``) is tests/integration/conftest.py's default.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from cbctl.core.model.errors import BadInput
 from cbctl.core.agent.ownership import acquire_lane
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import agent_config
-from tests.integration.test_agent import agents, config_path, coord, ctx  # noqa: F401 - fixtures used by name
 from tests.support.records import read_record, wait_record
 from tests.support.rollout import advance, set_flags
 

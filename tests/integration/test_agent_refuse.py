@@ -21,18 +21,18 @@ import pytest
 
 from cbctl.core.model import keys
 from cbctl.core.operator.preflight_nodes import check_node_ids, check_nodes, read_snapshot
-from cbctl.core.model.config import load_config
-from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.model.config import Context
+from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.operator.criteria import criterion_ownership
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.agent.node import redis_client_for
 from cbctl.core.agent.registration import MACHINE_ID_FILE, clear_conflicts, read_refusals
 from cbctl.core.agent.workload import generate
 from cbctl.sandbox.waiting import async_wait_until
-from tests.helpers import CBCTL, write_config
+from tests.helpers import CBCTL
 from tests.support.agent_process import AgentProcess
 from tests.support.records import wait_record
+from tests.support.stack import StackOptions
 from tests.support.workload import all_processed, check_exactly_once
 
 pytestmark = pytest.mark.integration
@@ -58,24 +58,21 @@ async def _store_view(ctx: Any, coord: Any, node_id: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack on the session's nats-server, 4 lanes, the default
+    NATS connect timeout."""
+    return StackOptions(lane_count=4, nats="shared", nats_connect_timeout=None)
+
+
 async def test_duplicate_refused_first_live_node_unchanged_under_load(
-    tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, shared_nats: Any,
+    tmp_path: Path, config_path: Path, ctx: Context, coord: Coordinator, guard: LaneGuard, queue: LaneQueue,
 ) -> None:
-    config = write_config(
-        tmp_path / "cbctl.toml", cluster=unique_cluster, etcd=shared_etcd.client_url, redis=shared_redis.url,
-        nats=shared_nats.url, lane_count=4,
-        extra={"coordination": {"lease-ttl": 3.0, "keepalive-interval": 0.5, "timeout": 2.0}},
-    )
-    ctx = load_config(config).context()
-    coord = make_coordinator(ctx)
-    await coord.connect()
-    redis = redis_client_for(ctx)
-    holder = AgentProcess(config, "node-1", tmp_path / "state-live", tmp_path)
+    holder = AgentProcess(config_path, "node-1", tmp_path / "state-live", tmp_path)
     try:
         await wait_record(coord, ctx.cluster, "node-1", timeout=40,
                           check=lambda r: r.get("http") is not None and r.get("probes"))
         # Load: the live node works through a workload while the duplicate comes and goes.
-        queue = LaneQueue(redis, ctx.cluster, ctx.lanes)
         load = asyncio.create_task(generate(queue, workflows=150, rate=50, tasks_per_workflow=3,
                                             fail_rate=0.0, seed=7, prefix="refuse"))
         before = await _store_view(ctx, coord, "node-1")
@@ -83,7 +80,7 @@ async def test_duplicate_refused_first_live_node_unchanged_under_load(
 
         dup_state = tmp_path / "state-dup"
         started = time.monotonic()
-        env = {**os.environ, "CBCTL_CONFIG": str(config), "NO_COLOR": "1"}
+        env = {**os.environ, "CBCTL_CONFIG": str(config_path), "NO_COLOR": "1"}
         env.pop("CBCTL_CONTEXT", None)
         dup = await asyncio.to_thread(
             subprocess.run,
@@ -114,11 +111,8 @@ async def test_duplicate_refused_first_live_node_unchanged_under_load(
         assert kv.lease is not None
         assert await clear_conflicts(coord, ctx.cluster) == []
 
-        guard = LaneGuard(redis, ctx.cluster, None, "test-reader")
         await async_wait_until(lambda: all_processed(guard, report), 60, interval=0.2, message="workload applied")
         await check_exactly_once(guard, report)
         print(f"duplicate refused in {refused_in:.2f}s (process start included)")
     finally:
         await asyncio.to_thread(holder.stop)
-        await redis.aclose()
-        await coord.close()

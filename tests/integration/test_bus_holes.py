@@ -42,11 +42,17 @@ from tests.support.metrics import metric
 from tests.support.rollout import set_flags, wait_applied
 from tests.support.sse import SseReader
 from tests.support.workload import all_processed, stream_event_ids
+from tests.support.stack import StackOptions
 
-# Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
+
 
 OFF = {"cluster.enabled": False, "ownership.guard": "off", "eventbus.publish": "off", "eventbus.bridge": "off",
        "stream.source": "local", "signals.routing": "off"}
@@ -69,11 +75,11 @@ def assert_no_hole(stored: list[tuple[str, int, str]], final: dict[str, int]) ->
 # -- the guard's publish marker -----------------------------------------------------------------
 
 
-async def test_publish_marker_decides_for_every_node(redis_c: Any, bus_ctx: Context) -> None:
+async def test_publish_marker_decides_for_every_node(redis_c: Any, ctx: Context) -> None:
     """A node still at `off` is told to publish a workflow whose publishing began; `on -> off`
     keeps a begun workflow publishing; a re-applied task below the marker is not published; a
     version added later begins at its own seq."""
-    cluster = bus_ctx.cluster
+    cluster = ctx.cluster
     shadow = LaneGuard(redis_c, cluster, None, "node-shadow")
     shadow.publish_versions = (1,)
     off = LaneGuard(redis_c, cluster, None, "node-off")
@@ -103,8 +109,8 @@ async def test_publish_marker_decides_for_every_node(redis_c: Any, bus_ctx: Cont
     assert (await apply(off, "wf-n", "t1")).publish_versions == ()
 
 
-async def test_history_capped_and_finished_workflow_expires(redis_c: Any, bus_ctx: Context) -> None:
-    g = LaneGuard(redis_c, bus_ctx.cluster, None, "node-b", history_maxlen=5, retention=3600)
+async def test_history_capped_and_finished_workflow_expires(redis_c: Any, ctx: Context) -> None:
+    g = LaneGuard(redis_c, ctx.cluster, None, "node-b", history_maxlen=5, retention=3600)
     for i in range(12):
         await g.apply("lane-0", 0, "off", "wf-cap", f"t{i}", {"state": "started"})
     assert await redis_c.xlen(g.keys.history("wf-cap")) == 5
@@ -115,7 +121,7 @@ async def test_history_capped_and_finished_workflow_expires(redis_c: Any, bus_ct
     for k in (g.keys.workflow("wf-cap"), g.keys.history("wf-cap"), g.keys.applied("wf-cap")):
         assert 3500 < await redis_c.ttl(k) <= 3600, k
     # Expiry is real: a 1 s retention is gone after it (Redis expires lazily on access).
-    short = LaneGuard(redis_c, bus_ctx.cluster, None, "node-b", retention=1)
+    short = LaneGuard(redis_c, ctx.cluster, None, "node-b", retention=1)
     await short.apply("lane-0", 0, "off", "wf-short", "t0", {"finished": "true"})
     await async_wait_until(lambda: _gone(redis_c, short, "wf-short"), 10, interval=0.1, message="keys expired")
     # A record read finds the marker and pages through the capped history.
@@ -131,11 +137,11 @@ async def _gone(redis_c: Any, g: LaneGuard, wf: str) -> bool:
 
 
 async def test_late_event_filled_from_redis_history_not_dropped(
-    redis_c: Any, bus_ctx: Context, nats: NatsServer,
+    redis_c: Any, ctx: Context, nats: NatsServer,
 ) -> None:
     """Seq 2 and 3 reach the stream, seq 1 is late (its publisher is slow): the bridge fills 1
     from the Redis history, releases 1, 2, 3 in order, suppresses the late copy, counts nothing."""
-    cluster = bus_ctx.cluster
+    cluster = ctx.cluster
     g = LaneGuard(redis_c, cluster, None, "node-p")
     g.publish_versions = (1,)
     events = []
@@ -196,19 +202,19 @@ def metric_of(m: AgentMetrics, name: str, **labels: str) -> float:
 
 
 async def test_flag_transitions_under_load_leave_no_hole(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
     tmp_path: Path,
 ) -> None:
     """Three agents as competing consumers (cluster.enabled false) under load; the flags go
     off -> shadow with cluster.enabled false -> true (stage 0 -> 1), then publish on with the
     bridge streaming.  Every workflow's stream is gapless from its first published event, no
     event is stored twice, and no bridge counts an ordering violation."""
-    cp = ControlPlane(bus_ctx, coord)
+    cp = ControlPlane(ctx, coord)
     rev = await set_flags(cp, **OFF)
     agents = [await bus_agents(f"node-{i}") for i in range(2)]
     # node-lag applies every flag change 1.5 s after the others (a busy machine): its bus hears
     # of the change late while its lane workers keep applying tasks.
-    lag = NodeAgent(bus_ctx, "node-lag", state_dir=tmp_path / "state-lag", probes=False, lease_ttl=TTL,
+    lag = NodeAgent(ctx, "node-lag", state_dir=tmp_path / "state-lag", probes=False, lease_ttl=TTL,
                     keepalive_interval=KEEPALIVE)
 
     async def late(flags: Any, revision: int) -> None:
@@ -218,13 +224,13 @@ async def test_flag_transitions_under_load_leave_no_hole(
     agents.append((lag, attach_bus(lag, keepalive=2.0)))
     await lag.start()
     try:
-        await _transitions(agents, cp, rev, coord, bus_ctx, guard, queue, nats)
+        await _transitions(agents, cp, rev, coord, ctx, guard, queue, nats)
     finally:
         await lag.stop()
 
 
 async def _transitions(agents: list[tuple[NodeAgent, AgentBus]], cp: ControlPlane, rev: int, coord: Coordinator,
-                       bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer) -> None:
+                       ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer) -> None:
     await wait_applied([a for a, _ in agents], rev)
     # Every workflow is mid-life when the flags change: one transition of each workflow per
     # round, rounds enqueued back to back (competing consumers apply a workflow's consecutive
@@ -247,7 +253,7 @@ async def _transitions(agents: list[tuple[NodeAgent, AgentBus]], cp: ControlPlan
     await async_wait_until(lambda: all_processed(guard, report), 60, interval=0.1, message="all processed")
     await async_wait_until(lambda: all(b.publisher is not None and not b.publisher.degraded for _, b in agents), 30,
                            interval=0.1, message="nothing left in any outbox")
-    stored = await stream_event_ids(nats.url, default_stream_name(bus_ctx.cluster))
+    stored = await stream_event_ids(nats.url, default_stream_name(ctx.cluster))
     per_wf = assert_no_hole(stored, report.workflows)
     # The transition was under way for some workflows (they began publishing mid-life) and
     # complete for the later ones (published from seq 1).
@@ -275,10 +281,10 @@ async def _transitions(agents: list[tuple[NodeAgent, AgentBus]], cp: ControlPlan
 
 
 async def test_local_replay_is_read_page_by_page(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue,
 ) -> None:
     a, bus_a = await bus_agents("node-a", bus_options={"replay_page": 3})
-    rev = await set_flags(ControlPlane(bus_ctx, coord), **{**OFF, "cluster.enabled": True})
+    rev = await set_flags(ControlPlane(ctx, coord), **{**OFF, "cluster.enabled": True})
     await wait_applied([a], rev)
     report = await generate(queue, workflows=1, rate=0, tasks_per_workflow=4, fail_rate=0, seed=1, prefix="pg")
     await async_wait_until(lambda: all_processed(guard, report), 20, interval=0.1)
@@ -340,7 +346,7 @@ async def test_flag_transition_hole_reproduced_deterministically(
     still off), 5 (a), 6 (b).  The stream must hold 3, 4, 5, 6: seq 4 and 6 are published by
     the lagging node because the guard's publish marker says the workflow's publishing began.
     Deciding from each node's own flags drops 4 and 6 (the hole seen in the issue)."""
-    from cbctl.core.agent.node import redis_client_for
+    from cbctl.core.backends.redis.client import redis_client_for
     from cbctl.core.model.config import load_config
     from cbctl.core.backends.coord import make_coordinator
     config = bus_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, nats.url,

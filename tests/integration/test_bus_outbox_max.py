@@ -23,11 +23,17 @@ from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import bus_config
 from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
 from tests.support.workload import all_processed, check_stream_exactly_once
+from tests.support.stack import StackOptions
 
-# Fixtures from the integration module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
+
 
 LIMIT = 25
 
@@ -43,15 +49,15 @@ def ctx_with(tmp_path: Path, cluster: str, etcd: Any, redis: Any, nats: NatsServ
 
 
 async def test_configured_outbox_max_is_the_backpressure_depth(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
     tmp_path: Path, shared_etcd: Any, shared_redis: Any,
 ) -> None:
-    ctx = ctx_with(tmp_path, bus_ctx.cluster, shared_etcd, shared_redis, nats, {"outbox-max": LIMIT})
-    a, bus = await bus_agents("node-a", ctx)
+    configured = ctx_with(tmp_path, ctx.cluster, shared_etcd, shared_redis, nats, {"outbox-max": LIMIT})
+    a, bus = await bus_agents("node-a", configured)
     assert bus.outbox is not None and bus.outbox.max_depth == LIMIT  # the configured value, not the default
-    rev = await streaming(coord, ctx)
+    rev = await streaming(coord, configured)
     await wait_applied([a], rev)
-    await wait_lanes_spread([a], len(ctx.lanes))
+    await wait_lanes_spread([a], len(configured.lanes))
 
     # Behaviour, not just the attribute: with NATS down the agent stops taking tasks when the
     # outbox reaches the configured depth (the default, 100,000, would never be reached here).
@@ -62,7 +68,7 @@ async def test_configured_outbox_max_is_the_backpressure_depth(
     report = await load
     depth = bus.outbox.depth
     # It may pass the limit by what was in flight (one event per lane), never much further.
-    assert LIMIT <= depth <= LIMIT + len(ctx.lanes) * 2, depth
+    assert LIMIT <= depth <= LIMIT + len(configured.lanes) * 2, depth
     assert not await all_processed(guard, report)
 
     await asyncio.to_thread(nats.restart)

@@ -49,11 +49,16 @@ from cbctl.sandbox import NatsServer, async_wait_until
 from tests.support.metrics import metric
 from tests.support.rollout import STREAMING, set_flags, wait_applied, wait_lanes_spread
 from tests.support.workload import all_processed
+from tests.support.stack import StackOptions
 
-# Fixtures from the agent-bus module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
 
 
 class Collector:
@@ -82,14 +87,14 @@ class Collector:
 
 
 async def test_held_v1_events_are_filled_after_consumers_move_to_v2(
-    redis_c: Any, bus_ctx: Context, nats: NatsServer,
+    redis_c: Any, ctx: Context, nats: NatsServer,
 ) -> None:
     """Deterministic: two workflows each have seq 3 held (seq 2 late) in a v1 bridge when the
     bridge moves to v2.  wf-a then begins v2 at seq 4, wf-b has not begun v2 at all.  Both are
     filled from the record in order: wf-a 1, 2, 3, 4 and wf-b 1, 2, 3, no violation.  Before the
     fix: wf-a got 1, 4 (2 and 3 skipped silently) and wf-b 1, 3 with a violation ("seq 2..2
     missing ... not in the workflow's record")."""
-    cluster = bus_ctx.cluster
+    cluster = ctx.cluster
     v1 = LaneGuard(redis_c, cluster, None, "node-v1")
     v1.publish_versions = (1,)
     dual = LaneGuard(redis_c, cluster, None, "node-dual")  # a node that has applied schema_versions [1, 2]
@@ -103,7 +108,7 @@ async def test_held_v1_events_are_filled_after_consumers_move_to_v2(
 
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
-    cfg = bus_ctx.nats.stream
+    cfg = ctx.nats.stream
     await ensure_stream(js, cfg, cluster=cluster)
 
     async def put(e: Event, version: int) -> None:
@@ -152,7 +157,7 @@ def metric_of(m: AgentMetrics, name: str, **labels: str) -> float:
 
 
 async def test_v1_only_tail_stored_after_the_switch_is_delivered(
-    redis_c: Any, bus_ctx: Context, nats: NatsServer,
+    redis_c: Any, ctx: Context, nats: NatsServer,
 ) -> None:
     """Deterministic form of the defect seen under load.  A bridge delivers wf-t 1, 2 in v1 and
     moves to v2; it is provably reading v2 (a v2-only probe event is delivered).  Then a node
@@ -163,14 +168,14 @@ async def test_v1_only_tail_stored_after_the_switch_is_delivered(
     later event revealed the gap, and wf-t stayed at [1, 2] with nothing counted.  A bridge
     pinned to v2 from the start delivers none of wf-t (never published in a version it reads)
     and counts nothing either."""
-    cluster = bus_ctx.cluster
+    cluster = ctx.cluster
     v1 = LaneGuard(redis_c, cluster, None, "node-v1")  # a node that has not applied [1, 2] yet
     v1.publish_versions = (1,)
     v2only = LaneGuard(redis_c, cluster, None, "node-v2")
     v2only.publish_versions = (2,)
     nc = await nats_client.connect(nats.url)
     js = nc.jetstream()
-    cfg = bus_ctx.nats.stream
+    cfg = ctx.nats.stream
     await ensure_stream(js, cfg, cluster=cluster)
 
     async def apply_and_put(g: LaneGuard, wf: str, task: str) -> int:
@@ -229,17 +234,17 @@ async def test_v1_only_tail_stored_after_the_switch_is_delivered(
 
 
 async def test_consumers_move_to_v2_right_after_the_window_opens_under_load(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue,
 ) -> None:
     """Three agents at stage 3 (v1) under load; the v1+v2 window opens and, in the very next
     revision, consumers move to v2 (no wait).  Every bridge counts zero ordering violations, and
     every subscriber (one per node, subscribed before the load) gets every event of every
     workflow exactly once in seq order: 1..N, the v2 part from where v2 publishing began."""
-    cp = ControlPlane(bus_ctx, coord)
+    cp = ControlPlane(ctx, coord)
     agents: list[tuple[NodeAgent, AgentBus]] = [await bus_agents(f"node-{i}") for i in range(3)]
     rev = await set_flags(cp, **STREAMING, **{"eventbus.schema_versions": [1], "consumers.schema_version": 1})
     await wait_applied([a for a, _ in agents], rev)
-    await wait_lanes_spread([a for a, _ in agents], len(bus_ctx.lanes))
+    await wait_lanes_spread([a for a, _ in agents], len(ctx.lanes))
     await async_wait_until(lambda: all(b.bridge is not None for _, b in agents), 20, interval=0.05,
                            message="bridges running")
     cols = [Collector(b.bridge.subscribe(None, f"sub-{a.node_id}")) for a, b in agents]  # type: ignore[union-attr]

@@ -18,11 +18,17 @@ from cbctl.core.agent.workload import generate
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
 from tests.support.workload import all_processed, check_stream_exactly_once
+from tests.support.stack import StackOptions
 
-# Fixtures from the integration module (config_file, bus_ctx, coord, redis_c, guard, queue, bus_agents).
-from tests.integration.test_agent_bus import bus_agents, bus_ctx, config_file, coord, guard, queue, redis_c  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack: 4 lanes, a nats-server of the test's own."""
+    return StackOptions(lane_count=4, nats="own")
+
 
 LIMIT = 30
 
@@ -32,14 +38,14 @@ def gauge(g: Any) -> float:
 
 
 async def test_full_outbox_stops_taking_tasks_drops_nothing_then_drains(
-    bus_agents: Any, coord: Coordinator, bus_ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
+    bus_agents: Any, coord: Coordinator, ctx: Context, guard: LaneGuard, queue: LaneQueue, nats: NatsServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="cbctl.core.agent.bus.outbox")
     a, bus = await bus_agents("node-a")
-    rev = await streaming(coord, bus_ctx)
+    rev = await streaming(coord, ctx)
     await wait_applied([a], rev)
-    await wait_lanes_spread([a], len(bus_ctx.lanes))
+    await wait_lanes_spread([a], len(ctx.lanes))
     assert bus.outbox is not None
     # A small limit, so the test fills it in seconds (the default is DEFAULT_MAX_DEPTH).
     bus.outbox.max_depth, bus.outbox.resume_depth = LIMIT, LIMIT - 5
@@ -61,7 +67,7 @@ async def test_full_outbox_stops_taking_tasks_drops_nothing_then_drains(
     assert gauge(backpressure) == 1
     depth = bus.outbox.depth
     # Nothing refused: the outbox may pass its limit by what was in flight (one event per lane).
-    assert LIMIT <= depth <= LIMIT + len(bus_ctx.lanes) * 2
+    assert LIMIT <= depth <= LIMIT + len(ctx.lanes) * 2
     assert gauge(a.metrics.outbox_depth) == depth and gauge(a.metrics.degraded) == 1
     assert any("is full" in r.getMessage() for r in caplog.records)
 

@@ -21,9 +21,8 @@ import pytest
 
 from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
-from cbctl.core.model.config import Context, load_config
+from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
-from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import lane_for
@@ -36,6 +35,7 @@ from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 from tests.support.records import lane_owners
 from tests.support.rollout import set_flags
+from tests.support.stack import StackOptions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -77,31 +77,10 @@ async def signal_entries(guard: LaneGuard, workflow_id: str) -> list[dict[str, A
 
 
 @pytest.fixture
-def config_path(tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, shared_nats: Any) -> Path:
-    return signals_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, shared_redis.url,
-                          shared_nats.url)
-
-
-@pytest.fixture
-def ctx(config_path: Path) -> Context:
-    return load_config(config_path).context()
-
-
-@pytest.fixture
-async def coord(ctx: Context) -> AsyncIterator[Coordinator]:
-    c = make_coordinator(ctx)
-    await c.connect()
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def guard(ctx: Context) -> AsyncIterator[LaneGuard]:
-    from cbctl.core.agent.node import redis_client_for
-
-    r = redis_client_for(ctx)
-    yield LaneGuard(r, ctx.cluster, None, "test-reader")
-    await r.aclose()
+def stack_options() -> StackOptions:
+    """tests/integration/conftest.py's stack on the session's nats-server, 4 lanes, the default
+    NATS connect timeout."""
+    return StackOptions(lane_count=LANE_COUNT, nats="shared", nats_connect_timeout=None)
 
 
 class Cluster:
