@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbctl.core.agent.bus.bridge import BRIDGE_MODES, Bridge
+from cbctl.core.agent.bus.bridge import Bridge
 from cbctl.core.agent.bus.gap_fill import GapFill, event_of_update, fill_from_record
 from cbctl.core.agent.bus.local_stream import LocalStream
 from cbctl.core.agent.bus.outbox import DEFAULT_MAX_DEPTH, Outbox, OutboxCorrupt
@@ -27,6 +27,20 @@ from cbctl.core.agent.bus.sse_server import SseServer
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, ConfigError
 from cbctl.core.model.events import BadEvent
+from cbctl.core.model.flags import (
+    BRIDGE_OFF,
+    BRIDGE_VALUES,
+    CANARY_SUBSCRIBERS,
+    CONSUMER_SCHEMA_VERSION,
+    EVENTBUS_BRIDGE,
+    EVENTBUS_PUBLISH,
+    PUBLISH_OFF,
+    SCHEMA_VERSIONS,
+    SOURCE_LOCAL,
+    SOURCE_VALUES,
+    STREAM_SOURCE,
+)
+from cbctl.core.model.metric_names import PUBLISH_STATUS_ERROR
 
 
 if TYPE_CHECKING:
@@ -40,8 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["AgentBus", "attach_bus", "outbox_max"]
-
-SOURCES = ("local", "canonical")
 
 
 class AgentBus:
@@ -96,12 +108,12 @@ class AgentBus:
         self._bridge_task: asyncio.Task[None] | None = None
         self._bridge_failures = 0  # consecutive deaths of the connection task (restart backoff)
         self._flags_ready = asyncio.Event()
-        self._publish_mode = "off"
+        self._publish_mode: str = PUBLISH_OFF
         self._schema_versions: tuple[int, ...] = (1,)
-        self._bridge_mode = "off"
+        self._bridge_mode: str = BRIDGE_OFF
         self._consumer_version = 1
         self._canary: frozenset[str] = frozenset()
-        self._source = "local"
+        self._source: str = SOURCE_LOCAL
         self._closing = False
         self._close_deadline: float | None = None  # loop time by which close() must be done
         self.closed_in: float | None = None  # seconds the last close() took (logs and tests)
@@ -366,21 +378,21 @@ class AgentBus:
     # ------------------------------------------------------------------ agent hooks
 
     async def _on_flags(self, flags: Mapping[str, Any], revision: int) -> None:
-        publish = str(flags.get("eventbus.publish", "off"))
-        versions = tuple(flags.get("eventbus.schema_versions") or (1,))
-        bridge_mode = str(flags.get("eventbus.bridge", "off"))
-        consumer_version = flags.get("consumers.schema_version", 1)
-        canary = frozenset(flags.get("canary.subscribers") or ())
-        source = str(flags.get("stream.source", "local"))
-        if bridge_mode not in BRIDGE_MODES:
-            raise BadInput(f"eventbus.bridge: unknown mode {bridge_mode!r}")
+        publish = str(flags.get(EVENTBUS_PUBLISH, PUBLISH_OFF))
+        versions = tuple(flags.get(SCHEMA_VERSIONS) or (1,))
+        bridge_mode = str(flags.get(EVENTBUS_BRIDGE, BRIDGE_OFF))
+        consumer_version = flags.get(CONSUMER_SCHEMA_VERSION, 1)
+        canary = frozenset(flags.get(CANARY_SUBSCRIBERS) or ())
+        source = str(flags.get(STREAM_SOURCE, SOURCE_LOCAL))
+        if bridge_mode not in BRIDGE_VALUES:
+            raise BadInput(f"{EVENTBUS_BRIDGE}: unknown mode {bridge_mode!r}")
         guard = self.agent.guard
         if guard is not None:
             # First, before any await: from the next guarded write on, workflows this node
             # applies start publishing (or not) per these flags ("Publish marker", lanes.py).
-            guard.publish_versions = versions if publish != "off" else ()
-        if source not in SOURCES:
-            raise BadInput(f"stream.source: unknown source {source!r} (allowed: {', '.join(SOURCES)})")
+            guard.publish_versions = versions if publish != PUBLISH_OFF else ()
+        if source not in SOURCE_VALUES:
+            raise BadInput(f"{STREAM_SOURCE}: unknown source {source!r} (allowed: {', '.join(SOURCE_VALUES)})")
         if self.publisher is not None:
             self.publisher.apply_flags(publish, versions)
         if self.bridge is not None:
@@ -412,7 +424,7 @@ class AgentBus:
                 # A poison task would otherwise be re-delivered forever; its state change is applied.
                 log.error("agent %s: workflow %s seq %d: cannot build its event (%s); not published",
                           self.node_id, u.workflow_id, u.seq, exc)
-                self.metrics.publish.labels(status="error").inc()
+                self.metrics.publish.labels(status=PUBLISH_STATUS_ERROR).inc()
                 return
             if self.publisher is None:
                 raise BackendUnavailable("event bus not started", backend="nats")
@@ -420,7 +432,7 @@ class AgentBus:
             # published by every node, also one that has not applied a flag change yet.
             versions = u.publish_versions
             if versions is None:  # an update from a caller that did not ask the guard
-                versions = self._schema_versions if self._publish_mode != "off" else ()
+                versions = self._schema_versions if self._publish_mode != PUBLISH_OFF else ()
             await self.publisher.publish(ev, versions)  # PublishFailed propagates: the task is not acked
             self.local.publish(ev)
             offered = True

@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Literal
 
 import nats.errors
 import nats.js.api as jsapi
@@ -42,12 +41,12 @@ from cbctl.core.model.events import (
     stream_subjects,
     subject,
 )
+from cbctl.core.model.flags import BRIDGE_CANARY, BRIDGE_OFF, BRIDGE_STREAMING, BRIDGE_VALUES, EVENTBUS_BRIDGE
+from cbctl.core.model.metric_names import ORIGIN_LOCAL, ORIGIN_REMOTE
 from cbctl.core.model.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
-BridgeMode = Literal["off", "read-only", "canary", "streaming"]
-BRIDGE_MODES: tuple[str, ...] = ("off", "read-only", "canary", "streaming")
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 # Transient trouble talking to JetStream: back off and try again.
@@ -90,7 +89,7 @@ class Bridge(Sequencer):
         node_id: str,
         *,
         cluster: str,
-        mode: str = "off",
+        mode: str = BRIDGE_OFF,
         schema_version: int = 1,
         canary_subscribers: Iterable[str] = (),
         durable: str | None = None,
@@ -152,7 +151,7 @@ class Bridge(Sequencer):
         self.max_queue = max_queue
         self.rewind = rewind
 
-        self._mode = "off"
+        self._mode: str = BRIDGE_OFF
         self._canary: frozenset[str] = frozenset()
         self._wake = asyncio.Event()
         self.apply_flags(mode, schema_version, canary_subscribers)
@@ -171,7 +170,7 @@ class Bridge(Sequencer):
         self._stopped = False
         for reason in BAD_EVENT_REASONS:
             metrics.bad_events.labels(reason=reason)
-        for origin in ("local", "remote"):
+        for origin in (ORIGIN_LOCAL, ORIGIN_REMOTE):
             metrics.bridge_delivered.labels(origin=origin)
 
     # ------------------------------------------------------------------ flags
@@ -179,8 +178,8 @@ class Bridge(Sequencer):
     def apply_flags(self, mode: str, schema_version: int, canary_subscribers: Iterable[str] = ()) -> None:
         """Apply ``eventbus.bridge``, ``consumers.schema_version`` and ``canary.subscribers``.
         Raises ``BadInput`` for unknown values; a version change re-creates the consumer."""
-        if mode not in BRIDGE_MODES:
-            raise BadInput(f"eventbus.bridge: unknown mode {mode!r} (allowed: {', '.join(BRIDGE_MODES)})")
+        if mode not in BRIDGE_VALUES:
+            raise BadInput(f"{EVENTBUS_BRIDGE}: unknown mode {mode!r} (allowed: {', '.join(BRIDGE_VALUES)})")
         if schema_version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(schema_version, bool):
             raise BadInput(
                 f"consumers.schema_version: unsupported version {schema_version!r} "
@@ -288,7 +287,7 @@ class Bridge(Sequencer):
                     del self._by_workflow[sub.workflow_id]
 
     def _eligible(self, sub: Subscription) -> bool:
-        return self._mode == "streaming" or (self._mode == "canary" and sub.name in self._canary)
+        return self._mode == BRIDGE_STREAMING or (self._mode == BRIDGE_CANARY and sub.name in self._canary)
 
     async def _replay(self, sub: Subscription) -> list[Event]:
         """Released events of the subscription's workflow with after_seq < seq <= the last seq
@@ -347,7 +346,7 @@ class Bridge(Sequencer):
         last_check = time.monotonic()
         seen_reconnects = self.nc.stats.get("reconnects", 0)
         while not self._stopped:
-            if self._mode == "off":
+            if self._mode == BRIDGE_OFF:
                 await self._unsubscribe()
                 self._wake.clear()
                 await self._wake.wait()
@@ -380,7 +379,7 @@ class Bridge(Sequencer):
             self._consuming(self._version)
             for msg in msgs:
                 try:
-                    if self._mode == "off":
+                    if self._mode == BRIDGE_OFF:
                         # Turned off while this fetch was pending: hand the message back so it
                         # is delivered when the bridge is turned on again, not silently consumed.
                         await msg.nak()
@@ -530,7 +529,7 @@ class Bridge(Sequencer):
 
     def _deliver(self, ev: Event) -> None:
         """Fan a released event out by mode (docs/event-bus.md, step 5)."""
-        if self._mode not in ("canary", "streaming"):
+        if self._mode not in (BRIDGE_CANARY, BRIDGE_STREAMING):
             return  # read-only: verified, delivered to nobody
         delivered = False
         for sub in (*self._by_workflow.get(ev.workflow_id, ()), *self._all):
@@ -538,7 +537,7 @@ class Bridge(Sequencer):
                 delivered = True
         if delivered:
             self.stats.delivered += 1
-            self.metrics.bridge_delivered.labels(origin="local" if ev.node_id == self.node_id else "remote").inc()
+            self.metrics.bridge_delivered.labels(origin=ORIGIN_LOCAL if ev.node_id == self.node_id else ORIGIN_REMOTE).inc()
 
 
-__all__ = ["BRIDGE_MODES", "Bridge", "BridgeMode", "durable_name"]
+__all__ = ["Bridge", "durable_name"]

@@ -67,13 +67,19 @@ from cbctl.core.backends.nats.stream import StreamStatus, ensure_stream
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, CheckFailed
 from cbctl.core.model.events import SUPPORTED_SCHEMA_VERSIONS, Event, encode_event, msg_id, subject
+from cbctl.core.model.flags import EVENTBUS_PUBLISH, PUBLISH_OFF, PUBLISH_VALUES
+from cbctl.core.model.metric_names import (
+    PUBLISH_STATUS_BUFFERED,
+    PUBLISH_STATUS_DUPLICATE,
+    PUBLISH_STATUS_ERROR,
+    PUBLISH_STATUS_OK,
+    PUBLISH_STATUSES,
+)
 from cbctl.core.model.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
-PublishMode = Literal["off", "shadow", "on"]
 PublishStatus = Literal["off", "ok", "duplicate", "buffered"]
-PUBLISH_MODES: tuple[str, ...] = ("off", "shadow", "on")
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 NcFactory = Callable[[], Awaitable[Client]]
@@ -125,11 +131,11 @@ class _Batch:
 
 def _event_status(statuses: list[str | None]) -> PublishStatus:
     """One event's status from its messages' (one per schema version)."""
-    if "buffered" in statuses:
-        return "buffered"
-    if statuses and all(st == "duplicate" for st in statuses):
-        return "duplicate"
-    return "ok"
+    if PUBLISH_STATUS_BUFFERED in statuses:
+        return PUBLISH_STATUS_BUFFERED
+    if statuses and all(st == PUBLISH_STATUS_DUPLICATE for st in statuses):
+        return PUBLISH_STATUS_DUPLICATE
+    return PUBLISH_STATUS_OK
 
 
 class Publisher:
@@ -144,7 +150,7 @@ class Publisher:
         node_id: str,
         *,
         cluster: str,
-        publish_mode: str = "off",
+        publish_mode: str = PUBLISH_OFF,
         schema_versions: Sequence[int] = (1,),
         retries: int = 3,
         backoff_initial: float = 0.05,
@@ -179,7 +185,7 @@ class Publisher:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.poll_interval = poll_interval
-        self._mode: str = "off"
+        self._mode: str = PUBLISH_OFF
         self._versions: tuple[int, ...] = (1,)
         self.apply_flags(publish_mode, schema_versions)
 
@@ -199,8 +205,7 @@ class Publisher:
         self._unsent = 0  # batches queued for the ack stage without having been sent
         self._maintainer: asyncio.Task[None] | None = None
         # Label children resolved once: labels() costs more than the increment itself.
-        self._count = {status: metrics.publish.labels(status=status) for status in ("ok", "duplicate", "error",
-                                                                                     "buffered")}
+        self._count = {status: metrics.publish.labels(status=status) for status in PUBLISH_STATUSES}
         self._closing = False
         self.outbox_busy = False  # after close(): an outbox write was still running on its thread
         # Set by close() once the grace period is over: stop waiting for acks and retries, put
@@ -215,8 +220,8 @@ class Publisher:
     def apply_flags(self, publish_mode: str, schema_versions: Sequence[int]) -> None:
         """Apply ``eventbus.publish`` and ``eventbus.schema_versions``; takes effect for events
         passed to :meth:`publish` from now on.  Raises ``BadInput`` for unknown values."""
-        if publish_mode not in PUBLISH_MODES:
-            raise BadInput(f"eventbus.publish: unknown mode {publish_mode!r} (allowed: {', '.join(PUBLISH_MODES)})")
+        if publish_mode not in PUBLISH_VALUES:
+            raise BadInput(f"{EVENTBUS_PUBLISH}: unknown mode {publish_mode!r} (allowed: {', '.join(PUBLISH_VALUES)})")
         versions = tuple(dict.fromkeys(schema_versions))  # de-duplicated, order kept
         if not versions:
             raise BadInput("eventbus.schema_versions: at least one version is required")
@@ -346,7 +351,7 @@ class Publisher:
         """
         pendings = self._enqueue([event], versions)
         if not pendings:
-            return "off"
+            return PUBLISH_OFF
         status = (await pendings[0].future)[0]
         # Backpressure (cbctl/core/agent/bus/outbox.py): the event is acked or durably buffered; while
         # the outbox is full the caller waits here, so a lane worker takes no new task.
@@ -359,7 +364,7 @@ class Publisher:
         (so an invalid event raises ``BadEvent`` before anything is sent)."""
         pendings = self._enqueue(events)
         if not pendings:
-            return ["off"] * len(events)
+            return [PUBLISH_OFF] * len(events)
         out: list[PublishStatus] = []
         for chunk in await asyncio.gather(*(p.future for p in pendings)):
             out.extend(chunk)
@@ -369,7 +374,7 @@ class Publisher:
         if self._closing or self._worker is None or self._worker.done():
             raise PublishFailed("publisher is not running (not started, closed, or its worker failed)")
         if override is None:
-            if self._mode == "off":
+            if self._mode == PUBLISH_OFF:
                 return []
             versions = self._versions
         else:
@@ -489,12 +494,12 @@ class Publisher:
         self._answer(batch, statuses)
 
     def _count_statuses(self, statuses: Sequence[str | None]) -> None:
-        ok = statuses.count("ok")
-        dup = statuses.count("duplicate")
+        ok = statuses.count(PUBLISH_STATUS_OK)
+        dup = statuses.count(PUBLISH_STATUS_DUPLICATE)
         if ok:
-            self._count["ok"].inc(ok)
+            self._count[PUBLISH_STATUS_OK].inc(ok)
         if dup:
-            self._count["duplicate"].inc(dup)
+            self._count[PUBLISH_STATUS_DUPLICATE].inc(dup)
 
     async def _buffer(self, idx: list[int], msgs: list[OutboxMessage], statuses: list[str | None],
                       reason: str | None) -> None:
@@ -509,20 +514,20 @@ class Publisher:
             self._enter_degraded("outbox write failed")
             log.error("event outbox %s: write failed: %s", self.outbox.path, exc)
             for i in idx:
-                statuses[i] = "error"
-            self._count["error"].inc(len(idx))
+                statuses[i] = PUBLISH_STATUS_ERROR
+            self._count[PUBLISH_STATUS_ERROR].inc(len(idx))
             return
         self._set_depth()
         for i in idx:
-            statuses[i] = "buffered"
-        self._count["buffered"].inc(len(idx))
+            statuses[i] = PUBLISH_STATUS_BUFFERED
+        self._count[PUBLISH_STATUS_BUFFERED].inc(len(idx))
 
     def _answer(self, batch: _Batch, statuses: list[str | None]) -> None:
         """Resolve each pending with one status per event (worst of its messages)."""
-        if all(st == "ok" for st in statuses):  # the common case, without per-event bookkeeping
+        if all(st == PUBLISH_STATUS_OK for st in statuses):  # the common case, without per-event bookkeeping
             for p in batch.pendings:
                 if not p.future.done():
-                    p.future.set_result(["ok"] * p.n_events)
+                    p.future.set_result([PUBLISH_STATUS_OK] * p.n_events)
             return
         pos = 0
         for p in batch.pendings:
@@ -532,7 +537,7 @@ class Publisher:
                 pos += 1
             if p.future.done():
                 continue  # the caller gave up waiting (its events were still published)
-            if any("error" in st for st in per_event):
+            if any(PUBLISH_STATUS_ERROR in st for st in per_event):
                 p.future.set_exception(PublishFailed(
                     f"event bus unreachable and the outbox {self.outbox.path} could not be written"))
                 continue
@@ -561,7 +566,7 @@ class Publisher:
             self._inflight.task_done()
         for p in pendings:
             if not p.future.done():
-                self._count["error"].inc(len(p.messages))
+                self._count[PUBLISH_STATUS_ERROR].inc(len(p.messages))
                 p.future.set_exception(PublishFailed(why))
 
     # ------------------------------------------------------------------ sending
@@ -621,7 +626,7 @@ class Publisher:
                 self._note_send_error(exc)
                 out.append(None)
                 continue
-            out.append("duplicate" if getattr(fut.result(), "duplicate", None) else "ok")
+            out.append(PUBLISH_STATUS_DUPLICATE if getattr(fut.result(), "duplicate", None) else PUBLISH_STATUS_OK)
         return out
 
     def _set_abandon(self) -> None:
@@ -758,4 +763,4 @@ class Publisher:
         return bool(acked)
 
 
-__all__ = ["PUBLISH_MODES", "PublishFailed", "PublishMode", "PublishStatus", "Publisher"]
+__all__ = ["PublishFailed", "PublishStatus", "Publisher"]

@@ -22,6 +22,7 @@ from cbctl.core.agent.bus.local_stream import LocalStream, LocalSubscription
 from cbctl.core.agent.bus.subscription import SubscriberLagged, Subscription
 from cbctl.core.model.errors import BackendUnavailable
 from cbctl.core.model.events import Event, encode_event
+from cbctl.core.model.flags import BRIDGE_CANARY, BRIDGE_OFF, BRIDGE_READ_ONLY, SOURCE_CANONICAL, SOURCE_LOCAL
 
 if TYPE_CHECKING:
     from cbctl.core.agent.bus.bridge import Bridge
@@ -133,11 +134,11 @@ class SseServer:
     def _refusal(self, name: str) -> tuple[int, str] | None:
         """Why a canonical subscriber gets nothing under the current flags (None: it gets events)."""
         mode = self.bus.bridge_mode
-        if mode == "off":
+        if mode == BRIDGE_OFF:
             return 503, "eventbus.bridge is off: no canonical stream on this node"
-        if mode == "read-only":
+        if mode == BRIDGE_READ_ONLY:
             return 403, "eventbus.bridge is read-only: events are verified but delivered to nobody"
-        if mode == "canary" and name not in self.bus.canary:
+        if mode == BRIDGE_CANARY and name not in self.bus.canary:
             return 403, f"eventbus.bridge is canary and subscriber {name!r} is not in canary.subscribers"
         return None
 
@@ -159,7 +160,7 @@ class SseServer:
         if self.bus.closing or self._http_down:
             return _json_error(503, "the agent is stopping")
         source = self.bus.source
-        if source == "canonical":
+        if source == SOURCE_CANONICAL:
             refused = self._refusal(name)
             if refused is not None:
                 return _json_error(refused[0], refused[1], source=source, bridge=self.bus.bridge_mode)
@@ -172,7 +173,7 @@ class SseServer:
         stream = _Stream()
         self._streams.add(stream)
         try:
-            if source == "canonical":
+            if source == SOURCE_CANONICAL:
                 await self._pump_canonical(resp, stream, workflow_id, name, after)
             else:
                 await self._pump_local(resp, stream, workflow_id, after)
@@ -191,7 +192,7 @@ class SseServer:
             return "the agent is stopping"
         if self.bus.source != source:
             return f"stream.source changed to {self.bus.source}; reconnect"
-        if source == "canonical":
+        if source == SOURCE_CANONICAL:
             refused = self._refusal(name)
             if refused is not None:
                 return refused[1]
@@ -214,7 +215,7 @@ class SseServer:
                     intr.cancel()
                 if not done:
                     await resp.write(b": waiting for the event bus\n\n")
-                reason = await self._end_reason("canonical", name)
+                reason = await self._end_reason(SOURCE_CANONICAL, name)
                 if reason is not None:
                     await resp.write(_end_message(reason))
                     return
@@ -245,7 +246,7 @@ class SseServer:
             finally:
                 sub.close()
                 stream.sub = None
-            reason = await self._end_reason("canonical", name)
+            reason = await self._end_reason(SOURCE_CANONICAL, name)
             if reason is not None:
                 await resp.write(_end_message(reason, last_seq=last))
                 return
@@ -277,7 +278,7 @@ class SseServer:
                 if workflow_id is not None:
                     last = ev.seq
         except StopAsyncIteration:
-            reason = await self._end_reason("local", "") or "interrupted; reconnect"
+            reason = await self._end_reason(SOURCE_LOCAL, "") or "interrupted; reconnect"
             await resp.write(_end_message(reason, last_seq=last))
         except SubscriberLagged:
             await resp.write(_end_message("lagged", last_seq=last))
