@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from cbctl.core.model.assignment import lanes_of
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, CbctlError
 from cbctl.core.model.metrics import AgentMetrics
+from cbctl.core.model.records import NodeRecord
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
@@ -214,7 +214,6 @@ class LaneReconciler:
 
 def _enabled(value: bytes) -> bool:
     try:
-        rec = json.loads(value)
+        return NodeRecord.from_json(value).cluster_enabled is True
     except ValueError:
         return False
-    return isinstance(rec, dict) and rec.get("cluster_enabled") is True

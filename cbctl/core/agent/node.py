@@ -32,7 +32,6 @@ from cbctl.core.agent.registration import check_identity, default_state_dir, pee
 from cbctl.core.agent.session import LeaseSession, Session, check_lease_settings, lease_hex
 from cbctl.core.agent.tasks import cancel_all
 from cbctl.core.agent.worker import LaneRun, LaneWorkers
-from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.backends.coord.base import Coordinator, Lease
 from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.backends.redis.guard import LaneGuard
@@ -40,6 +39,7 @@ from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BadInput, CbctlError
+from cbctl.core.model.flags import CLUSTER_ENABLED
 from cbctl.core.model.metrics import AgentMetrics
 from cbctl.core.model.rollout import initial_document
 
@@ -57,8 +57,9 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
     ``async with NodeAgent(...) as agent``, or ``await agent.run()`` (until :meth:`request_stop`).
 
     ``config``: the context (cluster, lanes, endpoints, ``coordination.lease_ttl`` /
-    ``keepalive_interval``).  ``handler``: the service's task handler; ``None`` runs the demo
-    lifecycle handler (the in-process tests do; ``cbctl agent run`` requires ``--handler``).  ``http_port``: 0 = a free port, ``None`` = no HTTP server.
+    ``keepalive_interval``).  ``handler``: the service's task handler, required (none raises
+    ``BadInput``; the demo workload's is :func:`cbctl.core.agent.workload.lifecycle_handler`, what
+    ``cbctl agent run --handler demo`` runs).  ``http_port``: 0 = a free port, ``None`` = no HTTP server.
     ``lease_ttl`` / ``keepalive_interval`` override the config; keep-alive * 3 > TTL raises
     ``BadInput``.  ``state_dir`` holds the machine identity.  ``coordinator`` / ``redis_client``
     may be passed in (then they are not closed by :meth:`stop`).  ``stop_timeout``: the bound
@@ -103,7 +104,10 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
         if not config.lanes:
             raise BadInput(f"context {config.name!r}: no lanes configured")
         self.heartbeat_interval = float(heartbeat_interval or min(5.0, max(0.5, self.lease_ttl / 2)))
-        self.handler: TaskHandler = handler or lifecycle_handler
+        if handler is None:  # no silent demo workload in production: the caller says what runs
+            raise BadInput("NodeAgent needs a task handler: pass handler=... (the demo workload's is "
+                           "cbctl.core.agent.workload.lifecycle_handler)")
+        self.handler: TaskHandler = handler
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.host = host or socket.gethostname()
         self.instance_id = uuid.uuid4().hex
@@ -189,7 +193,7 @@ class NodeAgent(LeaseSession, RolloutFollower, LaneReconciler, LaneWorkers):
 
     @property
     def cluster_enabled(self) -> bool:
-        return bool(self._flags.get("cluster.enabled", False))
+        return bool(self._flags.get(CLUSTER_ENABLED, False))
 
     @property
     def owned_lanes(self) -> dict[str, int]:
