@@ -41,7 +41,7 @@ from cbctl.core.agent.registration import read_nodes
 
 try:
     from bench.report import target
-except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 from cbctl.core.operator.sse_client import SseParser
 from cbctl.sandbox import EtcdServer, NatsServer, RedisServer

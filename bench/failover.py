@@ -37,7 +37,7 @@ from cbctl.sandbox import EtcdServer, RedisServer
 
 try:
     from bench.report import target
-except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 
 TTL = 3.0

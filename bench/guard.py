@@ -44,7 +44,7 @@ from cbctl.sandbox import RedisServer  # noqa: E402
 
 try:
     from bench.report import target
-except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 
 TARGET = 0.65

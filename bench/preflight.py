@@ -36,7 +36,7 @@ from cbctl.sandbox.waiting import wait_until  # noqa: E402
 
 try:
     from bench.report import target
-except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 
 NODES = 50

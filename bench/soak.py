@@ -38,7 +38,7 @@ from cbctl.sandbox.services.cbctl_procs import cbctl_executable
 
 try:
     from bench.report import target
-except ModuleNotFoundError:  # run as a script (python bench/NAME.py): bench/ is sys.path[0]
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
     from report import target  # type: ignore[no-redef]
 
 def rss_mb(pid: int) -> float | None:
