@@ -25,6 +25,7 @@ from cbctl.core.agent.bus.outbox import DEFAULT_MAX_DEPTH, Outbox, OutboxCorrupt
 from cbctl.core.agent.bus.publisher import Publisher
 from cbctl.core.agent.bus.sse_server import SseServer
 from cbctl.core.backends.nats.connect import close_nats, connect_nats
+from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, ConfigError
 from cbctl.core.model.events import BadEvent
 from cbctl.core.model.flags import (
@@ -106,7 +107,9 @@ class AgentBus:
         self._bridge_nc: Client | None = None
         self._bridge_ready = asyncio.Event()
         self._bridge_task: asyncio.Task[None] | None = None
-        self._bridge_failures = 0  # consecutive deaths of the connection task (restart backoff)
+        # Restarts of the connection task after it died: 0.5 s doubling to 30 s; reset once a
+        # bridge runs.
+        self._bridge_restart = Backoff(BackoffPolicy(0.5, 30.0))
         self._flags_ready = asyncio.Event()
         self._publish_mode: str = PUBLISH_OFF
         self._schema_versions: tuple[int, ...] = (1,)
@@ -329,8 +332,7 @@ class AgentBus:
         exc = task.exception()  # retrieve it in every case: never "exception was never retrieved"
         if self._closing:
             return
-        self._bridge_failures += 1
-        delay = min(30.0, 0.5 * 2 ** (self._bridge_failures - 1))
+        delay = self._bridge_restart.next_delay()
         if exc is not None:
             log.error("agent %s: bridge connection task died (%s: %s); restarting in %.1fs", self.node_id,
                       type(exc).__name__, exc, delay, exc_info=(type(exc), exc, exc.__traceback__))
@@ -345,17 +347,17 @@ class AgentBus:
         its connection are closed before the next one or before the task ends."""
         if initial_delay > 0:
             await asyncio.sleep(initial_delay)
-        delay = 0.25
+        backoff = Backoff(BackoffPolicy(0.25, 5.0))  # connect attempts: 0.25 s doubling to 5 s
         while not self._closing:
             try:
                 nc = await connect_nats(self.nats_cfg, name=f"cbctl-agent-{self.node_id}-bridge",
                                         reconnect_time_wait=self.reconnect_time_wait)
             except (BackendUnavailable, ConfigError) as exc:  # AuthFailed is a BackendUnavailable
+                delay = backoff.next_delay()
                 log.warning("agent %s: bridge cannot connect yet: %s (retry in %.1fs)", self.node_id, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
                 continue
-            delay = 0.25
+            backoff.reset()
             self._bridge_nc = nc  # owned from here on: _close_bridge closes it on every way out
             try:
                 opts: dict[str, Any] = {"fetch_timeout": 0.25, **self.bridge_options}
@@ -366,7 +368,7 @@ class AgentBus:
                 self.bridge = bridge
                 await bridge.start()
                 self._bridge_ready.set()
-                self._bridge_failures = 0
+                self._bridge_restart.reset()
                 log.info("agent %s: bridge consuming as %s (mode %s)", self.node_id, bridge.durable,
                          self._bridge_mode)
                 while not nc.is_closed:

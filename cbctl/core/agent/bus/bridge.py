@@ -30,6 +30,7 @@ from cbctl.core.agent.bus.dedup import MsgWindow
 from cbctl.core.agent.bus.gap_fill import GapFiller
 from cbctl.core.agent.bus.sequencer import Sequencer
 from cbctl.core.agent.bus.subscription import Subscription
+from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.events import (
@@ -342,7 +343,7 @@ class Bridge(Sequencer):
     # ------------------------------------------------------------------ consuming
 
     async def _consume(self) -> None:
-        delay = 0.1
+        backoff = Backoff(BackoffPolicy(0.1, 5.0))  # transient consume errors: 0.1 s doubling to 5 s
         last_check = time.monotonic()
         seen_reconnects = self.nc.stats.get("reconnects", 0)
         while not self._stopped:
@@ -372,10 +373,9 @@ class Bridge(Sequencer):
                 log.warning("bridge: consuming %s failed: %s: %s (retrying)", self.stream_cfg.name,
                             type(exc).__name__, exc)
                 await self._unsubscribe()
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
+                await backoff.pause()
                 continue
-            delay = 0.1
+            backoff.reset()
             self._consuming(self._version)
             for msg in msgs:
                 try:

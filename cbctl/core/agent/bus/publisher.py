@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -64,6 +63,7 @@ from nats.js import JetStreamContext
 from cbctl.core.backends.nats.connect import close_nats
 from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.backends.nats.stream import StreamStatus, ensure_stream
+from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, CheckFailed
 from cbctl.core.model.events import SUPPORTED_SCHEMA_VERSIONS, Event, encode_event, msg_id, subject
@@ -178,6 +178,9 @@ class Publisher:
         self.retries = retries
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        # Equal jitter: at least half the base, so retries of many agents spread out but never
+        # collapse to zero delay.
+        self.retry_policy = BackoffPolicy(backoff_initial, backoff_max, jitter=(0.5, 1.0))
         self.ack_timeout = ack_timeout
         self.batch_max = batch_max
         self.max_inflight = max_inflight
@@ -475,7 +478,7 @@ class Publisher:
             if not todo or not self.connected or self._abandon.is_set():
                 break  # nothing left, unreachable or closing: buffer now rather than make callers wait
             self.metrics.publish_retries.inc(len(todo))
-            await asyncio.sleep(self._backoff(attempt))
+            await asyncio.sleep(self.retry_policy.delay(attempt))
             if not self.connected:
                 break
             again = await self._send([msgs[i] for i in todo])
@@ -570,12 +573,6 @@ class Publisher:
                 p.future.set_exception(PublishFailed(why))
 
     # ------------------------------------------------------------------ sending
-
-    def _backoff(self, attempt: int) -> float:
-        base: float = min(self.backoff_max, self.backoff_initial * 2.0 ** (attempt - 1))
-        # Equal jitter: at least half the base, so retries of many agents spread out but never
-        # collapse to zero delay.
-        return base / 2 + random.uniform(0, base / 2)
 
     async def _send(self, msgs: Sequence[_Wire]) -> list[str | None]:
         """One attempt: send every message, wait for all acks; a status or None per message."""
@@ -698,7 +695,8 @@ class Publisher:
 
     async def _maintain(self) -> None:
         """Keep a connection, and drain the outbox while degraded."""
-        delay = self.reconnect_min
+        # reconnect_min doubling to reconnect_max; a wake-up (new work) cuts a pause short.
+        backoff = Backoff(BackoffPolicy(self.reconnect_min, self.reconnect_max), sleep=self._sleep_or_wake)
         while True:
             try:
                 await self._connect()
@@ -707,18 +705,16 @@ class Publisher:
                 if text != self._last_connect_error:
                     log.warning("event bus: %s (retrying)", text)
                     self._last_connect_error = text
-                await self._sleep_or_wake(delay)
-                delay = min(self.reconnect_max, delay * 2)
+                await backoff.pause()
                 continue
             if self._degraded and self.connected:
                 progressed = await self._drain_once()
                 if progressed:
-                    delay = self.reconnect_min
+                    backoff.reset()
                     continue
-                await self._sleep_or_wake(delay)
-                delay = min(self.reconnect_max, delay * 2)
+                await backoff.pause()
                 continue
-            delay = self.reconnect_min
+            backoff.reset()
             # Poll: the connection's own reconnect loop gives us no callback we own.
             await self._sleep_or_wake(self.poll_interval)
 
