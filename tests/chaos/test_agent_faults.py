@@ -29,7 +29,7 @@ from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.keys import LaneKeys
 from cbctl.core.backends.redis.queue import LaneQueue, lane_for
 from cbctl.core.agent.ownership import read_lanes
-from cbctl.core.agent.workload import WorkloadReport, workflow_transitions
+from cbctl.core.agent.workload import WorkloadReport, lifecycle_handler, workflow_transitions
 from cbctl.sandbox import EtcdServer, RedisServer
 from cbctl.sandbox.netfaults import NetNs, netns_unusable
 from cbctl.sandbox.waiting import async_wait_until
@@ -306,7 +306,7 @@ async def test_redis_restart_mid_run(tmp_path: Path, unique_cluster: str, shared
     config = agent_config(tmp_path / "cbctl.toml", unique_cluster, shared_etcd.client_url, redis_server.url)
     async with Env(config) as env:
         rev = await env.enable("enforce")
-        agents = [NodeAgent(env.ctx, f"r{i}", state_dir=tmp_path / "state", http_port=None) for i in range(2)]
+        agents = [NodeAgent(env.ctx, f"r{i}", handler=lifecycle_handler, state_dir=tmp_path / "state", http_port=None) for i in range(2)]
         try:
             for a in agents:
                 await a.start()

@@ -26,7 +26,7 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.backends.redis.client import redis_client_for
-from cbctl.core.agent.workload import generate
+from cbctl.core.agent.workload import generate, lifecycle_handler
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import bus_config, write_config
 from tests.support.agent_process import AgentProcess
@@ -144,7 +144,7 @@ async def test_bus_close_is_bounded_and_keeps_unacked_events(
     agents: list[NodeAgent] = []
 
     async def start_agent() -> Any:
-        agent = NodeAgent(ctx, "closer", lease_ttl=3.0, keepalive_interval=0.5, state_dir=state, probes=False)
+        agent = NodeAgent(ctx, "closer", handler=lifecycle_handler, lease_ttl=3.0, keepalive_interval=0.5, state_dir=state, probes=False)
         bus = attach_bus(agent, keepalive=2.0)
         await agent.start()
         agents.append(agent)

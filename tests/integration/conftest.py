@@ -19,6 +19,7 @@ import pytest
 
 from cbctl.core.agent.bus.attach import AgentBus, attach_bus
 from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.backends.redis.client import redis_client_for
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
@@ -95,6 +96,7 @@ async def agents(ctx: Context, tmp_path: Path) -> AsyncIterator[Any]:
 
     async def make(node_id: str, **kwargs: Any) -> NodeAgent:
         kwargs.setdefault("state_dir", tmp_path / "state")
+        kwargs.setdefault("handler", lifecycle_handler)
         agent = NodeAgent(ctx, node_id, **kwargs)
         await agent.start()
         started.append(agent)
@@ -115,6 +117,7 @@ async def bus_agents(ctx: Context, tmp_path: Path, stack_options: StackOptions) 
     async def make(node_id: str, ctx: Context | None = None, **kwargs: Any) -> tuple[NodeAgent, AgentBus]:
         kwargs.setdefault("state_dir", tmp_path / f"state-{node_id}")
         kwargs.setdefault("probes", False)
+        kwargs.setdefault("handler", lifecycle_handler)
         bus_opts = kwargs.pop("bus_options", {})
         agent = NodeAgent(ctx or stack_ctx, node_id, lease_ttl=stack_options.ttl,
                           keepalive_interval=stack_options.keepalive, **kwargs)

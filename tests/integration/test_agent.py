@@ -32,7 +32,7 @@ from cbctl.core.model.errors import BadInput
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.agent.registration import read_refusals
-from cbctl.core.agent.workload import generate
+from cbctl.core.agent.workload import generate, lifecycle_handler
 from cbctl.sandbox.waiting import async_wait_until
 from tests.helpers import CBCTL, cbctl_proc
 from tests.support.agent_process import AgentProcess
@@ -171,7 +171,7 @@ async def test_unstable_node_id_recorded(agents: Any, coord: Coordinator, ctx: C
 
 def test_keepalive_times_three_above_ttl_is_refused(config_path: Path, ctx: Context, tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="keep-alive"):
-        NodeAgent(ctx, "n", lease_ttl=2, keepalive_interval=1)
+        NodeAgent(ctx, "n", handler=lifecycle_handler, lease_ttl=2, keepalive_interval=1)
     res = cbctl_proc(config_path, "agent", "run", "--handler", "demo", "--node-id", "n", "--lease-ttl", "2",
                      "--keepalive", "1", "--state-dir", str(tmp_path / "s"), timeout=20)
     assert res.exit_code == 2 and "keep-alive" in res.stderr, res.stderr
@@ -190,6 +190,15 @@ async def test_agent_run_without_handler_says_what_to_plug_in(config_path: Path,
         assert "Traceback" not in res.stderr
     assert await read_record(coord, ctx.cluster, "n") is None, "no record: the refusal came before registering"
     assert not (tmp_path / "s").exists(), "no state dir written"
+
+
+def test_node_agent_without_handler_says_what_to_plug_in(ctx: Context, tmp_path: Path) -> None:
+    """The Python API has no default handler either: BadInput naming ``handler=`` and the demo's."""
+    with pytest.raises(BadInput) as info:
+        NodeAgent(ctx, "n", state_dir=tmp_path / "s")
+    assert "handler=" in str(info.value) and "cbctl.core.agent.workload.lifecycle_handler" in str(info.value)
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "s").exists(), "refused before anything was written"
 
 
 # -- flags -------------------------------------------------------------------------------------
@@ -397,7 +406,7 @@ async def test_publish_hook_failure_leaves_task_unacked_and_redelivers(coord: Co
     sees it again — so an event can be made durable before the ack."""
     cp = ControlPlane(ctx, coord)
     await advance(cp, 1)
-    node = NodeAgent(ctx, "h0", state_dir=tmp_path / "state", http_port=None)
+    node = NodeAgent(ctx, "h0", handler=lifecycle_handler, state_dir=tmp_path / "state", http_port=None)
     calls: list[AppliedUpdate] = []
     failed = False
 

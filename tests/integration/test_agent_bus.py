@@ -24,7 +24,7 @@ from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.events import subject
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.agent.workload import generate
+from cbctl.core.agent.workload import generate, lifecycle_handler
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import KEEPALIVE, TTL, bus_config, cbctl_proc
 from tests.support.metrics import metric
@@ -197,7 +197,7 @@ async def test_wrong_credentials_fail_at_start(
         path = bus_config(tmp_path / "c.toml", unique_cluster, shared_etcd.client_url, shared_redis.url, server.url,
                           extra={"nats": {"user": "svc", "password-file": str(secret), "connect-timeout": 1.0}})
         ctx = load_config(path).context()
-        agent = NodeAgent(ctx, "node-x", state_dir=tmp_path / "st", probes=False, lease_ttl=TTL,
+        agent = NodeAgent(ctx, "node-x", handler=lifecycle_handler, state_dir=tmp_path / "st", probes=False, lease_ttl=TTL,
                           keepalive_interval=KEEPALIVE)
         attach_bus(agent)
         t0 = time.monotonic()

@@ -23,6 +23,7 @@ import pytest
 
 from cbctl.core.model import keys
 from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
@@ -66,7 +67,7 @@ async def test_refused_revision_is_all_or_nothing_and_not_retried(coord: Coordin
             refusals.append(revision)
             raise BadInput("publish=on not supported by this listener")
 
-    agent = NodeAgent(ctx, "flags", http_port=None, probes=False, state_dir=tmp_path / "state")
+    agent = NodeAgent(ctx, "flags", handler=lifecycle_handler, http_port=None, probes=False, state_dir=tmp_path / "state")
     agent.add_flags_listener(first)
     agent.add_flags_listener(refuser)
     await agent.start()
@@ -162,7 +163,7 @@ async def test_failing_stop_hook_does_not_skip_the_revoke_and_second_stop_return
     async def after() -> None:
         calls.append("after")
 
-    agent = NodeAgent(ctx, "safe-stop", state_dir=tmp_path / "state", probes=False)
+    agent = NodeAgent(ctx, "safe-stop", handler=lifecycle_handler, state_dir=tmp_path / "state", probes=False)
     agent.add_lifecycle_hooks(stop=broken)
     agent.add_lifecycle_hooks(stop=after)
     await agent.start()

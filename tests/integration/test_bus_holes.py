@@ -35,7 +35,7 @@ from cbctl.core.model.events import encode_event, make_event, msg_id, subject
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
 from cbctl.core.model.metrics import AgentMetrics
-from cbctl.core.agent.workload import WorkloadReport, generate, workflow_transitions
+from cbctl.core.agent.workload import WorkloadReport, generate, lifecycle_handler, workflow_transitions
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import KEEPALIVE, TTL, bus_config
 from tests.support.metrics import metric
@@ -214,7 +214,7 @@ async def test_flag_transitions_under_load_leave_no_hole(
     agents = [await bus_agents(f"node-{i}") for i in range(2)]
     # node-lag applies every flag change 1.5 s after the others (a busy machine): its bus hears
     # of the change late while its lane workers keep applying tasks.
-    lag = NodeAgent(ctx, "node-lag", state_dir=tmp_path / "state-lag", probes=False, lease_ttl=TTL,
+    lag = NodeAgent(ctx, "node-lag", handler=lifecycle_handler, state_dir=tmp_path / "state-lag", probes=False, lease_ttl=TTL,
                     keepalive_interval=KEEPALIVE)
 
     async def late(flags: Any, revision: int) -> None:
@@ -371,7 +371,7 @@ async def test_flag_transition_hole_reproduced_deterministically(
         holds: dict[str, _Hold] = {}
         for name in ("node-a", "node-b"):
             # reclaim_idle: no claim of a held (unacked) task by the other agent during the test.
-            agent = NodeAgent(ctx, name, state_dir=tmp_path / f"state-{name}", probes=False, lease_ttl=TTL,
+            agent = NodeAgent(ctx, name, handler=lifecycle_handler, state_dir=tmp_path / f"state-{name}", probes=False, lease_ttl=TTL,
                               keepalive_interval=KEEPALIVE, reclaim_idle=120)
             if name == "node-b":
                 agent.add_flags_listener(lagging)  # before the bus's listener: the bus hears late

@@ -18,7 +18,7 @@ from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model.errors import ConfigError
 from cbctl.core.backends.redis.guard import LaneGuard
 from cbctl.core.backends.redis.queue import LaneQueue
-from cbctl.core.agent.workload import generate
+from cbctl.core.agent.workload import generate, lifecycle_handler
 from cbctl.sandbox import NatsServer, async_wait_until
 from tests.helpers import bus_config
 from tests.support.rollout import streaming, wait_applied, wait_lanes_spread
@@ -88,7 +88,7 @@ async def test_bad_outbox_max_refused_before_anything_starts(
     bad: Any, tmp_path: Path, unique_cluster: str, shared_etcd: Any, shared_redis: Any, nats: NatsServer,
 ) -> None:
     ctx = ctx_with(tmp_path, unique_cluster, shared_etcd, shared_redis, nats, {"outbox-max": bad})
-    agent = NodeAgent(ctx, "node-bad", state_dir=tmp_path / "state", probes=False)
+    agent = NodeAgent(ctx, "node-bad", handler=lifecycle_handler, state_dir=tmp_path / "state", probes=False)
     with pytest.raises(ConfigError, match="outbox-max"):
         attach_bus(agent)
     assert not (tmp_path / "state" / "outbox.sqlite").exists()

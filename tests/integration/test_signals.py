@@ -21,6 +21,7 @@ import pytest
 
 from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
+from cbctl.core.agent.workload import lifecycle_handler
 from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord.base import Coordinator
@@ -93,7 +94,7 @@ class Cluster:
         self.routers: dict[str, SignalRouter] = {}
 
     async def add(self, node_id: str, ctx: Context | None = None, *, wait: bool = True) -> NodeAgent:
-        agent = NodeAgent(ctx or self.ctx, node_id, state_dir=self.state_dir, http_port=None, probes=False)
+        agent = NodeAgent(ctx or self.ctx, node_id, handler=lifecycle_handler, state_dir=self.state_dir, http_port=None, probes=False)
         # Attached before start, as `cbctl agent run` does (agent.run() starts the agent).
         self.routers[node_id] = attach_signals(agent)
         await agent.start()
