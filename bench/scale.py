@@ -1,0 +1,272 @@
+"""Scale: idle cost of agents and how fast lane ownership settles, with real agent processes.
+
+Every agent is a real ``cbctl agent run --handler demo`` process (one process per agent, not
+many ``NodeAgent``s in one process: the CPU of each agent is measured by its process), on its
+own etcd + redis-server started here on loopback (cbctl.sandbox), at stage 1 (``cluster.enabled``,
+so the lanes are owned by rendezvous hashing and worked by their owners).
+
+* ``idle``: N agents (default 5) over L lanes (default 256), no load.  Once the lanes are spread,
+  the CPU time (user + system, psutil) of each agent process is measured over ``--seconds``
+  (default 20 s) and reported as a percentage of one core.  Target: <= 0.5 % per agent.
+* ``settle``: N agents (default 30) over L lanes, lease TTL 5 s, keep-alive 1 s.  Measured from
+  the start of the processes: until every node is registered, until every lane has an owner key
+  and every lane is listed in exactly one node record, that node being its key's owner
+  ("owned exactly once"); the largest share against the fair share L/N; the same again 10 s
+  later.  Then SIGKILL of ``--kill`` agents (default 5): the time until every lane they held
+  has a live owner again.  Targets: max share <= 2x fair; re-owned <= TTL + 3 s.
+
+Run: ``.venv/bin/python bench/scale.py idle`` / ``.venv/bin/python bench/scale.py settle --agents 30``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import tomli_w
+
+from cbctl.core.agent.ownership import read_lanes
+from cbctl.core.backends.coord import make_coordinator
+from cbctl.core.backends.coord.base import Coordinator
+from cbctl.core.model import keys
+from cbctl.core.model.config import Context, load_config
+from cbctl.core.operator.controlplane import ControlPlane
+from cbctl.sandbox import EtcdServer, RedisServer
+
+try:
+    from bench.report import target
+except ModuleNotFoundError:  # run as a script (python bench/<name>.py): bench/ is sys.path[0]
+    from report import target  # type: ignore[no-redef]
+
+CBCTL = str(Path(sys.executable).parent / "cbctl")
+
+
+def write_cfg(path: Path, cluster: str, etcd_url: str, redis_url: str, lanes: int, ttl: float,
+              keepalive: float) -> None:
+    path.write_text(tomli_w.dumps({
+        "current-context": "bench",
+        "contexts": {"bench": {
+            "cluster": cluster, "lane-count": lanes,
+            "coordination": {"endpoints": [etcd_url], "lease-ttl": ttl, "keepalive-interval": keepalive,
+                             "timeout": 2.0},
+            "redis": {"url": redis_url},
+        }},
+    }))
+
+
+class Fleet:
+    """N ``cbctl agent run`` processes, each in its own process group."""
+
+    def __init__(self, cfg: Path, base: Path, names: list[str]) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        env = {**os.environ, "CBCTL_CONFIG": str(cfg), "NO_COLOR": "1"}
+        env.pop("CBCTL_CONTEXT", None)
+        for n in names:
+            log = (base / f"agent-{n}.log").open("wb")
+            self.procs[n] = subprocess.Popen(
+                [CBCTL, "agent", "run", "--handler", "demo", "--node-id", n, "--state-dir", str(base / f"state-{n}"),
+                 "--log-level", "warning"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    def kill(self, name: str) -> None:
+        try:
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.procs[name].wait(timeout=10)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
+
+
+async def snapshot(coord: Coordinator, ctx: Context) -> tuple[dict[str, str | None], dict[str, list[str]]]:
+    """(lane -> owner from the owner keys, node -> lanes listed in its record)."""
+    owners = {v.lane: v.owner for v in await read_lanes(coord, ctx.cluster, ctx.lanes)}
+    prefix = keys.nodes_prefix(ctx.cluster)
+    records: dict[str, list[str]] = {}
+    for kv in await coord.list(prefix):
+        try:
+            records[kv.key[len(prefix):]] = list(json.loads(kv.value).get("lanes") or [])
+        except ValueError:
+            records[kv.key[len(prefix):]] = []
+    return owners, records
+
+
+def owned_once(ctx: Context, owners: dict[str, str | None], records: dict[str, list[str]], live: set[str]) -> bool:
+    """Every lane has a live owner key, and exactly one record (its owner's) lists it."""
+    listed = Counter(lane for node in live for lane in records.get(node, ()))
+    for lane in ctx.lanes:
+        owner = owners.get(lane)
+        if owner is None or owner not in live or listed[lane] != 1 or lane not in records.get(owner, ()):
+            return False
+    return True
+
+
+async def wait_for(cond_desc: str, deadline: float, check) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - start
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {cond_desc}")
+        await asyncio.sleep(0.1)
+
+
+async def run_idle(ctx: Context, cfg: Path, base: Path, agents: int, seconds: float) -> None:
+    coord = make_coordinator(ctx)
+    await coord.connect()
+    names = [f"idle-{i:02d}" for i in range(agents)]
+    fleet = Fleet(cfg, base, names)
+    try:
+        live = set(names)
+
+        async def settled() -> bool:
+            owners, records = await snapshot(coord, ctx)
+            return set(records) >= live and owned_once(ctx, owners, records, live)
+
+        took = await wait_for("the lanes to spread", time.monotonic() + 120, settled)
+        print(f"{agents} agents own every lane exactly once after {took:.1f} s; settling 3 s more", flush=True)
+        await asyncio.sleep(3)
+        await coord.close()  # our own polling must not be part of the measurement
+        ps = {n: psutil.Process(p.pid) for n, p in fleet.procs.items()}
+        before = {n: sum(p.cpu_times()[:2]) for n, p in ps.items()}
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        wall = time.monotonic() - t0
+        used = {n: sum(p.cpu_times()[:2]) - before[n] for n, p in ps.items()}
+        per = {n: 100 * u / wall for n, u in used.items()}
+        for n in names:
+            print(f"  {n}: {used[n]:.2f} CPU-s in {wall:.1f} s = {per[n]:.2f} % of a core")
+        total = sum(used.values())
+        print(f"total {total:.2f} CPU-s in {wall:.1f} s for {agents} idle agents over {len(ctx.lanes)} lanes")
+        target("scale", f"idle agent CPU (max of {agents}, {len(ctx.lanes)} lanes)", max(per.values()), "<=", 0.5,
+               unit=" %", detail=f"mean {sum(per.values()) / agents:.2f} %")
+    finally:
+        fleet.stop()
+
+
+async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int, ttl: float) -> None:
+    coord = make_coordinator(ctx)
+    await coord.connect()
+    names = [f"n{i:03d}" for i in range(agents)]
+    t0 = time.monotonic()
+    fleet = Fleet(cfg, base, names)
+    fair = len(ctx.lanes) / agents
+    try:
+        live = set(names)
+
+        async def registered() -> bool:
+            _owners, records = await snapshot(coord, ctx)
+            return set(records) >= live
+
+        await wait_for("every agent to register", time.monotonic() + 180, registered)
+        t_reg = time.monotonic() - t0
+        print(f"all {agents} registered after {t_reg:.1f} s", flush=True)
+
+        async def settled() -> bool:
+            owners, records = await snapshot(coord, ctx)
+            return owned_once(ctx, owners, records, live)
+
+        await wait_for("every lane owned exactly once", time.monotonic() + 180, settled)
+        t_set = time.monotonic() - t0
+        owners, _ = await snapshot(coord, ctx)
+        share = Counter(o for o in owners.values() if o)
+        print(f"every lane owned exactly once after {t_set:.1f} s from start "
+              f"({t_set - t_reg:.1f} s after the last registration); max share {max(share.values())} "
+              f"against fair {fair:.1f}", flush=True)
+        await asyncio.sleep(10)
+        owners, records = await snapshot(coord, ctx)
+        share = Counter(o for o in owners.values() if o)
+        unowned = sum(1 for lane in ctx.lanes if owners.get(lane) is None)
+        once = owned_once(ctx, owners, records, live)
+        print(f"10 s later: owned exactly once {once}, unowned {unowned}, max share {max(share.values())} "
+              f"(fair {fair:.1f})", flush=True)
+        target("scale", f"{agents} agents: settled (every lane owned exactly once), from start", t_set, "<=", 60,
+               unit=" s")
+        target("scale", f"{agents} agents: max share / fair share, 10 s after settling",
+               max(share.values()) / fair, "<=", 2.0, detail=f"unowned {unowned}, exactly once {once}")
+
+        victims = names[:kill]
+        held = [lane for lane, o in owners.items() if o in victims]
+        for v in victims:
+            fleet.kill(v)
+        killed = time.monotonic()
+        live -= set(victims)
+
+        async def reowned() -> bool:
+            owners, _records = await snapshot(coord, ctx)
+            return all(owners.get(lane) in live for lane in held)
+
+        took = await wait_for("the killed agents' lanes to be re-owned", killed + ttl + 60, reowned)
+        print(f"SIGKILL of {kill} agents ({len(held)} lanes): re-owned after {took:.1f} s (TTL {ttl:g} s)", flush=True)
+        settle_after = await wait_for("every lane owned exactly once after the kill", killed + ttl + 60, settled)
+        print(f"  every lane owned exactly once again after {settle_after:.1f} s", flush=True)
+        target("scale", f"{agents} agents, SIGKILL of {kill}: lanes re-owned", took, "<=", ttl + 3, unit=" s")
+    finally:
+        await coord.close()
+        fleet.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["idle", "settle"])
+    ap.add_argument("--agents", type=int, default=None, help="idle: 5, settle: 30")
+    ap.add_argument("--lanes", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=20.0, help="idle: measurement window")
+    ap.add_argument("--kill", type=int, default=5, help="settle: agents SIGKILLed after settling")
+    ap.add_argument("--ttl", type=float, default=5.0)
+    ap.add_argument("--keepalive", type=float, default=1.0)
+    args = ap.parse_args()
+    agents = args.agents or (5 if args.mode == "idle" else 30)
+    with tempfile.TemporaryDirectory(prefix="cbctl-bench-scale-") as tmp:
+        base = Path(tmp)
+        etcd = EtcdServer(base).start()
+        redis = RedisServer(base).start()
+        try:
+            cfg = base / "cbctl.toml"
+            write_cfg(cfg, f"scale{os.getpid()}", etcd.client_url, redis.url, args.lanes, args.ttl, args.keepalive)
+            ctx = load_config(cfg).context()
+
+            async def go() -> None:
+                coord = make_coordinator(ctx)
+                await coord.connect()
+                try:
+                    cp = ControlPlane(ctx, coord)
+                    await cp.commit(await cp.plan_advance(1), reason="bench scale")
+                finally:
+                    await coord.close()
+                if args.mode == "idle":
+                    await run_idle(ctx, cfg, base, agents, args.seconds)
+                else:
+                    await run_settle(ctx, cfg, base, agents, args.kill, args.ttl)
+
+            asyncio.run(go())
+        finally:
+            redis.stop()
+            etcd.stop()
+
+
+if __name__ == "__main__":
+    main()
