@@ -38,6 +38,10 @@ def run_agent(
         float | None, typer.Option("--keepalive", help="Keep-alive interval in seconds; * 3 must be <= TTL.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str, typer.Option("--log-format", metavar="text|json",
+                          help="Log lines as text, or as one JSON object per line (time, level, logger, message, exception).")
+    ] = "text",
     no_bus: Annotated[
         bool, typer.Option("--no-bus", help="Do not attach the event bus (publisher, outbox, bridge, SSE endpoints) or signal routing.")
     ] = False,
@@ -62,12 +66,17 @@ def run_agent(
     from cbctl.core.agent.node import NodeAgent
     from cbctl.core.model.errors import BadInput
 
+    from cbctl.core.agent.log_format import LOG_FORMATS, configure_logging
+
     task_handler = _handler(handler)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         err(f"cbctl: error: --log-level {log_level!r}: use debug, info, warning or error")
         raise typer.Exit(2)
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format not in LOG_FORMATS:
+        err(f"cbctl: error: --log-format {log_format!r}: use {' or '.join(LOG_FORMATS)}")
+        raise typer.Exit(2)
+    configure_logging(sys.stderr, level, log_format)
     st = state(ctx)
 
     async def body() -> None:

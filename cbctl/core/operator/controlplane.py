@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,19 @@ class WaitResult:
     def not_applied(self) -> list[str]:
         """Every node that has not applied the revision and is not excused."""
         return sorted(self.pending + self.missing)
+
+    @property
+    def total(self) -> int:
+        """Nodes waited for: live agents plus expected nodes that are not live (excused ones not counted)."""
+        return len(self.applied) + len(self.pending) + len(self.missing)
+
+    def progress_line(self) -> str:
+        """One progress line: ``2/3 applied; waiting for node-3`` (an expected node that is not
+        live is named ``node-3 (expected, not live)``). Equal states give equal lines, so a
+        caller that prints only changed lines prints one line per change."""
+        head = f"revision {self.revision}: {len(self.applied)}/{self.total} applied"
+        waiting = [*self.pending, *(f"{n} (expected, not live)" for n in self.missing)]
+        return f"{head}; waiting for {', '.join(waiting)}" if waiting else head
 
 
 class ControlPlane:
@@ -144,6 +157,14 @@ class ControlPlane:
             if unknown:
                 raise BadInput(f"canary.lanes: unknown lane(s) {', '.join(map(repr, unknown))} (context {self.ctx.name})")
         return await self._plan("flags", command, lambda doc: rollout.set_flags(doc, assignments))
+
+    async def plan_unset(self, names: Sequence[str], *, command: str = "flags unset") -> Plan:
+        """Drop the manual overrides of ``names`` (back to the stage plan; kind ``flags``, audited
+        like ``flags set``). An unknown flag is ``BadInput``; a flag without a manual override
+        changes nothing, so unsetting only such flags is a no-op plan (nothing to write)."""
+        if not names:
+            raise BadInput("no flags to unset (give NAME ...)")
+        return await self._plan("flags", command, lambda doc: rollout.unset_flags(doc, names))
 
     async def plan_rollback(
         self, capability: str, *, schema_version: int | None = None, clear: bool = False, command: str = "rollback"
@@ -267,12 +288,7 @@ class ControlPlane:
         excused = set(ignore_missing)
 
         def result() -> WaitResult:
-            applied = sorted(n for n, r in nodes.items() if _applied(r) >= revision)
-            pending = sorted(n for n in nodes if n not in applied)
-            absent = sorted(expected - set(nodes))
-            return WaitResult(revision, applied, pending, loop.time() - start,
-                              missing=[n for n in absent if n not in excused],
-                              ignored=[n for n in absent if n in excused])
+            return applied_state(revision, nodes, expected, excused, elapsed=loop.time() - start)
 
         current = result()
         if progress:
@@ -307,3 +323,17 @@ class ControlPlane:
 
 def _applied(record: NodeRecord) -> int:
     return record.applied_revision or 0
+
+
+def applied_state(
+    revision: int, nodes: Mapping[str, NodeRecord], expected: Collection[str], excused: Collection[str] = (),
+    *, elapsed: float = 0.0,
+) -> WaitResult:
+    """Who of ``nodes`` (live records by node id) and ``expected`` has applied ``revision``:
+    the one judgement of ``--wait`` and of ``cbctl wait converged``. Pure."""
+    applied = sorted(n for n, r in nodes.items() if _applied(r) >= revision)
+    pending = sorted(n for n in nodes if n not in applied)
+    absent = sorted(set(expected) - set(nodes))
+    return WaitResult(revision, applied, pending, elapsed,
+                      missing=[n for n in absent if n not in excused],
+                      ignored=[n for n in absent if n in excused])

@@ -54,14 +54,32 @@ async def _sync(fn: Callable[[], list[CheckResult]]) -> list[CheckResult]:
     return fn()
 
 
-async def run_preflight(ctx: Context, coord: Coordinator, opts: PreflightOptions) -> PreflightReport:
+#: ``progress(name, rows, done, total)``: check ``name`` finished with ``rows``; ``done`` of
+#: ``total`` selected checks have finished.
+PreflightProgress = Callable[[str, list[CheckResult], int, int], None]
+
+
+async def run_preflight(ctx: Context, coord: Coordinator, opts: PreflightOptions,
+                        progress: PreflightProgress | None = None) -> PreflightReport:
     """Run the selected checks concurrently against ``coord`` (built, connected or not).
 
     Never raises for a backend problem; ``store_unreachable`` is set when the coordination
     store could not be read (the caller exits 4).  Configuration errors (``ConfigError``) of
-    the context itself do propagate.
+    the context itself do propagate.  ``progress`` is told as each check finishes (in the
+    order they finish; one call per check).
     """
     t0 = time.monotonic()
+    total = sum(1 for name in CHECK_NAMES if opts.wants(name))
+    finished = 0
+
+    async def told(name: str, body: Awaitable[list[CheckResult]]) -> list[CheckResult]:
+        nonlocal finished
+        rows = await body
+        finished += 1
+        if progress is not None:
+            progress(name, rows, finished, total)
+        return rows
+
     to = opts.check_timeout
     store_error: str | None = None
     snap: StoreSnapshot | None = None
@@ -81,13 +99,13 @@ async def run_preflight(ctx: Context, coord: Coordinator, opts: PreflightOptions
     independent: list[Awaitable[list[CheckResult]]] = []
     eps = ",".join(ctx.coordination.endpoints)
     if opts.wants("etcd"):
-        independent.append(_deadline("etcd", eps, to, check_etcd(ctx, coord)))
+        independent.append(told("etcd", _deadline("etcd", eps, to, check_etcd(ctx, coord))))
     if opts.wants("redis"):
-        independent.append(_deadline("redis", ctx.redis.url, to, check_redis(ctx, to / 2)))
+        independent.append(told("redis", _deadline("redis", ctx.redis.url, to, check_redis(ctx, to / 2))))
     if opts.wants("prometheus"):
-        independent.append(_deadline("prometheus", ctx.prometheus.url, to, check_prometheus(ctx, to / 2)))
+        independent.append(told("prometheus", _deadline("prometheus", ctx.prometheus.url, to, check_prometheus(ctx, to / 2))))
     if opts.wants("credentials"):
-        independent.append(_deadline("credentials", "-", to, check_credentials(ctx)))
+        independent.append(told("credentials", _deadline("credentials", "-", to, check_credentials(ctx))))
     first = asyncio.gather(*independent)
     await load()
 
@@ -95,20 +113,20 @@ async def run_preflight(ctx: Context, coord: Coordinator, opts: PreflightOptions
     if opts.wants("nats"):
         from cbctl.core.backends.nats.connect import servers_text  # redacted, like every NATS message
 
-        dependent.append(_deadline("nats", servers_text(ctx.nats), to, check_nats(ctx, snap, to / 2)))
+        dependent.append(told("nats", _deadline("nats", servers_text(ctx.nats), to, check_nats(ctx, snap, to / 2))))
     if opts.wants("lease-timing"):
-        dependent.append(_deadline("lease-timing", "-", to, _sync(lambda: check_lease_timing(ctx, snap))))
+        dependent.append(told("lease-timing", _deadline("lease-timing", "-", to, _sync(lambda: check_lease_timing(ctx, snap)))))
     for name, fn in (("nodes", check_nodes), ("node-ids", check_node_ids)):
         if opts.wants(name):
             if snap is None:
-                dependent.append(_sync(lambda name=name: [row(name, "store", "fail", "cannot read the coordination store")]))
+                dependent.append(told(name, _sync(lambda name=name: [row(name, "store", "fail", "cannot read the coordination store")])))
             else:
-                dependent.append(_deadline(name, "store", to, _sync(lambda fn=fn, s=snap: fn(ctx, s))))
+                dependent.append(told(name, _deadline(name, "store", to, _sync(lambda fn=fn, s=snap: fn(ctx, s)))))
     if opts.wants("clock"):
         if snap is None:
-            dependent.append(_sync(lambda: [row("clock", "store", "fail", "cannot read the coordination store")]))
+            dependent.append(told("clock", _sync(lambda: [row("clock", "store", "fail", "cannot read the coordination store")])))
         else:
-            dependent.append(_deadline("clock", "store", to, _sync(lambda s=snap: check_clock(ctx, s, opts))))
+            dependent.append(told("clock", _deadline("clock", "store", to, _sync(lambda s=snap: check_clock(ctx, s, opts)))))
     second = await asyncio.gather(*dependent)
     rows = [r for group in (*await first, *second) for r in group]
     order = {n: i for i, n in enumerate(CHECK_NAMES)}
@@ -129,4 +147,4 @@ async def record_preflight(ctx: Context, coord: Coordinator, report: PreflightRe
     await coord.put(keys.preflight_last(ctx.cluster), json.dumps(record, sort_keys=True).encode())
 
 
-__all__ = ["record_preflight", "run_preflight"]
+__all__ = ["PreflightProgress", "record_preflight", "run_preflight"]

@@ -35,6 +35,26 @@ def run_external(argv: Sequence[str]) -> int:
         return 127
 
 
+@dataclass(frozen=True)
+class CheckPoll:
+    """One poll of a runbook ``check:`` that did not hold yet (what ``check_progress`` is told).
+
+    ``state``: what was seen (``no data``, ``last value 2``, ``error: ...``), free of times, so
+    equal observations give equal text; ``remaining``: seconds until the check gives up.
+    """
+
+    step: int
+    total: int
+    expect: str
+    state: str
+    remaining: float
+    polls: int
+
+    def line(self) -> str:
+        """``step 3/5 check: last value 2, want == 0; 48s left``."""
+        return f"step {self.step}/{self.total} check: {self.state}, want {self.expect}; {max(self.remaining, 0):.0f}s left"
+
+
 @dataclass
 class RunbookExecutor:
     """Runs a validated runbook's steps in order and stops at the first that fails.
@@ -48,6 +68,9 @@ class RunbookExecutor:
     * ``confirm(question) -> bool`` is asked before every run/argv step, and before a check
       that has a ``confirm:``; ``None`` means ``--yes`` (never ask). A "no" aborts the run.
     * ``announce(message)`` receives progress lines (the CLI prints them to stderr).
+    * ``check_progress(poll)`` is told after every poll of a ``check:`` that did not hold yet
+      and will be polled again (:class:`CheckPoll`); the CLI shows a live line or one line per
+      change.
     * ``record(json) -> store revision | None`` is called at start (status ``running``), after
       each step and at the end; a ``CbctlError`` from it at start propagates (nothing has run);
       later it is remembered in ``RunRecord.record_error`` and the run goes on — a rollback must
@@ -72,6 +95,7 @@ class RunbookExecutor:
     run_external: Callable[[Sequence[str]], int] = run_external
     confirm: Callable[[str], bool] | None = None
     announce: Callable[[str], None] = lambda message: None
+    check_progress: Callable[[CheckPoll], None] | None = None
     record: Callable[[dict[str, Any]], int | None] | None = None
     interrupted: Callable[[], str | None] = lambda: None
     overrides: Callable[[RunRecord], list[dict[str, Any]]] | None = None
@@ -82,6 +106,7 @@ class RunbookExecutor:
     resumes: str | None = None
     resume_prefix: Sequence[str] = ("cbctl",)
     resume_extra: Sequence[str] = ()
+    resume_target: str | None = None  # the runbook's path when it was given by path
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
@@ -173,7 +198,8 @@ class RunbookExecutor:
             rec.status = stop_status
             at = rec.failed_step
             rec.resume = None if at is None else resume_command(
-                rb, self.values, at.index, prefix=self.resume_prefix, extra=self.resume_extra, resumes=rec.run_id)
+                rb, self.values, at.index, prefix=self.resume_prefix, extra=self.resume_extra, resumes=rec.run_id,
+                target=self.resume_target)
             if self.overrides is not None:
                 try:
                     rec.overrides = self.overrides(rec)
@@ -194,7 +220,7 @@ class RunbookExecutor:
 
     def _run_step(self, step: Step, outcome: StepOutcome) -> None:
         if step.check is not None:
-            self._run_check(step.check, outcome)
+            self._run_check(step.check, outcome, step.index)
             return
         argv = step.render_argv(self.values)
         code = self.run_cbctl(argv) if step.in_process else self.run_external(argv)
@@ -203,12 +229,13 @@ class RunbookExecutor:
         if code != 0:
             outcome.detail = f"exit code {code}"
 
-    def _run_check(self, check: CheckSpec, outcome: StepOutcome) -> None:
+    def _run_check(self, check: CheckSpec, outcome: StepOutcome, index: int = 0) -> None:
         if self.query is None:
             raise BadInput(f"runbook {self.runbook.name!r} has checks but no Prometheus query function was given")
         promql = substitute(check.promql, self.values)
         deadline = self.monotonic() + check.within
         last = "no answer"
+        polls = 0
         while True:
             if self.interrupted() is not None:  # a signal between two polls: stop polling now
                 raise KeyboardInterrupt
@@ -228,6 +255,7 @@ class RunbookExecutor:
                     return
                 last = "no data" if not values else f"last value {_fmt_values(values)}"
                 code = 1
+            polls += 1
             remaining = deadline - self.monotonic()
             if remaining <= 0:
                 within = f" within {check.within:g}s" if check.within else ""
@@ -236,6 +264,8 @@ class RunbookExecutor:
                 if code == BackendUnavailable.exit_code:
                     outcome.detail += "; Prometheus unreachable"
                 return
+            if self.check_progress is not None:
+                self.check_progress(CheckPoll(index, len(self.runbook.steps), check.expect.text, last, remaining, polls))
             self.sleep(min(check.interval, remaining))
 
 
