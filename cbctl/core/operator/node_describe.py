@@ -11,6 +11,7 @@ expect raises ``NotFound`` (exit 2). Times in :meth:`NodeDescription.public` are
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,41 +71,34 @@ class NodeDescription:
             return None
         return (self.record.applied_revision or 0) >= self.rollout_revision
 
-    def public(self) -> dict[str, Any]:
-        """The ``nodes describe -o json`` shape."""
+    def public(self, time_text: Callable[[float], Any] = rfc3339) -> dict[str, Any]:
+        """The ``nodes describe -o json`` shape; ``time_text`` spells Unix times (the CLI passes
+        its one RFC 3339 spelling)."""
         rec = self.record
+
+        def when(value: Any) -> Any:
+            return time_text(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+        def times(data: dict[str, Any]) -> dict[str, Any]:
+            # Unix-time fields as text, nested objects too (probes carry their own times).
+            return {k: times(v) if isinstance(v, dict) else when(v) if k in _TIME_FIELDS else v
+                    for k, v in data.items()}
+
         return {
             "node_id": self.node_id,
             "state": self.state,
             "expected": self.expected,
             "rollout_revision": self.rollout_revision,
             "applied_current": self.applied_current,
-            "record": _times(_without(rec.to_dict(), "probes", "clock")) if rec is not None else None,
-            "probes": _times(dict(rec.probes)) if rec is not None and rec.probes is not None else None,
-            "clock": _times(dict(rec.clock)) if rec is not None and rec.clock is not None else None,
-            "lanes": [{"lane": ln.lane, "token": ln.token, "since": _rfc(ln.since), "instance_id": ln.instance_id}
+            "record": times(_without(rec.to_dict(), "probes", "clock")) if rec is not None else None,
+            "probes": times(dict(rec.probes)) if rec is not None and rec.probes is not None else None,
+            "clock": times(dict(rec.clock)) if rec is not None and rec.clock is not None else None,
+            "lanes": [{"lane": ln.lane, "token": ln.token, "since": when(ln.since), "instance_id": ln.instance_id}
                       for ln in self.lanes],
-            "conflicts": [_times(c.to_dict()) for c in self.conflicts],
-            "refusals": [_times(r.to_dict()) for r in self.refusals],
-            "identity": _times(self.identity.to_dict()) if self.identity is not None else None,
+            "conflicts": [times(c.to_dict()) for c in self.conflicts],
+            "refusals": [times(r.to_dict()) for r in self.refusals],
+            "identity": times(self.identity.to_dict()) if self.identity is not None else None,
         }
-
-
-def _rfc(value: Any) -> Any:
-    return rfc3339(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-def _times(data: dict[str, Any]) -> dict[str, Any]:
-    """Unix-time fields as RFC 3339 UTC, nested objects too (probes carry their own ``at``)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out[key] = _times(value)
-        elif key in _TIME_FIELDS:
-            out[key] = _rfc(value)
-        else:
-            out[key] = value
-    return out
 
 
 def _without(data: dict[str, Any], *names: str) -> dict[str, Any]:
