@@ -17,7 +17,7 @@ import nats as nats_client
 import pytest
 
 from cbctl.core.agent.node import NodeAgent
-from cbctl.core.agent.bus.attach import AgentBus, attach_bus
+from cbctl.core.agent.bus.attach import attach_bus
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord.base import Coordinator

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from cbctl.core.agent.bus.bridge import Bridge
-from cbctl.core.agent.bus.subscription import SubscriberLagged, Subscription
+from cbctl.core.agent.bus.subscription import SubscriberLagged
 from cbctl.core.backends.nats.connect import connect_nats
 from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
 from cbctl.core.agent.bus.publisher import Publisher
