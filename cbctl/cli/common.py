@@ -1,8 +1,14 @@
-"""Shared CLI plumbing: global state, output, confirmation, error -> exit code.
+"""Shared CLI plumbing: global state, output, durations, logging, confirmation, error -> exit code.
+
+Output contract (README "Output and JSON"): results go to stdout, messages to stderr. ``-o``
+is ``table | wide | json | yaml``; ``wide`` adds the columns a command marks wide-only;
+``--no-headers`` drops table titles and header rows. A table on a terminal is drawn by rich; off
+a terminal it is plain aligned text, never truncated (and rich is not imported at all). JSON and
+YAML carry the same data: snake_case keys, times as RFC 3339 UTC strings.
 
 Kept light: only typer and cbctl.core's pure modules are imported at module level, so that
-``cbctl --help`` and tab completion stay fast. rich is imported only when a table or a
-progress display is actually rendered.
+``cbctl --help`` and tab completion stay fast. rich, yaml and logging handlers are imported only
+when they are used.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from typer._click import types as click_types
 
 from cbctl.core.model.errors import BadInput, CbctlError
 
@@ -28,8 +35,17 @@ T = TypeVar("T")
 
 
 class OutputFormat(str, Enum):
+    """``-o``: ``table`` and ``wide`` are for humans, ``json`` and ``yaml`` for scripts."""
+
     table = "table"
+    wide = "wide"
     json = "json"
+    yaml = "yaml"
+
+    @property
+    def structured(self) -> bool:
+        """JSON or YAML: the command's data on stdout alone, no table."""
+        return self in (OutputFormat.json, OutputFormat.yaml)
 
 
 @dataclass
@@ -39,6 +55,7 @@ class AppState:
     config_path: str | None = None
     context_name: str | None = None
     output: OutputFormat = OutputFormat.table
+    no_headers: bool = False
 
     def config(self, *, missing_ok: bool = False) -> ConfigFile:
         from cbctl.core.model.config import load_config
@@ -52,7 +69,10 @@ class AppState:
 # Per-command override of the global -o, so `cbctl stage status -o json` works as typed.
 OutputOpt = Annotated[
     OutputFormat | None,
-    typer.Option("--output", "-o", help="Output format: table or json (JSON goes to stdout alone)."),
+    typer.Option("--output", "-o", help="Output format: table, wide (more columns), json or yaml (data on stdout alone)."),
+]
+NoHeadersOpt = Annotated[
+    bool, typer.Option("--no-headers", help="table/wide: print rows only (no title, no header row).")
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show what would change; write nothing.")]
@@ -60,7 +80,46 @@ ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why: recorded i
 WaitOpt = Annotated[
     bool, typer.Option("--wait/--no-wait", help="Block until every live agent has applied the new revision.")
 ]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for agents with --wait.")]
+
+
+
+class Duration(click_types.ParamType):
+    """A time option: ``30s``, ``500ms``, ``2m``, ``1h``, ``1h30m`` or a plain number of seconds
+    (:func:`cbctl.core.model.durations.parse_duration`, the one parser). Converts to seconds
+    (float). Zero or negative is a usage error (exit 2, naming the option) unless ``allow_zero``
+    (then ``0``/``0s`` means "off")."""
+
+    name = "duration"
+
+    def __init__(self, *, allow_zero: bool = False) -> None:
+        self.allow_zero = allow_zero
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        from cbctl.core.model.durations import parse_duration
+
+        if value is None:
+            return value
+        what = param.opts[0] if param is not None and param.opts else "duration"
+        if self.allow_zero and (value == 0 or str(value).strip().lower() in ("0", "0s", "0ms", "0.0")):
+            return 0.0
+        try:
+            return parse_duration(value, what=what)
+        except BadInput as exc:
+            message = str(exc)
+            self.fail(message[len(what) + 2:] if message.startswith(what + ": ") else message, param, ctx)
+
+
+def duration_option(*names: str, help: str, allow_zero: bool = False, **kwargs: Any) -> Any:
+    """``typer.Option`` for a time option (see :class:`Duration`); use with ``float`` defaults."""
+    return typer.Option(*names, click_type=Duration(allow_zero=allow_zero), metavar="DURATION", help=help, **kwargs)
+
+
+TimeoutOpt = Annotated[
+    float, duration_option("--timeout", help="How long to wait for agents with --wait, e.g. 30s, 2m (a number is seconds).")
+]
 
 
 def state(ctx: typer.Context) -> AppState:
@@ -70,8 +129,18 @@ def state(ctx: typer.Context) -> AppState:
     return obj
 
 
-def output_format(ctx: typer.Context, override: OutputFormat | None) -> OutputFormat:
-    return override or state(ctx).output
+# How the command being run renders tables (set by output_format; a runbook step runs commands
+# in-process, and each sets its own).
+_RENDER: ContextVar[tuple[OutputFormat, bool]] = ContextVar("cbctl_render", default=(OutputFormat.table, False))
+
+
+def output_format(ctx: typer.Context, override: OutputFormat | None, no_headers: bool = False) -> OutputFormat:
+    """The command's ``-o`` (else the global one); also records ``--no-headers`` for
+    :func:`print_table`."""
+    st = state(ctx)
+    fmt = override or st.output
+    _RENDER.set((fmt, no_headers or st.no_headers))
+    return fmt
 
 
 def use_color() -> bool:
@@ -88,22 +157,114 @@ def err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def setup_logging(debug: bool) -> None:
+    """``-v/--debug``: every log record of ``cbctl.*`` at DEBUG and above goes to stderr, one
+    line each, URL userinfo redacted (cbctl.core.model.redaction; no record carries a secret, this
+    is the second line of defence). Off by default: then only Python's last-resort handler
+    shows warnings, as before."""
+    if not debug:
+        return
+    import logging
+
+    from cbctl.core.model.redaction import redact_url
+
+    class _Redacting(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return redact_url(super().format(record))
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("cbctl")
+    if not any(getattr(h, "_cbctl_debug", False) for h in logger.handlers):
+        handler._cbctl_debug = True  # type: ignore[attr-defined]  # once per process (runbook steps re-enter)
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, stderr: bool = False) -> None:
-    """Render a table with rich (imported here, not at start-up). User data is not markup."""
+def emit(fmt: OutputFormat, data: Any) -> None:
+    """The command's result as JSON or YAML on stdout (``fmt`` must be structured)."""
+    if fmt is OutputFormat.yaml:
+        import yaml  # lazily: ~10 ms that table output never needs
+
+        # Through JSON first, so YAML holds exactly what JSON would (dates, paths as strings).
+        plain = json.loads(json.dumps(data, default=str))
+        sys.stdout.write(yaml.safe_dump(plain, sort_keys=False, default_flow_style=False, allow_unicode=True))
+        sys.stdout.flush()
+    else:
+        emit_json(data)
+
+
+def emit_line(fmt: OutputFormat, data: Any) -> None:
+    """One item of a stream: a JSON object per line, or a YAML document (``---``) per item."""
+    if fmt is OutputFormat.yaml:
+        sys.stdout.write("---\n")
+        emit(fmt, data)
+    else:
+        sys.stdout.write(json.dumps(data, separators=(",", ":"), default=str) + "\n")
+        sys.stdout.flush()
+
+
+def rfc3339(ts: float | int | None) -> str | None:
+    """Unix seconds -> RFC 3339 UTC (``2026-01-31T12:00:00.250Z``; whole seconds without the
+    fraction). The one spelling of a time in cbctl's JSON; None stays None."""
+    if ts is None or isinstance(ts, bool):
+        return None
+    import datetime as _dt
+
+    moment = _dt.datetime.fromtimestamp(float(ts), tz=_dt.timezone.utc)
+    if moment.microsecond:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def snake_keys(data: Any) -> Any:
+    """Mapping keys ``kebab-case`` -> ``snake_case``, recursively (JSON keys are snake_case)."""
+    if isinstance(data, dict):
+        return {(k.replace("-", "_") if isinstance(k, str) else k): snake_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [snake_keys(v) for v in data]
+    return data
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, stderr: bool = False,
+                wide: Sequence[str] = ()) -> None:
+    """A table for a human. ``wide``: names of columns shown only with ``-o wide``.
+
+    On a terminal: rich (imported here, not at start-up; user data is not markup). Off a
+    terminal: plain columns separated by two spaces, never truncated, and the title on stderr
+    (stdout holds the rows alone). ``--no-headers`` drops the title and the header row.
+    """
+    fmt, no_headers = _RENDER.get()
+    if wide and fmt is not OutputFormat.wide:
+        keep = [i for i, c in enumerate(columns) if c not in wide]
+        columns = [columns[i] for i in keep]
+        rows = [[row[i] for i in keep] for row in rows]
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    stream = sys.stderr if stderr else sys.stdout
+    if not stream.isatty():
+        if title and not no_headers:
+            err(title)
+        lines = cells if no_headers else [list(columns), *cells]
+        lines = [[c.replace("\n", " ") for c in line] for line in lines]
+        widths = [max((len(line[i]) for line in lines), default=0) for i in range(len(columns))]
+        for line in lines:
+            stream.write("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n")
+        stream.flush()
+        return
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=stderr, markup=False, highlight=False, no_color=not use_color() if stderr else None)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=None if no_headers else title, title_justify="left", show_header=not no_headers)
     for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_column(col, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -115,14 +276,19 @@ def fmt_value(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def show_diff(changes: Sequence[Any]) -> None:
-    """The flag diff, on stderr (it precedes a question or a JSON result)."""
+def show_diff(changes: Sequence[Any], *, stream: Any = None) -> None:
+    """The flag diff: on stderr by default (it precedes a question or a JSON result); ``stream``
+    = stdout where the diff IS the result (``flags diff``)."""
     if not changes:
         err("no flag changes")
         return
     width = max(len(c.name) for c in changes)
     for c in changes:
-        err(f"  {c.name:<{width}}  {fmt_value(c.old)} -> {fmt_value(c.new)}")
+        line = f"  {c.name:<{width}}  {fmt_value(c.old)} -> {fmt_value(c.new)}"
+        if stream is None:
+            err(line)
+        else:
+            print(line, file=stream, flush=True)
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -161,12 +327,18 @@ def run_sync(fn: Callable[[], T]) -> T:
     return run(wrapper)
 
 
-async def with_coordinator(st: AppState, body: Callable[[Context, Coordinator], Awaitable[T]]) -> T:
-    """Open the context's coordinator, run ``body``, close it."""
+async def with_coordinator(st: AppState, body: Callable[[Context, Coordinator], Awaitable[T]], *,
+                           read_only: bool = False) -> T:
+    """Open the context's coordinator, run ``body``, close it.
+
+    ``read_only``: ``body`` only reads (``get``/``list``/``current_revision``) and runs alone on
+    the loop; etcd is then read through its JSON gateway, without loading gRPC
+    (``make_coordinator(ctx, read_only=True)``).
+    """
     from cbctl.core.backends.coord import make_coordinator
 
     ctx = st.context()
-    coord = make_coordinator(ctx)
+    coord = make_coordinator(ctx, read_only=read_only)
     await coord.connect()
     try:
         return await body(ctx, coord)

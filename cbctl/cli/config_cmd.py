@@ -7,7 +7,18 @@ from typing import Annotated, Any
 import typer
 
 from cbctl.cli import complete_values as cv
-from cbctl.cli.common import new_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run_sync, state
+from cbctl.cli.common import (
+    NoHeadersOpt,
+    OutputOpt,
+    emit,
+    err,
+    new_app,
+    output_format,
+    print_table,
+    run_sync,
+    snake_keys,
+    state,
+)
 
 app = new_app("Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).")
 
@@ -16,8 +27,10 @@ app = new_app("Contexts file (~/.config/cbctl/config.toml; env CBCTL_CONFIG).")
 def view(ctx: typer.Context, output: OutputOpt = None) -> None:
     """Print the contexts file with anything secret-looking redacted (it holds only references).
 
-    The file is validated as it is loaded (a credential inside a URL is refused there, exit 2);
-    URL userinfo is redacted here as well, as a second line of defence."""
+    As TOML (the file's own kebab-case keys) by default; -o json/yaml give the same data with
+    snake_case keys, like every other JSON of cbctl. The file is validated as it is loaded (a
+    credential inside a URL is refused there, exit 2); URL userinfo is redacted here as well, as a
+    second line of defence."""
     from cbctl.core.model.redaction import redacted
 
     st = state(ctx)
@@ -26,8 +39,8 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
     def body() -> None:
         cfg = st.config()
         data = redacted(cfg.raw)
-        if fmt is OutputFormat.json:
-            emit_json(data)
+        if fmt.structured:
+            emit(fmt, snake_keys(data))
         else:
             import tomli_w
 
@@ -38,12 +51,12 @@ def view(ctx: typer.Context, output: OutputOpt = None) -> None:
 
 
 @app.command("get-contexts")
-def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
+def get_contexts(ctx: typer.Context, output: OutputOpt = None, no_headers: NoHeadersOpt = False) -> None:
     """List contexts; the current one is marked. URL userinfo is never shown."""
     from cbctl.core.model.redaction import redact_url
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     def body() -> None:
         cfg = st.config(missing_ok=True)
@@ -57,8 +70,8 @@ def get_contexts(ctx: typer.Context, output: OutputOpt = None) -> None:
                 "backend": raw.get("coordination", {}).get("backend", "etcd"),
                 "endpoints": [redact_url(str(e)) for e in raw.get("coordination", {}).get("endpoints", [])],
             })
-        if fmt is OutputFormat.json:
-            emit_json({"current": cfg.current_context, "contexts": rows})
+        if fmt.structured:
+            emit(fmt, {"current": cfg.current_context, "contexts": rows})
         else:
             print_table(None, ["current", "name", "cluster", "backend", "endpoints"],
                         [("*" if r["current"] else "", r["name"], r["cluster"], r["backend"], ",".join(r["endpoints"])) for r in rows])

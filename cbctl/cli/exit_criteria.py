@@ -6,7 +6,18 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state
+from cbctl.cli.common import (
+    NoHeadersOpt,
+    OutputOpt,
+    command_app,
+    duration_option,
+    emit,
+    err,
+    output_format,
+    print_table,
+    run,
+    state,
+)
 
 app = command_app()  # a single command
 
@@ -14,8 +25,9 @@ app = command_app()  # a single command
 @app.command("exit-criteria")
 def exit_criteria(
     ctx: typer.Context,
-    window: Annotated[str | None, typer.Option("--window", help="How far back the evidence must reach, e.g. 24h, 10m (default: the context's [exit-criteria] window, else 24h).")] = None,
+    window: Annotated[float | None, duration_option("--window", help="How far back the evidence must reach, e.g. 24h, 10m (default: the context's [exit-criteria] window, else 24h).")] = None,
     output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
 ) -> None:
     """No degraded mode (with data for the whole window on every node), no ownership conflicts or
     stale-fencing attempts, ordered cross-node streaming, and every rollback runbook drilled.
@@ -23,10 +35,10 @@ def exit_criteria(
     Exit 0 only when every criterion passes; missing evidence fails closed (exit 1); exit 4 when
     the coordination store or Prometheus is unreachable.
     """
-    from cbctl.core.backends.prometheus import parse_duration
+    from cbctl.core.model.durations import parse_duration
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> int:
         from cbctl.cli.common import with_coordinator
@@ -34,15 +46,15 @@ def exit_criteria(
 
         async def inner(c: Any, coord: Any) -> Any:
             if window is not None:
-                seconds = parse_duration(window, what="--window")
+                seconds = window
             else:
                 configured = c.extra.get("exit-criteria", {}).get("window", "24h")
                 seconds = parse_duration(str(configured), what=f"contexts.{c.name}.exit-criteria.window")
             return await evaluate(c, coord, seconds)
 
         report = await with_coordinator(st, inner)
-        if fmt is OutputFormat.json:
-            emit_json(report.to_dict())
+        if fmt.structured:
+            emit(fmt, report.to_dict())
         else:
             rows = [
                 (cr.name, cr.status, cr.evidence.get("reason", ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from cbctl.cli import complete_values as cv
 from cbctl.cli.common import (
     new_app,
     DryRunOpt,
+    NoHeadersOpt,
     OutputFormat,
     OutputOpt,
     ReasonOpt,
@@ -18,10 +20,11 @@ from cbctl.cli.common import (
     WaitOpt,
     YesOpt,
     command_line,
-    emit_json,
+    emit,
     fmt_value,
     output_format,
     print_table,
+    err,
     run,
     show_diff,
     state,
@@ -37,14 +40,15 @@ def get(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="One flag name; all flags when omitted.", shell_complete=cv.flag_names)] = None,
     output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
 ) -> None:
-    """Show the effective value of one flag or of all flags."""
+    """Show the effective value of one flag or of all flags (-o wide adds the stage plan's value)."""
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.errors import BadInput
     from cbctl.core.model.flags import FLAGS
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> None:
         if name is not None and name not in FLAGS:
@@ -53,17 +57,26 @@ def get(
         async def inner(c: Any, coord: Any) -> None:
             doc, revision = await ControlPlane(c, coord).read()
             flags = {name: doc.flags[name]} if name else dict(doc.flags)
-            if fmt is OutputFormat.json:
-                emit_json({"revision": revision, "flags": flags})
-            elif name:
+            if fmt.structured:
+                emit(fmt, {"revision": revision, "flags": flags})
+            elif name and fmt is not OutputFormat.wide:
                 print(fmt_value(flags[name]))
             else:
-                print_table(f"flags (revision {revision})", ["flag", "value", "allowed"],
-                            [(k, fmt_value(v), FLAGS[k].allowed_text) for k, v in sorted(flags.items())])
+                print_table(f"flags (revision {revision})", ["flag", "value", "allowed", "source"],
+                            [(k, fmt_value(v), FLAGS[k].allowed_text, _source(doc, k)) for k, v in sorted(flags.items())],
+                            wide=("source",))
 
         await with_coordinator(st, inner)
 
     run(body)
+
+
+def _source(doc: Any, name: str) -> str:
+    """Where a flag's effective value comes from: a rollback override, a manual pin or the plan."""
+    for cap, overrides in sorted(doc.rollbacks.items()):
+        if name in overrides:
+            return f"rollback {cap}"
+    return "manual" if name in doc.manual else f"stage {doc.stage}"
 
 
 @app.command("set")
@@ -109,7 +122,7 @@ def diff(
     ] = None,
     output: OutputOpt = None,
 ) -> None:
-    """What moving to stage N would change (nothing is written)."""
+    """What moving to stage N would change (nothing is written). The diff is the result: stdout."""
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.lanesfile import parse_lanes_file
 
@@ -120,11 +133,13 @@ def diff(
         async def inner(c: Any, coord: Any) -> None:
             lanes = parse_lanes_file(canary, c.lanes) if canary else None
             doc, revision, changes = await ControlPlane(c, coord).stage_diff(stage, canary_lanes=lanes)
-            if fmt is OutputFormat.json:
-                emit_json({"from_stage": doc.stage, "to_stage": stage, "revision": revision,
+            if fmt.structured:
+                emit(fmt, {"from_stage": doc.stage, "to_stage": stage, "revision": revision,
                            "diff": [{"flag": ch.name, "old": ch.old, "new": ch.new} for ch in changes]})
+            elif not changes:
+                err(f"no flag changes from stage {doc.stage} to stage {stage}")
             else:
-                show_diff(changes)
+                show_diff(changes, stream=sys.stdout)
 
         await with_coordinator(st, inner)
 

@@ -72,11 +72,18 @@ def root(
     ctx: typer.Context,
     context: Annotated[str | None, typer.Option("--context", envvar="CBCTL_CONTEXT", shell_complete=cv.context_names, help="Context to use (env CBCTL_CONTEXT).")] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="CBCTL_CONFIG", shell_complete=cv.files, help="Contexts file (env CBCTL_CONFIG; default ~/.config/cbctl/config.toml).")] = None,
-    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json; JSON goes to stdout alone.")] = OutputFormat.table,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table, wide, json or yaml; JSON/YAML go to stdout alone.")] = OutputFormat.table,
+    no_headers: Annotated[bool, typer.Option("--no-headers", help="table/wide: rows only, no title or header row.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", "-v", help="Log cbctl's debug records to stderr (never a secret).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Global options apply to every command."""
-    ctx.obj = AppState(config_path=str(config) if config else None, context_name=context, output=output)
+    ctx.obj = AppState(config_path=str(config) if config else None, context_name=context, output=output,
+                       no_headers=no_headers)
+    if debug:
+        from cbctl.cli.common import setup_logging
+
+        setup_logging(True)
 
 
 def run() -> None:

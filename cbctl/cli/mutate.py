@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cbctl.cli import complete_values as cv
-from cbctl.cli.common import OutputFormat, confirm, emit_json, err, show_diff
+from cbctl.cli.common import OutputFormat, confirm, emit, err, fmt_value, show_diff
 
 if TYPE_CHECKING:
+    from cbctl.core.model.rollout import RolloutDocument
     from cbctl.core.operator.controlplane import ControlPlane, Plan, WaitResult
 
 #: ``--ignore-missing NODE`` of every mutating command that waits.
@@ -19,6 +20,38 @@ IgnoreMissingOpt = Annotated[
     typer.Option("--ignore-missing", metavar="NODE", shell_complete=cv.node_ids,
                  help="Do not wait for this expected node while it is not live (repeatable; recorded in the audit log)."),
 ]
+
+
+def noop_result(kind: str, doc: RolloutDocument, revision: int, *, dry_run: bool = False) -> dict[str, Any]:
+    """The JSON of a mutating command that has nothing to do (``stage advance --to CURRENT``,
+    ``flags set`` to the values already pinned): the same shape as a write, ``changed`` false,
+    ``revision`` the current one (nothing written)."""
+    return {"kind": kind, "from_stage": doc.stage, "to_stage": doc.stage, "from_revision": revision,
+            "revision": revision, "diff": [], "dry_run": dry_run, "changed": False, "written": False}
+
+
+def document_changes(old: RolloutDocument, new: RolloutDocument) -> list[str]:
+    """What a plan changes in the document besides effective flag values (a pin to the value a
+    flag already has, a rollback override of flags that are already so, canary sets): shown when
+    the flag diff is empty, so "no flag changes" is never followed by an unexplained write."""
+    out: list[str] = []
+    if old.stage != new.stage:
+        out.append(f"stage {old.stage} -> {new.stage}")
+    for name in sorted(set(old.manual) | set(new.manual)):
+        if name not in new.manual:
+            out.append(f"manual pin of {name} dropped")
+        elif old.manual.get(name, object()) != new.manual[name]:
+            out.append(f"manual pin {name}={fmt_value(new.manual[name])} recorded (overrides the stage plan)")
+    for cap in sorted(set(old.rollbacks) | set(new.rollbacks)):
+        if cap not in new.rollbacks:
+            out.append(f"rollback override {cap} lifted")
+        elif old.rollbacks.get(cap) != new.rollbacks[cap]:
+            out.append(f"rollback override {cap} recorded")
+    if list(old.canary_lanes) != list(new.canary_lanes):
+        out.append(f"canary lanes {fmt_value(list(new.canary_lanes))}")
+    if list(old.canary_subscribers) != list(new.canary_subscribers):
+        out.append(f"canary subscribers {fmt_value(list(new.canary_subscribers))}")
+    return out
 
 
 async def apply_plan(
@@ -53,14 +86,19 @@ async def apply_plan(
         "diff": plan.diff_public(),
         "dry_run": dry_run,
         "changed": not plan.is_noop,
+        "written": False,
     }
     err(f"{plan.command}: revision {plan.base_revision}, stage {plan.old.stage} -> {plan.new.stage}")
-    show_diff(plan.changes)
     if plan.is_noop:
-        err("nothing to change; nothing written")
-        if output is OutputFormat.json:
-            emit_json(result)
+        err("no changes: the document already says this; nothing written")
+        result["revision"] = plan.base_revision
+        if output.structured:
+            emit(output, result)
         return 0
+    show_diff(plan.changes)
+    if not plan.changes:
+        # The document changes although no flag value does: say what is written, and why.
+        err("  no flag value changes; the document records: " + "; ".join(document_changes(plan.old, plan.new)))
     if dry_run:
         if wait:
             live = await cp.live_nodes()
@@ -70,12 +108,13 @@ async def apply_plan(
                     f"fail on them (unless --ignore-missing {' --ignore-missing '.join(absent)})")
                 result["missing"] = absent
         err("dry run: nothing written")
-        if output is OutputFormat.json:
-            emit_json(result)
+        if output.structured:
+            emit(output, result)
         return 0
     confirm(question, yes)
     revision = await cp.commit(plan, reason=reason, forced=forced, gates=gates, ignore_missing=ignored)
     result["revision"] = revision
+    result["written"] = True
     err(f"written: revision {revision}")
     code = 0
     if wait:
@@ -84,8 +123,8 @@ async def apply_plan(
                           "missing": res.missing, "ignored": res.ignored}
         if not res.ok:
             code = 1
-    if output is OutputFormat.json:
-        emit_json(result)
+    if output.structured:
+        emit(output, result)
     return code
 
 

@@ -6,7 +6,18 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, print_table, run, state
+from cbctl.cli.common import (
+    NoHeadersOpt,
+    OutputOpt,
+    command_app,
+    duration_option,
+    emit,
+    err,
+    output_format,
+    print_table,
+    run,
+    state,
+)
 
 app = command_app()  # a single command
 
@@ -21,8 +32,9 @@ def preflight(
     ] = None,
     skew_warn_ms: Annotated[float, typer.Option("--skew-warn-ms", help="Warn at this clock offset/spread (ms).")] = 50.0,
     skew_fail_ms: Annotated[float, typer.Option("--skew-fail-ms", help="Fail at this clock offset/spread (ms).")] = 250.0,
-    check_timeout: Annotated[float, typer.Option("--check-timeout", help="Deadline of each check (seconds).")] = 5.0,
+    check_timeout: Annotated[float, duration_option("--check-timeout", help="Deadline of each check, e.g. 5s, 500ms (a number is seconds).")] = 5.0,
     output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
 ) -> None:
     """Check every backend from here and from every node, node ids, clocks and lease timing.
 
@@ -36,7 +48,7 @@ def preflight(
     from cbctl.core.model.errors import BackendUnavailable
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> int:
         opts = PreflightOptions(
@@ -58,8 +70,8 @@ def preflight(
                     report.store_unreachable = str(exc)
         finally:
             await coord.close()
-        if fmt is OutputFormat.json:
-            emit_json(report.to_dict())
+        if fmt.structured:
+            emit(fmt, report.to_dict())
         else:
             _table(report)
         if report.store_unreachable is not None:

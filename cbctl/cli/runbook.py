@@ -1,4 +1,4 @@
-"""`cbctl runbook list|show|run|runs`: on-call procedures as data (runbooks/*.yaml).
+"""`cbctl runbook list|show|run|runs`: on-call procedures as data (cbctl/runbooks/*.yaml, shipped in the package).
 
 Commands and options only. The runbook model, parser, executor and run records are
 :mod:`cbctl.core.operator.runbook`; what a run is handed (in-process ``cbctl``, recorder, queries)
@@ -20,13 +20,14 @@ from cbctl.cli import complete_values as cv
 from cbctl.cli import runbook_render as render
 from cbctl.cli.common import (
     DryRunOpt,
-    OutputFormat,
+    NoHeadersOpt,
     OutputOpt,
     YesOpt,
-    emit_json,
+    emit,
     err,
     new_app,
     output_format,
+    rfc3339,
     run,
     state,
     with_coordinator,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-app = new_app("On-call procedures as data: list, show and run runbooks (runbooks/*.yaml).")
+app = new_app("On-call procedures as data: list, show and run runbooks (YAML; shipped in cbctl/runbooks/).")
 
 
 def _complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
@@ -56,7 +57,7 @@ def _complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
 DirOpt = Annotated[
     Path | None,
     typer.Option("--dir", envvar="CBCTL_RUNBOOKS_DIR", shell_complete=cv.dirs,
-                 help="Runbooks directory (env CBCTL_RUNBOOKS_DIR; default: the project's runbooks/)."),
+                 help="Runbooks directory (env CBCTL_RUNBOOKS_DIR; default: the runbooks shipped in the package, cbctl/runbooks/)."),
 ]
 NameArg = Annotated[
     str, typer.Argument(help="Runbook name (or a path to a .yaml file).", shell_complete=cv.runbook_names)
@@ -82,45 +83,65 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 @app.command("list")
-def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None) -> None:
-    """Every runbook: name, kind (rollback drills vs procedures), steps, summary.
+def list_(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None,
+          no_headers: NoHeadersOpt = False) -> None:
+    """Every runbook: name, kind (rollback drills vs procedures), steps, summary (-o wide: the
+    drill and the file).
 
-    Invalid runbook files are reported on stderr with FILE:LINE and make the exit code 2.
+    Invalid runbook files are reported on stderr with FILE:LINE (every problem of each) and make
+    the exit code 2.
     """
     from cbctl.core.operator.runbook.parser import load_all
 
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     def body() -> int:
         good, bad = load_all(runbooks_dir(directory))
-        if fmt is OutputFormat.json:
-            emit_json({"runbooks": [{"name": r.name, "kind": r.kind, "steps": len(r.steps), "summary": r.summary,
+        problems = [str(one) for e in bad for one in getattr(e, "errors", [e])]
+        if fmt.structured:
+            emit(fmt, {"runbooks": [{"name": r.name, "kind": r.kind, "steps": len(r.steps), "summary": r.summary,
                                      "path": r.path} for r in good],
-                       "errors": [str(e) for e in bad]})
+                       "errors": problems})
         else:
             render.show_list(good)
-        for e in bad:
-            err(f"cbctl: error: {e}")
+        for problem in problems:
+            err(f"cbctl: error: {problem}")
         return 2 if bad else 0
 
     raise typer.Exit(_call(body))
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: NameArg, directory: DirOpt = None, output: OutputOpt = None) -> None:
-    """A runbook's summary, variables and steps (with their line numbers)."""
+def show(ctx: typer.Context, name: NameArg, directory: DirOpt = None, output: OutputOpt = None,
+         no_headers: NoHeadersOpt = False) -> None:
+    """A runbook's summary, variables and steps (with their line numbers).
+
+    The command lines are checked against the command tree too (variables without a value
+    stand in as <NAME>): a runbook that `runbook run` would refuse is shown, and its problems
+    are reported on stderr with FILE:LINE, exit 2.
+    """
+    from cbctl.cli import runbook_steps as steps
+    from cbctl.core.model.errors import BadInput
     from cbctl.core.operator.runbook.parser import find_runbook
 
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
-    def body() -> None:
+    def body() -> int:
         rb = find_runbook(runbooks_dir(directory), name)
-        if fmt is OutputFormat.json:
-            emit_json(rb.public())
+        try:
+            steps.validate_commands(rb, steps.show_values(rb), directory=directory, lenient=True)
+            problems: list[str] = []
+        except BadInput as exc:
+            problems = [str(one) for one in getattr(exc, "errors", [exc])]
+        if fmt.structured:
+            emit(fmt, {**rb.public(), "errors": problems})
         else:
             render.show_runbook(rb)
+        for problem in problems:
+            err(f"cbctl: error: {problem}")
+        return 2 if problems else 0
 
-    _call(body)
+    raise typer.Exit(_call(body))
 
 
 @app.command("run")
@@ -168,8 +189,8 @@ def run_(
     if dry_run:
         shown = masked(rb, values)
         rows = render.dry_run_steps(rb, shown, from_step)
-        if fmt is OutputFormat.json:
-            emit_json({"runbook": rb.name, "kind": rb.kind, "dry_run": True, "from_step": from_step, "vars": shown,
+        if fmt.structured:
+            emit(fmt, {"runbook": rb.name, "kind": rb.kind, "dry_run": True, "from_step": from_step, "vars": shown,
                        "steps": rows})
         else:
             render.show_dry_run(rows)
@@ -192,6 +213,9 @@ def run_(
     record = steps.recorder(st)
     prefix = ["cbctl", *steps.global_args(st, [])]
     extra = ["--dir", str(directory)] if directory is not None else []
+    # Given by path: the resume line names that file (absolute: it may be run from elsewhere).
+    by_path = name.endswith(".yaml") or os.sep in name or "/" in name
+    target = str(Path(name).resolve()) if by_path else None
     with interrupt_guard() as guard:
         executor = RunbookExecutor(
             rb,
@@ -209,6 +233,7 @@ def run_(
             resumes=resumes,
             resume_prefix=prefix,
             resume_extra=extra,
+            resume_target=target,
             sleep=guard.step(time.sleep),
         )
         # A step may run another runbook (`cbctl runbook run X`): it must look in the same directory.
@@ -224,9 +249,9 @@ def run_(
                 else:
                     os.environ[ENV_DIR] = saved_dir
 
-    data = result.to_json()
-    if fmt is OutputFormat.json:
-        emit_json(data)
+    data = public_run(result.to_json())
+    if fmt.structured:
+        emit(fmt, data)
     render.report(result, prefix)
     if result.status == "completed" and rb.drill:
         # A completed run of a declared drill: say at once whether it proves the rollback.
@@ -247,21 +272,33 @@ def runs(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Only this runbook's runs.", autocompletion=_complete_names)] = None,
     output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
 ) -> None:
-    """Recorded runs (newest last): status, who, when, where a failed run stopped."""
+    """Recorded runs (newest last): status, who, when, where a failed run stopped (-o wide:
+    finished, the run it resumes)."""
     from cbctl.core.operator.runbook.store import list_runs
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> list[dict[str, Any]]:
             return await list_runs(coord, c.cluster)
 
         recs = [r for r in await with_coordinator(st, inner) if name is None or r.get("runbook") == name]
-        if fmt is OutputFormat.json:
-            emit_json({"runs": recs})
+        if fmt.structured:
+            emit(fmt, {"runs": [public_run(r) for r in recs]})
         else:
             render.show_runs(recs)
+
+
+def public_run(rec: dict[str, Any]) -> dict[str, Any]:
+    """A run record as ``-o json`` shows it: the stored record (Unix seconds, which drills and
+    exit-criteria read) with ``started_at``/``finished_at`` as RFC 3339 UTC."""
+    out = dict(rec)
+    for key in ("started_at", "finished_at"):
+        if key in out:
+            out[key] = rfc3339(out[key]) if isinstance(out[key], (int, float)) and out[key] else None
+    return out
 
     run(body)

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 
 
 def show_list(good: Sequence[Runbook]) -> None:
-    """``runbook list`` as a table (or "no runbooks" on stderr)."""
+    """``runbook list`` as a table (or "no runbooks" on stderr); drill and file with -o wide."""
     if good:
-        print_table(None, ["name", "kind", "steps", "summary"], [(r.name, r.kind, len(r.steps), r.summary) for r in good])
+        print_table(None, ["name", "kind", "steps", "summary", "drill", "file"],
+                    [(r.name, r.kind, len(r.steps), r.summary, r.drill or "-", r.path) for r in good],
+                    wide=("drill", "file"))
     else:
         err("no runbooks")
 
@@ -57,7 +59,8 @@ def report(result: RunRecord, prefix: Sequence[str] = ("cbctl",)) -> None:
     """What failed, what was already done, the exact command to resume, and any rollback
     override left in force (with the command that lifts it)."""
     if result.status == "completed":
-        err(f"runbook {result.runbook}: completed ({len(result.done_steps)} steps run) — run {result.run_id}")
+        n = len(result.done_steps)
+        err(f"runbook {result.runbook}: completed ({n} step{'' if n == 1 else 's'} run) — run {result.run_id}")
         if result.from_step > 1 and not result.resumes:
             err(f"note: started at step {result.from_step} without --resumes: recorded, but not a drill")
         return
@@ -105,5 +108,7 @@ def show_runs(recs: Sequence[Mapping[str, Any]]) -> None:
     for r in map(RunRecord.from_dict, recs):
         stop = r.stopped_step
         rows.append((r.run_id, r.runbook, r.kind, r.status, r.actor,
-                     when(r.started_at) if r.started_at else "-", f"step {stop}" if stop is not None else "-"))
-    print_table("runbook runs", ["run", "runbook", "kind", "status", "actor", "started", "stopped at"], rows)
+                     when(r.started_at) if r.started_at else "-", f"step {stop}" if stop is not None else "-",
+                     when(r.finished_at) if r.finished_at else "-", r.resumes or "-"))
+    print_table("runbook runs", ["run", "runbook", "kind", "status", "actor", "started", "stopped at", "finished",
+                                 "resumes"], rows, wide=("finished", "resumes"))

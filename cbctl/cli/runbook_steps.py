@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def runbooks_dir(directory: Path | None) -> Path:
-    """``directory``, else ``$CBCTL_RUNBOOKS_DIR``, else the project's ``runbooks/``."""
+    """``directory``, else ``$CBCTL_RUNBOOKS_DIR``, else the runbooks shipped in the package
+    (``cbctl/runbooks/``)."""
     from cbctl.core.operator.runbook.parser import default_runbooks_dir
 
     return directory if directory is not None else default_runbooks_dir()
@@ -94,17 +95,20 @@ def _redact(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
-def check_cbctl_argv(argv: Sequence[str], root: Any = None, *, shown: str | None = None) -> Any:
+def check_cbctl_argv(argv: Sequence[str], root: Any = None, *, shown: str | None = None,
+                     lenient_values: bool = False) -> Any:
     """Parse ``argv`` (``["cbctl", ...]``) against the real command tree without running it;
     return the innermost click context (its ``params`` hold the converted values).
 
     Raises ``BadInput`` naming the problem: an unknown command or option, a bad choice, a
     missing argument, or a command line that only shows help. Nothing is invoked (click's
     ``make_context`` parses and converts parameters; command callbacks do not run). ``shown``
-    is how messages spell the command line (default: ``argv`` quoted).
+    is how messages spell the command line (default: ``argv`` quoted). ``lenient_values``: a
+    value that does not convert is not an error (the line holds stand-ins for variables without
+    a value; returns None then).
     """
     from typer import Exit
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpError
     from typer.core import TyperGroup
 
     from cbctl.core.model.errors import BadInput
@@ -123,6 +127,10 @@ def check_cbctl_argv(argv: Sequence[str], root: Any = None, *, shown: str | None
                 ctx = sub.make_context(name, rest, parent=ctx)
     except NoArgsIsHelpError as exc:
         raise BadInput(f"{shown}: {exc.ctx.command_path if exc.ctx else 'cbctl'} needs a command") from None
+    except BadParameter as exc:
+        if lenient_values and type(exc) is BadParameter:  # not MissingParameter: that is structural
+            return None
+        raise BadInput(f"{shown}: {exc.format_message()}") from None
     except ClickException as exc:
         raise BadInput(f"{shown}: {exc.format_message()}") from None
     except Exit:
@@ -131,43 +139,63 @@ def check_cbctl_argv(argv: Sequence[str], root: Any = None, *, shown: str | None
 
 
 def validate_commands(rb: Runbook, values: Mapping[str, str], *, directory: Path | None = None,
-                      _stack: tuple[str, ...] = ()) -> None:
+                      _stack: tuple[str, ...] = (), lenient: bool = False) -> None:
     """Every in-process step of ``rb`` must parse with ``values`` substituted, so a typo fails
     before step 1 runs. A step that runs another runbook (``cbctl runbook run NAME --var ...``)
     is followed: that runbook must exist (in its ``--dir``, else ``directory``, else the
-    default), get its required variables and parse too.
-    Raises ``RunbookError`` (``FILE:LINE: step N: ...``)."""
+    default), get its required variables and parse too. Every step is checked.
+    ``lenient`` (``runbook show``: variables may have no value yet, ``values`` holds stand-ins):
+    option values that do not convert and a nested runbook's missing variables are not errors.
+    Raises ``RunbookError`` (``FILE:LINE: step N: ...``), ``RunbookErrors`` for several."""
     from cbctl.core.model.errors import BadInput, NotFound
     from cbctl.core.operator.runbook.model import (
         SECRET_PLACEHOLDER,
         RunbookError,
         masked,
         parse_var_assignments,
+        raise_all,
         resolve_vars,
     )
     from cbctl.core.operator.runbook.parser import find_runbook
 
     root = _root_command()
     stack = (*_stack, rb.name)
+    errors: list[RunbookError] = []
     for step in rb.steps:
         if not step.in_process:
             continue
         try:
-            ctx = check_cbctl_argv(step.render_argv(values), root, shown=step.render_text(masked(rb, values)))
-            if ctx.command_path == "cbctl runbook run":
+            ctx = check_cbctl_argv(step.render_argv(values), root, shown=step.render_text(masked(rb, values)),
+                                   lenient_values=lenient)
+            if ctx is not None and ctx.command_path == "cbctl runbook run":
                 params = ctx.params
                 if params["name"] in stack:
                     raise BadInput(f"runbook {params['name']!r} would run itself ({' -> '.join(stack)})")
                 nested_dir = runbooks_dir(params.get("directory") or directory)
                 nested = find_runbook(nested_dir, params["name"])
-                validate_commands(nested, resolve_vars(nested, parse_var_assignments(params.get("var") or [])),
-                                  directory=nested_dir, _stack=stack)
+                given = parse_var_assignments(params.get("var") or [])
+                if lenient:
+                    given = {**{n: stand_in(v) for n, v in nested.vars.items()}, **given}
+                validate_commands(nested, resolve_vars(nested, given), directory=nested_dir, _stack=stack,
+                                  lenient=lenient)
         except (BadInput, NotFound) as exc:  # a nested runbook's RunbookError too: prefixed with this step
             message = str(exc)
             for name, spec in rb.vars.items():  # click quotes bad values: never a secret one
                 if spec.secret and values.get(name):
                     message = message.replace(values[name], SECRET_PLACEHOLDER)
-            raise RunbookError(rb.path, step.line, f"step {step.index}: {message}") from None
+            errors.append(RunbookError(rb.path, step.line, f"step {step.index}: {message}"))
+    raise_all(errors)
+
+
+def stand_in(spec: Any) -> str:
+    """A value for a variable while only the shape of the steps is checked (``runbook show``):
+    its default, else ``<NAME>``."""
+    return spec.default if spec.default is not None else f"<{spec.name}>"
+
+
+def show_values(rb: Runbook) -> dict[str, str]:
+    """Every variable of ``rb`` with :func:`stand_in` values."""
+    return {name: stand_in(spec) for name, spec in rb.vars.items()}
 
 
 def run_external(argv: Sequence[str]) -> int:

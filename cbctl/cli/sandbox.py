@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cbctl.cli import complete_values as cv
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, print_table, state
+from cbctl.cli.common import (
+    NoHeadersOpt,
+    OutputOpt,
+    duration_option,
+    emit,
+    err,
+    new_app,
+    output_format,
+    print_table,
+    state,
+)
 
 if TYPE_CHECKING:
     from cbctl.sandbox.state import Sandbox
@@ -32,8 +42,8 @@ DirOpt = Annotated[
                       "else $XDG_STATE_HOME/cbctl/sandbox)."),
 ]
 ForOpt = Annotated[
-    str | None,
-    typer.Option("--for", help="Undo the fault after this long (e.g. 10s), blocking meanwhile; Ctrl-C undoes it at once."),
+    float | None,
+    duration_option("--for", help="Undo the fault after this long (e.g. 10s), blocking meanwhile; Ctrl-C undoes it at once."),
 ]
 
 
@@ -80,7 +90,7 @@ def up(
     lanes: Annotated[int, typer.Option("--lanes", help="Lane inventory size (lane-00 ..).")] = 16,
     directory: DirOpt = None,
     rate: Annotated[float, typer.Option("--rate", help="Load generator: workflows per second.")] = 20.0,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for everything to be ready.")] = 60.0,
+    timeout: Annotated[float, duration_option("--timeout", help="How long to wait for everything to be ready, e.g. 60s, 2m.")] = 60.0,
     wait_scraped: Annotated[bool, typer.Option(
         "--wait-scraped/--no-wait-scraped",
         help="Return only once Prometheus scrapes every agent (~5 s more), so preflight can pass at once.")] = True,
@@ -110,14 +120,16 @@ def up(
 
 
 @app.command("status")
-def status_cmd(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None) -> None:
+def status_cmd(ctx: typer.Context, directory: DirOpt = None, output: OutputOpt = None,
+               no_headers: NoHeadersOpt = False) -> None:
     """Every process of the sandbox: pid, port, state and health. Exit 1 if one is unhealthy."""
     from cbctl.sandbox.cluster import status
 
     sb = _load(ctx, directory)
     rows = status(sb)
-    if output_format(ctx, output) is OutputFormat.json:
-        emit_json({"dir": str(sb.dir), "context": sb.context, "config": sb.config_path, "nodes": sb.nodes,
+    fmt = output_format(ctx, output, no_headers)
+    if fmt.structured:
+        emit(fmt, {"dir": str(sb.dir), "context": sb.context, "config": sb.config_path, "nodes": sb.nodes,
                    "processes": rows})
     else:
         print_table(f"sandbox {sb.dir}", ["name", "kind", "pid", "port", "state", "healthy"],
@@ -161,8 +173,8 @@ def _act(ctx: typer.Context, directory: Path | None, action: Any, *args: Any) ->
 
 
 def _duration(text: str, what: str) -> float:
+    from cbctl.core.model.durations import parse_duration
     from cbctl.core.model.errors import BadInput
-    from cbctl.core.backends.prometheus import parse_duration
 
     try:
         return parse_duration(text, what=what)
@@ -225,7 +237,7 @@ def pause_node_cmd(ctx: typer.Context, node: Annotated[str, typer.Argument(help=
     """SIGSTOP a node's agent; with --for, SIGCONT it after that long."""
     from cbctl.sandbox.chaos import ChaosError, pause_node, resume_node
 
-    seconds = _duration(for_, "--for") if for_ is not None else None
+    seconds = for_
     sb = _act(ctx, directory, pause_node, node)
     if seconds is None:
         err(f"{node} stays paused; resume with: cbctl sandbox chaos resume-node {node}")
@@ -255,7 +267,7 @@ def partition_node_cmd(ctx: typer.Context, node: Annotated[str, typer.Argument(h
     """Cut a node's agent off etcd, NATS and Redis (nftables; root only); with --for, heal after."""
     from cbctl.sandbox.chaos import ChaosError, heal_node, partition_node
 
-    seconds = _duration(for_, "--for") if for_ is not None else None
+    seconds = for_
     sb = _act(ctx, directory, partition_node, node)
     if seconds is None:
         err(f"{node} stays partitioned; heal with: cbctl sandbox chaos heal-node {node}")

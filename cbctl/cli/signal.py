@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, new_app, output_format, run, state
+from cbctl.cli.common import OutputOpt, duration_option, emit, new_app, output_format, run, state
 
 app = new_app("Send signals to workflows (routed to the lane owner per signals.routing, or queued).")
 
@@ -23,7 +23,7 @@ def send(
     workflow: Annotated[str, typer.Argument(help="Workflow id.")],
     name: Annotated[str, typer.Argument(help="Signal name.")],
     payload: Annotated[str | None, typer.Option("--payload", help="Signal payload as JSON (default {}).")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to find an owner that applies it (routed).")] = 10.0,
+    timeout: Annotated[float, duration_option("--timeout", help="How long to find an owner that applies it (routed), e.g. 10s.")] = 10.0,
     signal_id: Annotated[
         str | None, typer.Option("--signal-id", help="Idempotency key (default: a new UUID); reuse it to retry safely.")
     ] = None,
@@ -35,9 +35,12 @@ def send(
     by NATS request/reply to the node owning the workflow's lane, which applies it through the
     fencing guard and answers with the seq; if the lane moves meanwhile, the owner is looked up
     again and the request retried.  Otherwise it is queued on the lane stream for the owner.
+    A workflow that does not exist (Redis holds no state or history for it) is refused: a signal
+    does not start a workflow.
 
     Exit codes: 0 applied or queued; 1 no owner applied it within --timeout; 2 bad input
-    (e.g. --payload is not JSON); 4 the coordination store, NATS or Redis is unreachable.
+    (e.g. --payload is not JSON, no such workflow); 4 the coordination store, NATS or Redis is
+    unreachable.
     """
     import json
 
@@ -56,16 +59,14 @@ def send(
                 value = json.loads(payload)
             except json.JSONDecodeError as exc:
                 raise BadInput(f"--payload: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-        if timeout <= 0:
-            raise BadInput(f"--timeout {timeout:g}: must be > 0")
         c = st.context()
         result = await send_signal(c, workflow, name, value, timeout=timeout,
-                                   request_timeout=min(2.0, timeout), signal_id=signal_id)
+                                   request_timeout=min(2.0, timeout), signal_id=signal_id, require_existing=True)
         return result.public()
 
     out = run(body)
-    if fmt is OutputFormat.json:
-        emit_json(out)
+    if fmt.structured:
+        emit(fmt, out)
     elif out["route"] == "routed":
         what = "already applied" if out["result"] == "duplicate" else "applied"
         tries = f"{out['attempts']} attempt{'s' if out['attempts'] != 1 else ''}"

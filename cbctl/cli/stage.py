@@ -11,14 +11,15 @@ from cbctl.cli import complete_values as cv
 from cbctl.cli.common import (
     new_app,
     DryRunOpt,
-    OutputFormat,
+    NoHeadersOpt,
     OutputOpt,
     ReasonOpt,
     TimeoutOpt,
     WaitOpt,
     YesOpt,
     command_line,
-    emit_json,
+    duration_option,
+    emit,
     err,
     fmt_value,
     output_format,
@@ -44,20 +45,20 @@ def status_json(doc: Any, revision: int) -> dict[str, Any]:
 
 
 @app.command("status")
-def status(ctx: typer.Context, output: OutputOpt = None) -> None:
+def status(ctx: typer.Context, output: OutputOpt = None, no_headers: NoHeadersOpt = False) -> None:
     """Stage, document revision, every flag, active rollback overrides, canary sets."""
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.stages import STAGES
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> None:
             doc, revision = await ControlPlane(c, coord).read()
             data = status_json(doc, revision)
-            if fmt is OutputFormat.json:
-                emit_json(data)
+            if fmt.structured:
+                emit(fmt, data)
                 return
             print(f"context: {c.name}   cluster: {c.cluster}")
             print(f"stage:   {doc.stage} ({STAGES[doc.stage].name})   revision: {revision}")
@@ -74,7 +75,7 @@ def status(ctx: typer.Context, output: OutputOpt = None) -> None:
             print(f"canary lanes: {fmt_value(list(doc.canary_lanes))}")
             print(f"canary subscribers: {fmt_value(list(doc.canary_subscribers))}")
 
-        await with_coordinator(st, inner)
+        await with_coordinator(st, inner, read_only=True)
 
     run(body)
 
@@ -99,10 +100,10 @@ def advance(
     timeout: TimeoutOpt = 30.0,
     ignore_missing: IgnoreMissingOpt = None,
     gate_timeout: Annotated[
-        str, typer.Option("--gate-timeout", metavar="DURATION",
-                          help="While gates only lack data (stage entered too recently), wait up to this long "
-                               "(e.g. 2m) and re-evaluate; a failing gate still refuses at once. Default 0: no wait.")
-    ] = "0",
+        float, duration_option("--gate-timeout", allow_zero=True,
+                               help="While gates only lack data (stage entered too recently), wait up to this long "
+                                    "(e.g. 2m) and re-evaluate; a failing gate still refuses at once. Default 0: no wait.")
+    ] = 0.0,
     output: OutputOpt = None,
 ) -> None:
     """Move exactly one stage forward, showing the flag diff and asking first.
@@ -112,10 +113,10 @@ def advance(
     lanes files, the preflight age, every gate) and exits 1 with the same report when the real
     advance would be refused.
     """
-    from cbctl.cli.mutate import apply_plan
+    from cbctl.cli.mutate import apply_plan, noop_result
     from cbctl.core.operator.controlplane import ControlPlane
     from cbctl.core.model.errors import BadInput, CheckFailed
-    from cbctl.core.model.durations import parse_duration
+    from cbctl.core.model.rollout import AlreadyAtStage
     from cbctl.core.operator.gate_eval import advance_gate_check
     from cbctl.core.model.lanesfile import parse_lanes_file
 
@@ -125,14 +126,22 @@ def advance(
     async def body() -> int:
         if force and not reason:
             raise BadInput("--force needs --reason TEXT (it is recorded in the audit log)")
-        gate_wait = 0.0 if gate_timeout.strip() in ("0", "0s") else parse_duration(gate_timeout, what="--gate-timeout")
+        gate_wait = gate_timeout
         c = st.context()
         lanes = parse_lanes_file(canary, c.lanes) if canary else None
         subs = parse_lanes_file(canary_subscribers, None) if canary_subscribers else None
 
         async def inner(c: Any, coord: Any) -> int:
             cp = ControlPlane(c, coord)
-            plan = await cp.plan_advance(to, canary_lanes=lanes, canary_subscribers=subs, command=command_line(ctx))
+            try:
+                plan = await cp.plan_advance(to, canary_lanes=lanes, canary_subscribers=subs, command=command_line(ctx))
+            except AlreadyAtStage as exc:
+                # A no-op prints its result like any other (JSON/YAML too), and writes nothing.
+                err(str(exc))
+                doc, revision = await cp.read()
+                if fmt.structured:
+                    emit(fmt, noop_result("stage", doc, revision, dry_run=dry_run))
+                return 0
             gate_results: list[dict[str, Any]] = []
             if not plan.is_noop:
                 # The same check for a dry run: it must refuse exactly what the advance refuses.
@@ -169,30 +178,47 @@ def advance(
 
 
 @app.command("history")
-def history(ctx: typer.Context, output: OutputOpt = None) -> None:
-    """Every audited mutation: time, actor, command, reason, from/to revision, flag diff."""
+def history(
+    ctx: typer.Context,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the newest N entries (shown oldest first).")] = None,
+    since: Annotated[float | None, duration_option("--since", help="Only entries of the last DURATION, e.g. 1h, 30m, 7d.")] = None,
+    output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
+) -> None:
+    """Every audited mutation: time, actor, command, reason, from/to revision, flag diff
+    (-o wide adds the kind and the stages)."""
+    import time
+
     from cbctl.core.operator.controlplane import ControlPlane
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> None:
         async def inner(c: Any, coord: Any) -> None:
-            entries = [e.public() for e in await ControlPlane(c, coord).history()]
-            if fmt is OutputFormat.json:
-                emit_json({"entries": entries})
+            found = await ControlPlane(c, coord).history()
+            if since is not None:
+                cutoff = time.time() - since
+                found = [e for e in found if e.time >= cutoff]
+            if limit is not None:
+                found = found[-limit:]
+            entries = [e.public() for e in found]
+            if fmt.structured:
+                emit(fmt, {"entries": entries})
                 return
             if not entries:
-                err("no audited mutations yet")
+                err("no audited mutations" + (" in that range" if since is not None or limit is not None else " yet"))
                 return
             rows = [
                 (
                     e["time"], e["actor"], e["command"], e["reason"] or "-", f"{e['from_revision']}->{e['to_revision']}",
                     "; ".join(f"{d['flag']}: {fmt_value(d['old'])}->{fmt_value(d['new'])}" for d in e["diff"]) or "-",
+                    e["kind"], f"{e['from_stage']}->{e['to_stage']}" if e.get("from_stage") is not None else "-",
                 )
                 for e in entries
             ]
-            print_table("history", ["time", "actor", "command", "reason", "revision", "diff"], rows)
+            print_table("history", ["time", "actor", "command", "reason", "revision", "diff", "kind", "stage"], rows,
+                        wide=("kind", "stage"))
 
         await with_coordinator(st, inner)
 

@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cbctl.cli.common import command_app, OutputFormat, OutputOpt, emit_json, err, output_format, run, state
+from cbctl.cli.common import (
+    NoHeadersOpt,
+    OutputOpt,
+    command_app,
+    duration_option,
+    emit,
+    emit_line,
+    err,
+    output_format,
+    print_table,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cbctl.core.operator.watch import WatchRow
@@ -54,14 +66,17 @@ def snapshot_json(stage: int, rows: list[WatchRow], at: float) -> dict[str, Any]
     }
 
 
+def _title(stage: int, rows: list[WatchRow], at: float, interval: float) -> str:
+    ok = all(r.verdict in ("pass", "info") for r in rows)
+    return (f"stage {stage} · {time.strftime('%H:%M:%S', time.localtime(at))} · every {interval:g}s · "
+            f"{'OK' if ok else 'ATTENTION'}")
+
+
 def _table(stage: int, rows: list[WatchRow], at: float, interval: float) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    ok = all(r.verdict in ("pass", "info") for r in rows)
-    title = (f"stage {stage} · {time.strftime('%H:%M:%S', time.localtime(at))} · every {interval:g}s · "
-             f"{'OK' if ok else 'ATTENTION'}")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_title(stage, rows, at, interval), title_justify="left")
     for col, kw in (("metric", {}), ("value", {"justify": "right"}), ("rate/s", {"justify": "right"}),
                     ("trend", {}), ("threshold", {}), ("verdict", {})):
         table.add_column(col, **kw)
@@ -75,23 +90,24 @@ def _table(stage: int, rows: list[WatchRow], at: float, interval: float) -> Any:
 def watch(
     ctx: typer.Context,
     stage: Annotated[int | None, typer.Option("--stage", help="Stage whose metrics to show (default: the current stage).")] = None,
-    interval: Annotated[str, typer.Option("--interval", help="Refresh period, e.g. 2s, 500ms, 1m.")] = "2s",
+    interval: Annotated[float, duration_option("--interval", help="Refresh period, e.g. 2s, 500ms, 1m.")] = 2.0,
     once: Annotated[bool, typer.Option("--once", help="One snapshot, then exit.")] = False,
-    for_: Annotated[str | None, typer.Option("--for", help="Stop after this long, e.g. 10m.")] = None,
+    for_: Annotated[float | None, duration_option("--for", help="Stop after this long, e.g. 10m.")] = None,
     fail_on_breach: Annotated[bool, typer.Option("--fail-on-breach", help="Exit 1 as soon as a threshold is broken.")] = False,
     points: Annotated[int, typer.Option("--points", help="Trend length (samples).")] = 20,
     output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
 ) -> None:
     """Value, rate, trend, threshold and verdict of the metrics the checklist names for a stage.
 
-    A live dashboard on a terminal; otherwise one table (or one JSON object per line) per
-    refresh. Exit 1 with --fail-on-breach when a threshold breaks, 4 when Prometheus is down.
+    A live dashboard on a terminal; otherwise one table (or one JSON object per line, one YAML
+    document per refresh) per refresh. Exit 1 with --fail-on-breach when a threshold breaks, 4
+    when Prometheus is down.
     """
     from cbctl.core.model.errors import BadInput
-    from cbctl.core.backends.prometheus import parse_duration
 
     st = state(ctx)
-    fmt = output_format(ctx, output)
+    fmt = output_format(ctx, output, no_headers)
 
     async def body() -> int:
         from cbctl.core.model.gate_settings import gate_config
@@ -99,8 +115,8 @@ def watch(
         from cbctl.core.backends.prometheus import PromClient
         from cbctl.core.model.stages import STAGES
 
-        step = parse_duration(interval, what="--interval")
-        total = parse_duration(for_, what="--for") if for_ else None
+        step = interval
+        total = for_
         if points < 1:
             raise BadInput(f"--points: must be >= 1, got {points}")
         from cbctl.cli.common import with_coordinator
@@ -129,7 +145,7 @@ def watch(
             current, since = stage, None
 
         deadline = None if total is None else time.monotonic() + total
-        live_tty = fmt is OutputFormat.table and not once and sys.stdout.isatty()
+        live_tty = not fmt.structured and not once and sys.stdout.isatty()
         async with PromClient(c.prometheus.url) as prom:
             if live_tty:
                 return await _live(c, current, cfg, prom, step, points, deadline, fail_on_breach, since)
@@ -137,18 +153,20 @@ def watch(
                 at = time.time()
                 rows = await watch_snapshot(c, current, points=points, step=step, cfg=cfg, prom=prom, since=since)
                 data = snapshot_json(current, rows, at)
-                if fmt is OutputFormat.json:
+                if fmt.structured:
                     if once:
-                        emit_json(data)
-                    else:  # one object per line, so a consumer can read a stream
-                        import json
-
-                        sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
-                        sys.stdout.flush()
-                else:
+                        emit(fmt, data)
+                    else:  # one object per line (a YAML document each), so a consumer can read a stream
+                        emit_line(fmt, data)
+                elif sys.stdout.isatty():
                     from rich.console import Console
 
                     Console(markup=False, highlight=False).print(_table(current, rows, at, step))
+                else:  # plain, never cut to 80 columns
+                    print_table(_title(current, rows, at, step),
+                                ["metric", "value", "rate/s", "trend", "threshold", "verdict"],
+                                [(r.name, _fmt(r.value), _fmt(r.rate), sparkline(r.trend), r.threshold or "-", r.verdict)
+                                 for r in rows])
                 breached = any(r.verdict == "fail" for r in rows)
                 if fail_on_breach and breached:
                     err("cbctl: threshold breached: " + ", ".join(r.name for r in rows if r.verdict == "fail"))

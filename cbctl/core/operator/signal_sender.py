@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SignalNotDelivered", "SignalResult", "lane_owner", "send_signal"]
+__all__ = ["SignalNotDelivered", "SignalResult", "lane_owner", "send_signal", "workflow_exists"]
 
 _ROUTE_BACKOFF = BackoffPolicy(initial=0.05, cap=1.0, jitter=(0.5, 1.5))
 """Pause between routed attempts (the owner is read again after each)."""
@@ -106,6 +106,26 @@ async def lane_owner(coord: Coordinator, cluster: str, lane: str) -> str | None:
     return lane_owner_in(kv.value if kv is not None else None)
 
 
+async def workflow_exists(ctx: Context, workflow_id: str, redis_client: Redis | None = None) -> bool:
+    """Whether Redis holds the workflow: its state hash or its history (a workflow that never
+    started has neither; a finished one loses both once ``[redis] retention`` expires them).
+    Raises ``BackendUnavailable`` when Redis cannot be reached."""
+    from redis import exceptions as rexc
+
+    from cbctl.core.backends.redis.keys import LaneKeys
+
+    own = redis_client is None
+    client = redis_client if redis_client is not None else redis_client_for(ctx)
+    names = LaneKeys(ctx.cluster)
+    try:
+        return bool(await client.exists(names.workflow(workflow_id), names.history(workflow_id)))
+    except rexc.RedisError as exc:
+        raise BackendUnavailable(f"redis is unreachable: {exc}", backend="redis") from None
+    finally:
+        if own:
+            await client.aclose()
+
+
 async def send_signal(
     ctx: Context,
     workflow_id: str,
@@ -119,6 +139,7 @@ async def send_signal(
     request_timeout: float = 2.0,
     max_attempts: int = 8,
     signal_id: str | None = None,
+    require_existing: bool = False,
 ) -> SignalResult:
     """Deliver signal ``name`` (with a JSON-able ``payload``) to ``workflow_id``; see the module doc.
 
@@ -126,7 +147,10 @@ async def send_signal(
     ``coord`` / ``redis_client`` may be passed in (not closed here); otherwise they are opened
     from ``ctx`` when the route needs them (NATS only for ``routed``, Redis only for ``local``)
     and closed before returning.  ``signal_id`` defaults to a new UUID; pass the same id to
-    retry a send whose outcome is unknown.
+    retry a send whose outcome is unknown.  ``require_existing`` (``cbctl signal send``): refuse
+    (``BadInput``, nothing sent) a workflow Redis does not hold (:func:`workflow_exists`), since
+    a signal would otherwise start it at seq 1; read after the route, so an unreachable store
+    still says so first.
 
     Raises ``BadInput`` (empty name, payload not JSON-able, a workflow id the owner refuses),
     ``BackendUnavailable`` (store, NATS or Redis unreachable, credentials refused; exit 4),
@@ -148,6 +172,9 @@ async def send_signal(
             await coord.connect()
         doc, _revision = await ControlPlane(ctx, coord).read()
         routing = str(doc.flags.get(SIGNALS_ROUTING, ROUTING_OFF))
+        if require_existing and not await workflow_exists(ctx, workflow_id, redis_client):
+            raise BadInput(f"workflow {workflow_id!r} does not exist in cluster {ctx.cluster} (Redis holds no state or "
+                           "history for it: never started, or finished and expired); nothing sent")
         if decide_route(doc.flags, lane) == "local":
             entry_id = await _enqueue_local(ctx, workflow_id, name, sid, payload, redis_client)
             return SignalResult(route="local", node=None, seq=None, attempts=1, result="queued",

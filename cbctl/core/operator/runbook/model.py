@@ -46,6 +46,27 @@ class RunbookError(BadInput):
         self.reason = reason
 
 
+class RunbookErrors(RunbookError):
+    """Several problems in one runbook (exit 2): every one of them, in line order, one
+    ``FILE:LINE: reason`` per line of the message. ``errors`` holds them; the first also fills
+    ``where``/``line``/``reason``."""
+
+    def __init__(self, errors: list[RunbookError]) -> None:
+        ordered = sorted(errors, key=lambda e: (e.line or 0))
+        first = ordered[0]
+        super().__init__(first.where, first.line, first.reason)
+        self.errors = ordered
+        self.args = ("\n".join(str(e) for e in ordered),)
+
+
+def raise_all(errors: list[RunbookError]) -> None:
+    """Raise the one error, or :class:`RunbookErrors` for several; nothing when empty."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise RunbookErrors(errors)
+
+
 @dataclass(frozen=True)
 class VarSpec:
     """A declared variable. ``default`` is the YAML scalar's text (``3`` stays ``"3"``)."""
@@ -211,14 +232,17 @@ def masked(runbook: Runbook, values: Mapping[str, str]) -> dict[str, str]:
 
 
 def resume_command(runbook: Runbook, values: Mapping[str, str], from_step: int, *,
-                   prefix: Sequence[str] = ("cbctl",), extra: Sequence[str] = (), resumes: str | None = None) -> str:
+                   prefix: Sequence[str] = ("cbctl",), extra: Sequence[str] = (), resumes: str | None = None,
+                   target: str | None = None) -> str:
     """The command that resumes ``runbook`` at ``from_step`` with the same variables.
 
     ``prefix`` carries global options (``cbctl --context prod``), ``extra`` options such as
     ``--dir``; ``resumes`` is the id of the stopped run (``--resumes RUN``), which links the two
-    runs into one chain. Secret values appear as ``<secret>``: they are never printed.
+    runs into one chain; ``target`` is what to name instead of the runbook's name (the file's
+    path, for a runbook given by path: its name is not in any runbooks directory). Secret values
+    appear as ``<secret>``: they are never printed.
     """
-    argv = [*prefix, "runbook", "run", runbook.name, "--from-step", str(from_step)]
+    argv = [*prefix, "runbook", "run", target or runbook.name, "--from-step", str(from_step)]
     if resumes:
         argv += ["--resumes", resumes]
     argv += [*extra]

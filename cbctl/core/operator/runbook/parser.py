@@ -1,7 +1,10 @@
 """Loading and validating runbook files (``runbooks/*.yaml``; format in docs/operator.md).
 
 Every error is a :class:`~cbctl.core.operator.runbook.model.RunbookError` naming the file and
-1-based line (``runbooks/x.yaml:7: step 2: unknown key 'rn'``), raised at the first problem.
+1-based line (``runbooks/x.yaml:7: step 2: unknown key 'rn'``). Validation goes on past a
+problem: every field, variable and step is checked, and all problems are raised together
+(:class:`~cbctl.core.operator.runbook.model.RunbookErrors`); only YAML that does not parse, or a
+file that is not a mapping, stops at once.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import importlib.resources
 import os
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Final, Literal, NoReturn
+from typing import Any, Final, Literal, NoReturn, TypeVar
 
 import yaml
 
@@ -27,9 +30,12 @@ from cbctl.core.operator.runbook.model import (
     Runbook,
     RunbookError,
     Step,
+    raise_all,
     StepKind,
     VarSpec,
 )
+
+T = TypeVar("T")
 
 ENV_DIR: Final = "CBCTL_RUNBOOKS_DIR"
 DEFAULT_INTERVAL: Final = 5.0
@@ -59,9 +65,23 @@ class _Validator:
     def __init__(self, where: str, loader: yaml.SafeLoader) -> None:
         self.where = where
         self.loader = loader
+        self.errors: list[RunbookError] = []
 
     def fail(self, node: yaml.Node, reason: str) -> NoReturn:
         raise RunbookError(self.where, node.start_mark.line + 1, reason)
+
+    def note(self, node: yaml.Node, reason: str) -> None:
+        """A problem that does not stop validation (reported with the others at the end)."""
+        self.errors.append(RunbookError(self.where, node.start_mark.line + 1, reason))
+
+    def attempt(self, fn: Callable[..., T], *args: Any, default: T | None = None) -> T | None:
+        """``fn(*args)``; a :class:`RunbookError` is recorded and ``default`` returned, so the
+        next field, variable or step is still checked."""
+        try:
+            return fn(*args)
+        except RunbookError as exc:
+            self.errors.append(exc)
+            return default
 
     def mapping(self, node: yaml.Node, what: str, allowed: Sequence[str]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """Key -> (key node, value node). Unknown and duplicate keys are errors."""
@@ -73,9 +93,11 @@ class _Validator:
                 self.fail(knode, f"{what}: keys must be plain names")
             key = knode.value
             if key not in allowed:
-                self.fail(knode, f"{what}: unknown key {key!r} (expected one of: {', '.join(allowed)})")
+                self.note(knode, f"{what}: unknown key {key!r} (expected one of: {', '.join(allowed)})")
+                continue
             if key in out:
-                self.fail(knode, f"{what}: duplicate key {key!r} (first on line {out[key][0].start_mark.line + 1})")
+                self.note(knode, f"{what}: duplicate key {key!r} (first on line {out[key][0].start_mark.line + 1})")
+                continue
             out[key] = (knode, vnode)
         return out
 
@@ -131,7 +153,8 @@ def parse_runbook(text: str, *, where: str, expected_name: str | None = None) ->
     """Validate a runbook's YAML text. ``where`` names it in errors; ``expected_name`` (the
     file name without ``.yaml``) must equal its ``name`` when given.
 
-    Raises :class:`RunbookError` (``where:line: reason``) at the first problem.
+    Raises :class:`RunbookError` (``where:line: reason``), or ``RunbookErrors`` with every
+    problem found when there are several.
     """
     loader = yaml.SafeLoader(text)
     try:
@@ -147,7 +170,12 @@ def parse_runbook(text: str, *, where: str, expected_name: str | None = None) ->
             raise RunbookError(where, None, f"not valid YAML: {exc}") from None
         if root is None:
             raise RunbookError(where, None, "empty file")
-        rb = _build(_Validator(where, loader), root, expected_name)
+        v = _Validator(where, loader)
+        try:
+            rb = _build(v, root, expected_name)
+        except RunbookError as exc:  # a problem nothing after it can be checked past
+            v.errors.append(exc)
+        raise_all(v.errors)
         return replace(rb, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     finally:
         loader.dispose()
@@ -157,42 +185,55 @@ def _build(v: _Validator, root: yaml.Node, expected_name: str | None) -> Runbook
     top = v.mapping(root, "runbook", _TOP_KEYS)
     for required in ("name", "summary", "steps"):
         if required not in top:
-            v.fail(root, f"missing required key {required!r}")
+            v.note(root, f"missing required key {required!r}")
 
-    name_node = top["name"][1]
-    name = v.string(name_node, "name")
-    if not NAME_RE.match(name):
-        v.fail(name_node, f"name {name!r}: use lowercase letters, digits and '-'")
-    if expected_name is not None and name != expected_name:
-        v.fail(name_node, f"name {name!r} does not match the file name {expected_name + '.yaml'!r}")
-    summary = v.string(top["summary"][1], "summary")
-    description = v.string(top["description"][1], "description", allow_empty=True) if "description" in top else ""
+    def check_name() -> str:
+        name_node = top["name"][1]
+        name = v.string(name_node, "name")
+        if not NAME_RE.match(name):
+            v.fail(name_node, f"name {name!r}: use lowercase letters, digits and '-'")
+        if expected_name is not None and name != expected_name:
+            v.fail(name_node, f"name {name!r} does not match the file name {expected_name + '.yaml'!r}")
+        return name
+
+    name = (v.attempt(check_name) if "name" in top else None) or ""
+    summary = (v.attempt(v.string, top["summary"][1], "summary") if "summary" in top else None) or ""
+    description = (v.attempt(lambda: v.string(top["description"][1], "description", allow_empty=True)) if "description" in top else None) or ""
 
     kind: Literal["rollback", "procedure"] = "rollback" if name.startswith("rollback-") else "procedure"
-    if "kind" in top:
+
+    def check_kind() -> Literal["rollback", "procedure"]:
         knode = top["kind"][1]
         text = v.scalar_text(knode, "kind")
         if text not in _KINDS:
             v.fail(knode, f"kind: {text!r} is not one of: {', '.join(_KINDS)}")
-        kind = "rollback" if text == "rollback" else "procedure"
+        return "rollback" if text == "rollback" else "procedure"
 
-    drill: str | None = None
-    if "drill" in top:
+    if "kind" in top:
+        kind = v.attempt(check_kind) or kind
+
+    def check_drill() -> str:
         from cbctl.core.model.stages import CAPABILITIES
 
         dnode = top["drill"][1]
-        drill = v.scalar_text(dnode, "drill")
-        if drill not in CAPABILITIES:
-            v.fail(dnode, f"drill: {drill!r} is not a capability (one of: {', '.join(CAPABILITIES)})")
+        text = v.scalar_text(dnode, "drill")
+        if text not in CAPABILITIES:
+            v.fail(dnode, f"drill: {text!r} is not a capability (one of: {', '.join(CAPABILITIES)})")
+        return text
 
-    declared = _build_vars(v, top["vars"][1]) if "vars" in top else {}
+    drill: str | None = v.attempt(check_drill) if "drill" in top else None
 
-    steps_node = top["steps"][1]
-    if not isinstance(steps_node, yaml.SequenceNode):
-        v.fail(steps_node, f"steps: expected a list, got {_node_kind(steps_node)}")
-    if not steps_node.value:
-        v.fail(steps_node, "steps: must not be empty")
-    steps = tuple(_build_step(v, n, i, declared) for i, n in enumerate(steps_node.value, start=1))
+    declared = (v.attempt(_build_vars, v, top["vars"][1]) if "vars" in top else None) or {}
+
+    steps: tuple[Step, ...] = ()
+    if "steps" in top:
+        steps_node = top["steps"][1]
+        if not isinstance(steps_node, yaml.SequenceNode):
+            v.fail(steps_node, f"steps: expected a list, got {_node_kind(steps_node)}")
+        if not steps_node.value:
+            v.fail(steps_node, "steps: must not be empty")
+        built = [v.attempt(_build_step, v, n, i, declared) for i, n in enumerate(steps_node.value, start=1)]
+        steps = tuple(s for s in built if s is not None)
     return Runbook(name=name, summary=summary, kind=kind, steps=steps, vars=declared, description=description,
                    path=v.where, drill=drill)
 
@@ -205,26 +246,34 @@ def _build_vars(v: _Validator, node: yaml.Node) -> dict[str, VarSpec]:
     out: dict[str, VarSpec] = {}
     for knode, vnode in node.value:
         if not isinstance(knode, yaml.ScalarNode) or not VAR_NAME_RE.match(knode.value):
-            v.fail(knode, f"vars: {getattr(knode, 'value', '?')!r} is not a variable name (letters, digits, _)")
+            v.note(knode, f"vars: {getattr(knode, 'value', '?')!r} is not a variable name (letters, digits, _)")
+            continue
         vname = knode.value
         if vname in out:
-            v.fail(knode, f"vars: duplicate variable {vname!r}")
+            v.note(knode, f"vars: duplicate variable {vname!r}")
+            continue
         what = f"var {vname!r}"
         line = knode.start_mark.line + 1
         if isinstance(vnode, yaml.ScalarNode) and vnode.tag == "tag:yaml.org,2002:null":
             out[vname] = VarSpec(vname, line=line)
             continue
-        spec = v.mapping(vnode, what, _VAR_KEYS)
-        required = v.boolean(spec["required"][1], f"{what}: required") if "required" in spec else False
-        default = v.scalar_text(spec["default"][1], f"{what}: default") if "default" in spec else None
-        secret = v.boolean(spec["secret"][1], f"{what}: secret") if "secret" in spec else False
-        desc = v.string(spec["description"][1], f"{what}: description", allow_empty=True) if "description" in spec else ""
-        if required and default is not None:
-            v.fail(spec["default"][0], f"{what}: a required variable cannot have a default")
-        if secret and default is not None:
-            v.fail(spec["default"][0], f"{what}: a secret variable cannot have a default (it would live in the file)")
-        out[vname] = VarSpec(vname, required=required, default=default, secret=secret, description=desc, line=line)
+        built = v.attempt(_build_var, v, vname, what, line, vnode)
+        out[vname] = built if built is not None else VarSpec(vname, line=line)  # declared, so steps may use it
     return out
+
+
+def _build_var(v: _Validator, vname: str, what: str, line: int, vnode: yaml.Node) -> VarSpec:
+    """One variable's spec (``required``, ``default``, ``secret``, ``description``)."""
+    spec = v.mapping(vnode, what, _VAR_KEYS)
+    required = v.boolean(spec["required"][1], f"{what}: required") if "required" in spec else False
+    default = v.scalar_text(spec["default"][1], f"{what}: default") if "default" in spec else None
+    secret = v.boolean(spec["secret"][1], f"{what}: secret") if "secret" in spec else False
+    desc = v.string(spec["description"][1], f"{what}: description", allow_empty=True) if "description" in spec else ""
+    if required and default is not None:
+        v.fail(spec["default"][0], f"{what}: a required variable cannot have a default")
+    if secret and default is not None:
+        v.fail(spec["default"][0], f"{what}: a secret variable cannot have a default (it would live in the file)")
+    return VarSpec(vname, required=required, default=default, secret=secret, description=desc, line=line)
 
 
 def _build_step(v: _Validator, node: yaml.Node, index: int, declared: Mapping[str, VarSpec]) -> Step:
