@@ -62,10 +62,11 @@ class AgentBus:
 
     ``outbox_path`` defaults to ``<agent.state_dir>/outbox.sqlite``; its size limit is
     ``[agent] outbox-max`` (:func:`outbox_max`; ``ConfigError`` here if invalid).  ``publisher_options`` /
-    ``bridge_options`` are passed to :class:`Publisher` / :class:`Bridge`.  ``keepalive``:
-    seconds of silence before an SSE comment line.  ``connect``: how to open a NATS connection
-    (default :func:`connect_nats` with the context's ``nats`` settings).  ``close_timeout``: the
-    bound of :meth:`close` (the agent's stop gives each stop hook a share of its own budget,
+    ``bridge_options`` are passed to :class:`Publisher` / :class:`Bridge`.  ``keepalive``: seconds
+    of silence before an SSE comment line; ``replay_page``: Redis history entries per request in a
+    ``local`` SSE replay; ``max_queue`` / ``local_max_workflows``: the local stream's bounds.  NATS
+    connections are opened with :func:`connect_nats` and the context's ``nats`` settings.
+    ``close_timeout``: the bound of :meth:`close` (the agent's stop gives each stop hook a share of its own budget,
     about 2 s by default: this stays below it); ``bridge_close_timeout``: the bound of closing a
     bridge whose connection was lost while running.
     """
@@ -391,7 +392,8 @@ class AgentBus:
         guard = self.agent.guard
         if guard is not None:
             # First, before any await: from the next guarded write on, workflows this node
-            # applies start publishing (or not) per these flags ("Publish marker", lanes.py).
+            # applies start publishing (or not) per these flags ("Publish marker" in
+            # docs/backends.md; cbctl/core/backends/redis/guard.py).
             guard.publish_versions = versions if publish != PUBLISH_OFF else ()
         if source not in SOURCE_VALUES:
             raise BadInput(f"{STREAM_SOURCE}: unknown source {source!r} (allowed: {', '.join(SOURCE_VALUES)})")

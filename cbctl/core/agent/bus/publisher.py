@@ -1,47 +1,13 @@
 """Publisher of canonical events to JetStream, with a durable outbox for degraded mode.
 
-Contract of :meth:`Publisher.publish`
--------------------------------------
-It returns only once every message of the event (one per published schema version) is either
-acknowledged by JetStream (``ok`` / ``duplicate``) or committed and fsync'd in the local outbox
-(``buffered``); with ``eventbus.publish = off`` it returns ``off`` at once and nothing is kept.
-If neither happened (the outbox write itself failed, or the publisher was closed first) it
-raises :class:`PublishFailed` and the caller must not acknowledge its task state change.
-
-Pipeline
---------
-Callers enqueue (``publish_many`` enqueues its events in chunks); a *sender* task takes what is
-queued (up to ``batch_max`` messages), sends it with nats-py ``publish_async``
-(``Nats-Msg-Id`` set, see :func:`cbctl.core.model.events.msg_id`) and goes on with the next batch
-without waiting; an *ack* task takes the batches in the same order, waits for their acks
-(``ack_timeout``), retries what failed (``retries`` times, exponential backoff with jitter;
-``event_bus_publish_retries_total`` counts each message re-sent), buffers what is still
-unacknowledged and answers the callers.  At most ``max_inflight`` batches are in flight, so
-round trips overlap without unbounded memory.  The stream receives messages in enqueue order
-unless some fail and are retried or buffered while later ones succeed; the bridge's per-workflow
-reordering covers that.  The same ``Nats-Msg-Id`` on every retry makes a retry of a message that
-was stored but whose ack was lost come back as ``duplicate`` instead of being stored twice.
-
-Degraded mode
--------------
-If the connection is down (no retries then: waiting would only delay the caller) or retries are
-spent, the failed messages go to the outbox, ``event_bus_degraded`` becomes 1 and
-``event_bus_outages_total`` counts one outage.  From then on, while the outbox holds anything,
-*every* new event goes to the outbox too, behind the older ones, so per-workflow order holds.
-A background task drains the outbox oldest-first (``drain_batch`` rows: publish_async, wait for
-acks, delete the acked rows in one transaction) as soon as the connection is back, and sets
-``event_bus_degraded`` to 0 when the outbox is empty.  A non-empty outbox at start (left by a
-crash) starts the publisher degraded.  The drain keeps running when ``eventbus.publish`` is
-turned off: those events were accepted while it was on.  If JetStream says no stream takes the
-subjects (the stream was deleted, or JetStream was down when we connected), the drain task
-creates/verifies the stream again before its next attempt, as :meth:`Publisher.start` does.
-
-Metrics (``event_bus_publish_total{status}``), per message: ``ok`` / ``duplicate`` when
-JetStream acks (including acks of drained messages, so a buffered message counts again when it
-is drained), ``buffered`` when written to the outbox, ``error`` when neither happened and
-``publish()`` raised.
-
-Threads: all SQLite calls run on one dedicated thread so an fsync never blocks the event loop.
+Contract of :meth:`Publisher.publish`: it returns only once every message of the event (one per
+published schema version) is acknowledged by JetStream (``ok`` / ``duplicate``) or committed and
+fsync'd in the outbox (``buffered``); with ``eventbus.publish = off`` it returns ``off`` at once.
+Otherwise it raises :class:`PublishFailed` and the caller must not acknowledge its task.  While
+the outbox holds anything every new event goes behind it (per-workflow order holds), and a
+background task drains it oldest first.  ``event_bus_publish_total{status}`` counts per message.
+All SQLite calls run on one dedicated thread.  The pipeline, degraded mode and metrics are
+described in docs/event-bus.md ("Publisher").
 """
 
 from __future__ import annotations
@@ -50,19 +16,14 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
-import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
-from nats.js import JetStreamContext
-
-from cbctl.core.backends.nats.connect import close_nats
+from cbctl.core.agent.bus.jetstream_sender import JetStreamSender, NcFactory
 from cbctl.core.agent.bus.outbox import Outbox, OutboxMessage
-from cbctl.core.backends.nats.stream import StreamStatus, ensure_stream
+from cbctl.core.backends.nats.connect import close_nats
 from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.errors import AuthFailed, BackendUnavailable, BadInput, CbctlError, CheckFailed
@@ -80,28 +41,7 @@ from cbctl.core.model.metrics import AgentMetrics
 log = logging.getLogger(__name__)
 
 PublishStatus = Literal["off", "ok", "duplicate", "buffered"]
-MSG_ID_HEADER = "Nats-Msg-Id"
-
-NcFactory = Callable[[], Awaitable[Client]]
 T = TypeVar("T")
-
-# Errors that mean "this message was not acknowledged": retry, then buffer.
-_SEND_ERRORS: tuple[type[BaseException], ...] = (
-    nats.errors.Error,  # includes ConnectionClosed, OutboundBufferLimit, NoResponders, TooManyStalledMsgs, APIError
-    OSError,
-    asyncio.TimeoutError,
-)
-
-
-class _Wire(Protocol):
-    """What :meth:`Publisher._send` needs of a message (OutboxMessage and OutboxRow have it)."""
-
-    @property
-    def subject(self) -> str: ...
-    @property
-    def msg_id(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
 
 
 class PublishFailed(CbctlError):
@@ -138,8 +78,8 @@ def _event_status(statuses: list[str | None]) -> PublishStatus:
     return PUBLISH_STATUS_OK
 
 
-class Publisher:
-    """Publishes canonical events; see the module docstring for the contracts."""
+class Publisher(JetStreamSender):
+    """Publishes canonical events; see the module docstring for the contract."""
 
     def __init__(
         self,
@@ -169,9 +109,9 @@ class Publisher:
         ``cluster``: events go to ``cb.<cluster>.events.v<N>.<workflow>`` (one subject space and
         one stream per cluster, :func:`cbctl.core.model.events.subject`).
         """
-        self._nc_factory = nc_factory
-        self.cluster = cluster
-        self.stream_cfg = stream_cfg
+        # The pending limit covers everything the pipeline and the drain can have in flight.
+        super().__init__(nc_factory, stream_cfg, cluster=cluster, ack_timeout=ack_timeout,
+                         max_pending=(max_inflight + 2) * batch_max + drain_batch)
         self.outbox = outbox
         self.metrics = metrics
         self.node_id = node_id
@@ -181,7 +121,6 @@ class Publisher:
         # Equal jitter: at least half the base, so retries of many agents spread out but never
         # collapse to zero delay.
         self.retry_policy = BackoffPolicy(backoff_initial, backoff_max, jitter=(0.5, 1.0))
-        self.ack_timeout = ack_timeout
         self.batch_max = batch_max
         self.max_inflight = max_inflight
         self.drain_batch = drain_batch
@@ -192,10 +131,6 @@ class Publisher:
         self._versions: tuple[int, ...] = (1,)
         self.apply_flags(publish_mode, schema_versions)
 
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        self._stream_verified = False
-        self.stream_status: StreamStatus | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._inflight: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=max_inflight)
         self._degraded = False
@@ -211,12 +146,6 @@ class Publisher:
         self._count = {status: metrics.publish.labels(status=status) for status in PUBLISH_STATUSES}
         self._closing = False
         self.outbox_busy = False  # after close(): an outbox write was still running on its thread
-        # Set by close() once the grace period is over: stop waiting for acks and retries, put
-        # whatever is unsettled in the outbox (a frozen server would otherwise hold the stop).
-        self._abandon = asyncio.Event()
-        self._abandon_fut: asyncio.Future[None] | None = None  # done once _abandon is set
-        self._no_stream = False  # the last send saw "no responders": the stream is missing
-        self._last_connect_error: str | None = None
 
     # ------------------------------------------------------------------ flags & state
 
@@ -251,10 +180,6 @@ class Publisher:
     @property
     def outbox_depth(self) -> int:
         return self.outbox.depth
-
-    @property
-    def connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -347,8 +272,9 @@ class Publisher:
         ``versions`` overrides the flags for this event: publish exactly these schema versions
         (``()`` = nothing, returns ``off``), whatever ``eventbus.publish`` says.  The agent passes
         what the fencing guard decided for the event's workflow (a workflow whose publishing has
-        begun keeps publishing every later event, see :mod:`cbctl.core.backends.redis.lanes`), so a node that
-        has not applied a flag change yet cannot tear a hole in the workflow's stream.
+        begun keeps publishing every later event: "Publish marker" in docs/backends.md and
+        cbctl/core/backends/redis/guard.py), so a node that has not applied a flag change yet
+        cannot tear a hole in the workflow's stream.
 
         Raises ``BadEvent`` (invalid event, nothing done) or :class:`PublishFailed`.
         """
@@ -572,90 +498,6 @@ class Publisher:
                 self._count[PUBLISH_STATUS_ERROR].inc(len(p.messages))
                 p.future.set_exception(PublishFailed(why))
 
-    # ------------------------------------------------------------------ sending
-
-    async def _send(self, msgs: Sequence[_Wire]) -> list[str | None]:
-        """One attempt: send every message, wait for all acks; a status or None per message."""
-        return await self._collect(await self._start_send(msgs))
-
-    async def _start_send(self, msgs: Sequence[_Wire]) -> list[asyncio.Future[Any] | None]:
-        """publish_async every message (None where sending failed at once); no waiting for acks."""
-        js = self._js
-        if js is None:
-            return [None] * len(msgs)
-        self._no_stream = False
-        futures: list[asyncio.Future[Any] | None] = []
-        for m in msgs:
-            try:
-                # wait_stall stays None: with a timeout nats-py wraps the semaphore wait in a
-                # task, which yields to the loop on every message and makes the flusher write
-                # one message per syscall (measured: ~5x slower).  The pending limit is sized
-                # above what the pipeline can have in flight, so the semaphore never blocks.
-                fut = await js.publish_async(m.subject, m.payload, headers={MSG_ID_HEADER: m.msg_id})
-            except _SEND_ERRORS as exc:
-                self._note_send_error(exc)
-                futures.append(None)
-            else:
-                futures.append(fut)
-        return futures
-
-    async def _collect(self, futures: Sequence[asyncio.Future[Any] | None]) -> list[str | None]:
-        """Wait (at most ``ack_timeout``) for acks: ``ok``/``duplicate``, or None if not acked."""
-        live = [f for f in futures if f is not None and not f.done()]
-        if live:
-            # Acks come back in order on one connection: _wait_or_abandon waits for the last one
-            # first (one callback instead of one per message), then for any stragglers.  close()
-            # ends the wait early, so a server that never answers cannot hold the stop.
-            await self._wait_or_abandon(live, self.ack_timeout)
-            for f in live:
-                if not f.done():
-                    # publish_async futures have no timeout of their own (a message lost with the
-                    # connection would wait forever): cancelling releases nats-py's pending slot,
-                    # and a late ack is then ignored.
-                    f.cancel()
-        out: list[str | None] = []
-        for fut in futures:
-            if fut is None or fut.cancelled():
-                out.append(None)
-                continue
-            exc = fut.exception()
-            if exc is not None:
-                self._note_send_error(exc)
-                out.append(None)
-                continue
-            out.append(PUBLISH_STATUS_DUPLICATE if getattr(fut.result(), "duplicate", None) else PUBLISH_STATUS_OK)
-        return out
-
-    def _set_abandon(self) -> None:
-        self._abandon.set()
-        if self._abandon_fut is not None and not self._abandon_fut.done():
-            self._abandon_fut.set_result(None)
-
-    async def _wait_or_abandon(self, futures: Sequence[asyncio.Future[Any]], timeout: float) -> None:
-        """Wait until every one of ``futures`` is done, ``timeout`` passes or close() abandons acks.
-
-        One shared "abandoned" future joins each wait: no extra task on the hot path."""
-        if self._abandon_fut is None:
-            self._abandon_fut = asyncio.get_running_loop().create_future()
-            if self._abandon.is_set():
-                self._abandon_fut.set_result(None)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pending = [f for f in futures if not f.done()]
-        while pending and not self._abandon.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            # Acks come back in order: waiting for the last pending one usually settles all.
-            await asyncio.wait([pending[-1], self._abandon_fut], timeout=remaining,
-                               return_when=asyncio.FIRST_COMPLETED)
-            pending = [f for f in pending if not f.done()]
-
-    def _note_send_error(self, exc: BaseException) -> None:
-        if isinstance(exc, nats.js.errors.NoStreamResponseError):
-            self._no_stream = True
-        log.debug("publish attempt failed: %s: %s", type(exc).__name__, exc)
-
     # ------------------------------------------------------------------ degraded mode
 
     def _enter_degraded(self, reason: str) -> None:
@@ -671,27 +513,6 @@ class Publisher:
 
     async def _in_db(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
-
-    async def _connect(self) -> None:
-        """(Re)open the connection if there is none; verify the stream once per connection."""
-        if self._nc is None or self._nc.is_closed:
-            self._nc = None
-            self._js = None
-            self._stream_verified = False
-            nc = await self._nc_factory()
-            self._nc = nc
-            # The pending limit covers everything the pipeline and the drain can have in flight.
-            max_pending = (self.max_inflight + 2) * self.batch_max + self.drain_batch
-            self._js = nc.jetstream(timeout=self.ack_timeout, publish_async_max_pending=max_pending)
-            self._last_connect_error = None
-        if not self._stream_verified and self._nc.is_connected and self._js is not None:
-            status = await ensure_stream(self._js, self.stream_cfg, cluster=self.cluster)
-            self.stream_status = status
-            self._stream_verified = True
-            if status.created:
-                log.info("created JetStream stream %s", status.name)
-            for m in status.mismatches:
-                log.warning("JetStream stream %s: %s", status.name, m)
 
     async def _maintain(self) -> None:
         """Keep a connection, and drain the outbox while degraded."""
