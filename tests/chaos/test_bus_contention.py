@@ -7,7 +7,7 @@ sandbox -- run the bus at stage 3 under a workload, and
 both rollback drills run in the middle of it: ``rollback event-bus`` then ``--clear`` (the
 bridges stop consuming and start again on a backlog published meanwhile by every node), then
 ``rollback coordination`` then ``--clear``.  A subscriber streams every workflow through one
-node's bridge (a :class:`~cbctl.core.agent.bus.bridge.Subscription`) the whole time.
+node's bridge (a :class:`~cbctl.core.agent.bus.subscription.Subscription`) the whole time.
 
 What must hold (the issue saw 81 ordering violations and "seq 9..10 missing after 2.4s;
 skipping ahead" within 13 s of ``rollback event-bus --clear`` on a busy machine):

@@ -30,6 +30,7 @@ from cbctl.core.agent.bus.dedup import MsgWindow
 from cbctl.core.agent.bus.gap_fill import GapFiller
 from cbctl.core.agent.bus.sequencer import Sequencer
 from cbctl.core.agent.bus.subscription import Subscription
+from cbctl.core.backends.nats.stream import MSG_ID_HEADER
 from cbctl.core.backends.retry import Backoff, BackoffPolicy
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.errors import BackendUnavailable, BadInput
@@ -48,7 +49,6 @@ from cbctl.core.model.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
-MSG_ID_HEADER = "Nats-Msg-Id"
 
 # Transient trouble talking to JetStream: back off and try again.
 _TRANSIENT = (nats.errors.Error, OSError, asyncio.TimeoutError)

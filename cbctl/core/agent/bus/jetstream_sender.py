@@ -21,15 +21,14 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from cbctl.core.backends.nats.stream import StreamStatus, ensure_stream
+from cbctl.core.backends.nats.stream import MSG_ID_HEADER, StreamStatus, ensure_stream
 from cbctl.core.model.config import StreamConfig
 from cbctl.core.model.metric_names import PUBLISH_STATUS_DUPLICATE, PUBLISH_STATUS_OK
 
 log = logging.getLogger("cbctl.core.agent.bus.publisher")  # one logger for the publisher's story
 
-__all__ = ["MSG_ID_HEADER", "JetStreamSender", "NcFactory"]
+__all__ = ["JetStreamSender", "NcFactory"]
 
-MSG_ID_HEADER = "Nats-Msg-Id"
 
 NcFactory = Callable[[], Awaitable[Client]]
 

@@ -28,6 +28,9 @@ _UNAVAILABLE = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.error
 # The server keeps nanoseconds; anything closer than this is the same window.
 _WINDOW_TOLERANCE = 0.001
 
+#: JetStream's de-duplication header: the publisher sets it to the event id, the bridge reads it.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
 
 @dataclass(frozen=True, slots=True)
 class StreamStatus:
@@ -161,4 +164,4 @@ async def verify_stream(js: JetStreamContext, cfg: StreamConfig, *, cluster: str
     return _status(info, cfg, False, cluster)
 
 
-__all__ = ["StreamStatus", "desired_config", "ensure_stream", "limit_mismatches", "stream_mismatches", "verify_stream"]
+__all__ = ["MSG_ID_HEADER", "StreamStatus", "desired_config", "ensure_stream", "limit_mismatches", "stream_mismatches", "verify_stream"]
