@@ -51,8 +51,10 @@ def test_every_listed_command_loads() -> None:
 # -- import budget of the paths that run per key press or per status look ----------------------
 
 #: Never on the stage-status / nodes path (they read the store; they never talk to the bus,
-#: Redis, Prometheus or Consul, nor parse runbooks).
-NOT_ON_READ_PATH = ["nats", "redis", "prometheus_client", "aiohttp", "httpx", "pydantic", "yaml", "consul"]
+#: Redis, Prometheus or Consul, nor parse runbooks). etcd is read through its JSON gateway
+#: (cbctl/core/backends/coord/etcd_readonly.py): no gRPC client and no retry library either.
+NOT_ON_READ_PATH = ["nats", "redis", "prometheus_client", "aiohttp", "httpx", "pydantic", "yaml", "consul",
+                    "grpc", "aetcd", "tenacity"]
 #: Never on the completion path: a TAB answers from tables, files and one HTTP read.
 NOT_ON_TAB_PATH = HEAVY + ["aetcd", "tenacity", "yaml", "consul", "asyncio"]
 
@@ -79,7 +81,7 @@ def test_command_modules_import_no_client(module: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("args", [["stage", "status"], ["nodes"]])
+@pytest.mark.parametrize("args", [["stage", "status"], ["nodes"], ["lanes"]])
 def test_read_commands_import_only_the_store_client(tmp_path: Any, args: list[str]) -> None:
     """`stage status` / `nodes` against an unreachable etcd: whatever they load, it is not the bus,
     Redis, Prometheus, Consul or YAML."""

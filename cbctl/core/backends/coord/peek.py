@@ -10,12 +10,12 @@ It speaks etcd's JSON gateway (``POST /v3/kv/range``, keys only; etcd 3.4+) or C
 (``GET /v1/kv/<prefix>?keys``), over http or https (the context's CA, client certificate and
 key), with the context's credentials (etcd ``/v3/auth/authenticate``; Consul ACL token). It tries
 the first endpoint only: a completion does not wait for failover. ``coordination`` is the raw
-``[contexts.X.coordination]`` table of the contexts file.
+``[contexts.X.coordination]`` table of the contexts file. The HTTP(S) client is
+:class:`~cbctl.core.backends.coord.etcd_gateway.GatewayClient` (the one gateway client; no asyncio).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -37,17 +37,6 @@ def _secret(coordination: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _prefix_end(prefix: bytes) -> bytes:
-    """etcd's range end for a prefix (the prefix with its last byte incremented)."""
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\0"
-    end[-1] += 1
-    return bytes(end)
-
-
 def list_key_suffixes(coordination: Mapping[str, Any], prefix: str, *, timeout: float = 0.1) -> list[str]:
     """Key names under ``prefix`` with the prefix removed, sorted; ``[]`` on any error."""
     try:
@@ -57,57 +46,39 @@ def list_key_suffixes(coordination: Mapping[str, Any], prefix: str, *, timeout: 
 
 
 def _list(coordination: Mapping[str, Any], prefix: str, deadline: float) -> list[str]:
-    import http.client
+    from cbctl.core.backends.coord.etcd_gateway import GatewayClient, prefix_range_end, ssl_context
 
     endpoints = coordination.get("endpoints") or ["http://127.0.0.1:2379"]
     url = urlsplit(str(endpoints[0]))
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or not url.hostname:
+    if not url.hostname:
         return []
-    conn: http.client.HTTPConnection
+    tls = None
     if url.scheme == "https":
-        import ssl
-
-        tls = coordination.get("tls") or {}
-        sslctx = ssl.create_default_context(cafile=tls.get("ca-file"))
-        if tls.get("cert-file"):
-            sslctx.load_cert_chain(tls["cert-file"], tls.get("key-file"))
-        conn = http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=remaining, context=sslctx)
-    else:
-        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=remaining)
-
-    def call(method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None) -> Any:
-        if time.monotonic() >= deadline:
-            raise TimeoutError("completion budget spent")
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        payload = resp.read()
-        if resp.status != 200:
-            raise OSError(f"HTTP {resp.status}")
-        return json.loads(payload or b"null")
-
+        files = coordination.get("tls") or {}
+        tls = ssl_context(files.get("ca-file"), files.get("cert-file"), files.get("key-file"))
+    consul = coordination.get("backend", "etcd") == "consul"
+    secret = _secret(coordination)
+    user = coordination.get("username")
+    client = GatewayClient(str(endpoints[0]), url.hostname, url.port or (8500 if consul else 2379), tls=tls,
+                           username=user if isinstance(user, str) and secret is not None and not consul else None,
+                           password=secret)
     try:
-        secret = _secret(coordination)
-        if coordination.get("backend", "etcd") == "consul":
+        if consul:
             headers = {"X-Consul-Token": secret} if secret else {}
-            keys = call("GET", "/v1/kv/" + quote(prefix.lstrip("/")) + "?keys", headers=headers) or []
+            status, payload = client.request("GET", "/v1/kv/" + quote(prefix.lstrip("/")) + "?keys", None, deadline,
+                                             headers)
+            if status != 200:
+                return []
+            keys = json.loads(payload or b"null") or []
             cut = len(prefix.lstrip("/"))
             return [k[cut:] for k in keys if isinstance(k, str) and len(k) > cut and "/" not in k[cut:]]
-        headers = {}
-        user = coordination.get("username")
-        if isinstance(user, str) and secret is not None:
-            headers["Authorization"] = str(call("POST", "/v3/auth/authenticate",
-                                                {"name": user, "password": secret})["token"])
         raw = prefix.encode()
-        reply = call("POST", "/v3/kv/range", {"key": base64.b64encode(raw).decode(),
-                                              "range_end": base64.b64encode(_prefix_end(raw)).decode(),
-                                              "keys_only": True}, headers)
+        _, kvs = client.range(raw, prefix_range_end(raw), deadline, keys_only=True)
         out = []
-        for kv in reply.get("kvs") or []:
-            suffix = base64.b64decode(kv["key"])[len(raw):].decode("utf-8", "replace")
+        for kv in kvs:
+            suffix = kv.key[len(raw):].decode("utf-8", "replace")
             if suffix and "/" not in suffix:
                 out.append(suffix)
         return out
     finally:
-        conn.close()
+        client.close()
