@@ -1,8 +1,9 @@
 """Progress on stderr while a command waits (``--wait``, runbook checks, preflight, ``wait
 converged``): on a terminal one live line rewritten in place; elsewhere one line per change.
 
-Contract: :meth:`ProgressLine.update` with the same text as before prints nothing, so a caller
-hands it every state it sees and a log gets exactly one line per change. Nothing goes to
+Contract: :meth:`ProgressLine.update` with the same ``key`` as before (default: the text) prints
+nothing off a terminal, so a caller hands it every state it sees and a log gets exactly one line
+per change; a live line shows every new text (a countdown may tick without being a change). Nothing goes to
 stdout (JSON there stays alone). Standard library only: no rich import for a progress line.
 """
 
@@ -24,15 +25,18 @@ class ProgressLine:
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         self.live = bool(isatty and isatty()) if live is None else live
-        self.last: str | None = None
+        self.last: object = None
+        self._text: str | None = None
         self.lines = 0  # lines written off a terminal (one per change)
         self._shown = False
 
-    def update(self, text: str) -> None:
-        """Show ``text``; nothing when it equals the last one shown."""
-        if text == self.last:
+    def update(self, text: str, key: object = None) -> None:
+        """Show ``text``. ``key`` (default ``text``) is what a change is: off a terminal nothing
+        is written when it equals the last key; a live line skips only an unchanged text."""
+        key = text if key is None else key
+        if (self.live and text == self._text) or (not self.live and key == self.last):
             return
-        self.last = text
+        self.last, self._text = key, text
         if "://" in text:  # a second line of defence, as cli.common.err
             from cbctl.core.model.redaction import redact_url
 
