@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from cbctl.core.agent.ownership import LaneClaim, acquire_lane, release_lane
@@ -56,6 +57,7 @@ class LaneReconciler:
     _lanes_lock: asyncio.Lock
     _wake: asyncio.Event
     _session: Session | None
+    _unfeed: Callable[[list[str]], Awaitable[None]]
 
     async def _enter_mode(self, enabled: bool) -> None:
         """Switch between coordinated ownership and local competing consumers."""
@@ -207,9 +209,11 @@ class LaneReconciler:
                 raise result
 
     async def _stop_runs(self, runs: list[LaneRun]) -> None:
+        """Stop the lanes' tasks, then make sure the agent's one read no longer covers them."""
         for run in runs:
             run.active = False
         await cancel_all([r.task for r in runs])
+        await self._unfeed([r.lane for r in runs])
 
 
 def _enabled(value: bytes) -> bool:
