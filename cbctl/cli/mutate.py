@@ -95,8 +95,9 @@ async def apply_plan(
         if output.structured:
             emit(output, result)
         return 0
-    show_diff(plan.changes)
-    if not plan.changes:
+    if plan.changes:
+        show_diff(plan.changes)
+    else:
         # The document changes although no flag value does: say what is written, and why.
         err("  no flag value changes; the document records: " + "; ".join(document_changes(plan.old, plan.new)))
     if dry_run:

@@ -291,6 +291,8 @@ def runs(
         else:
             render.show_runs(recs)
 
+    run(body)
+
 
 def public_run(rec: dict[str, Any]) -> dict[str, Any]:
     """A run record as ``-o json`` shows it: the stored record (Unix seconds, which drills and
@@ -300,5 +302,3 @@ def public_run(rec: dict[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = rfc3339(out[key]) if isinstance(out[key], (int, float)) and out[key] else None
     return out
-
-    run(body)

@@ -311,7 +311,7 @@ def test_config_commands_never_show_a_secret(tmp_path: Path, shared_etcd, unique
         assert out.exit_code == 0, out.stderr
         assert secret not in out.stdout + out.stderr
     view = cbctl_run(cfg, "config", "view", "-o", "json").json()
-    assert view["contexts"]["prod"]["nats"]["password-env"] == "CB_NATS_PW"
+    assert view["contexts"]["prod"]["nats"]["password_env"] == "CB_NATS_PW"  # JSON keys are snake_case
     # A literal secret in a hand-edited file is redacted by view and refused as configuration.
     text = cfg.read_text().replace('password-env = "CB_NATS_PW"', f'password = "{secret}"')
     cfg.write_text(text)
