@@ -405,7 +405,7 @@ def test_secrets_never_leak(etcd: EtcdServer, nats_pw: tuple[NatsServer, str], t
        "--redis", "redis://127.0.0.1:1/0", "--prometheus", "http://127.0.0.1:1", "--use")
     assert (cfg.stat().st_mode & 0o077) == 0
     view = cb("config", "view", "-o", "json").stdout
-    assert json.loads(view)["contexts"]["sec"]["coordination"]["password-env"] == ETCD_PW_VAR
+    assert json.loads(view)["contexts"]["sec"]["coordination"]["password_env"] == ETCD_PW_VAR
     cb("config", "view")
     cb("config", "get-contexts")
     cb("stage", "status")
