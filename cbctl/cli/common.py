@@ -309,6 +309,10 @@ def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(fn())
     except CbctlError as exc:
+        import logging
+
+        # With -v/--debug: where it came from (the message below is the same either way).
+        logging.getLogger("cbctl.cli").debug("%s: %s", type(exc).__name__, exc, exc_info=True)
         if getattr(exc, "exit_code", 1) == 0:
             err(str(exc))
             raise typer.Exit(0) from None

@@ -84,6 +84,10 @@ def root(
         from cbctl.cli.common import setup_logging
 
         setup_logging(True)
+        import logging
+
+        logging.getLogger("cbctl.cli").debug("cbctl %s: config %s, context %s, output %s", __version__,
+                                             config or "(default)", context or "(current)", output.value)
 
 
 def run() -> None:
