@@ -18,6 +18,7 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.drills import drill_verdicts
 from cbctl.core.operator.runbook.store import list_runs
 from cbctl.sandbox import free_port
+from cbctl.cli.common import rfc3339
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -84,7 +85,10 @@ def test_a_runbook_runs_cbctl_in_process_and_is_recorded(cfg: Path, books: Path)
     assert "step 1/2 [run] cbctl flags set cluster.enabled=true" in r.stderr
 
     (rec,) = stored_runs(cfg)
-    assert rec == out
+    # The record is shown as stored, but its times in RFC 3339 UTC (stored: epoch seconds).
+    times = sorted(k for k in rec if k.endswith("_at"))
+    assert times and {k: v for k, v in rec.items() if k not in times} == {k: v for k, v in out.items() if k not in times}
+    assert {k: out[k] for k in times} == {k: rfc3339(rec[k]) for k in times}
     assert rec["runbook"] == "small" and rec["kind"] == "procedure" and rec["from_step"] == 1
     assert rec["vars"] == {"reason": reason}
     assert "@" in rec["actor"]

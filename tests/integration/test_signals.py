@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from cbctl.core.agent.hooks import AppliedUpdate
 from cbctl.core.agent.node import NodeAgent
@@ -26,6 +27,7 @@ from cbctl.core.model.config import Context
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.backends.redis.guard import LaneGuard
+from cbctl.core.backends.redis.keys import LaneKeys
 from cbctl.core.backends.redis.queue import lane_for
 from cbctl.core.agent.signals import SignalRouter, attach_signals
 from cbctl.core.model.signals import signal_update
@@ -325,6 +327,17 @@ def test_cli_exit_codes(config_path: Path, tmp_path: Path, unique_cluster: str, 
                         shared_redis: Any) -> None:
     bad = cbctl_run(config_path, "signal", "send", "wf-1", "go", "--payload", "{not json")
     assert bad.exit_code == 2 and "--payload" in bad.stderr, bad.stderr
+
+    # A workflow that does not exist: refused, nothing sent.
+    missing = cbctl_run(config_path, "signal", "send", "wf-1", "go", "-o", "json")
+    assert missing.exit_code == 2 and "wf-1" in missing.stderr, missing.stderr
+    keys = LaneKeys(unique_cluster)
+    client = redis.Redis.from_url(shared_redis.url)
+    try:
+        assert client.exists(keys.workflow("wf-1")) == 0
+        client.hset(keys.workflow("wf-1"), mapping={"seq": 1, "workflow_id": "wf-1"})
+    finally:
+        client.close()
 
     # off (the initial document): queued locally, exit 0.
     local = cbctl_run(config_path, "signal", "send", "wf-1", "go", "-o", "json")
