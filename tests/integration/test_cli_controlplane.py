@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,31 +20,9 @@ from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.model.errors import Conflict
 from tests.helpers import cbctl_proc, cbctl_run, write_config
+from tests.support.controlplane import LANES, NO_METRIC_GATES, record_passing_preflight
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-LANES = [f"lane-{i:02d}" for i in range(8)]
-
-
-# These tests are about the document, CAS and audit, not about metric gates (tests/integration/
-# test_gates.py covers those): the context has no metric rules, and a passing preflight is on record.
-NO_METRIC_GATES = {"gates": {"stages": {"1": [], "2": [], "3": []}}}
-
-
-def record_passing_preflight(cfg: Path) -> None:
-    ctx = load_config(cfg).context()
-
-    async def put() -> None:
-        coord = make_coordinator(ctx)
-        await coord.connect()
-        try:
-            record = {"time": time.time(), "ok": True, "failed": []}
-            await coord.put(keys.preflight_last(ctx.cluster), json.dumps(record).encode())
-        finally:
-            await coord.close()
-
-    asyncio.run(put())
-
 
 @pytest.fixture
 def cfg(tmp_path: Path, shared_etcd, unique_cluster: str) -> Path:
@@ -75,7 +52,8 @@ def test_status_of_a_fresh_cluster_is_stage_0(cfg: Path) -> None:
     assert data["flags"]["ownership.guard"] == "off"
     assert data["rollbacks"] == {}
     assert data["canary"] == {"lanes": [], "subscribers": []}
-    assert set(data) == {"stage", "revision", "flags", "rollbacks", "canary"}
+    assert set(data) == {"stage", "revision", "flags", "rollbacks", "overrides", "canary"}
+    assert data["overrides"] == []
 
 
 def test_advance_writes_one_stage_and_audits_it(cfg: Path) -> None:

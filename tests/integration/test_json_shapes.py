@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.helpers import cbctl_run, write_config
-from tests.integration.test_cli_controlplane import LANES, NO_METRIC_GATES, record_passing_preflight
+from tests.support.controlplane import LANES, NO_METRIC_GATES, record_passing_preflight
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -10,7 +10,6 @@ checkout's. Nothing is downloaded: the build backend comes from the configured p
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from cbctl.core.backends.coord import make_coordinator
-from cbctl.core.model import keys
-from cbctl.core.model.config import load_config
 from cbctl.core.operator.criteria import ROLLBACK_RUNBOOKS
 from tests.helpers import write_config
+from tests.support.controlplane import NO_METRIC_GATES, record_passing_preflight
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,7 +35,6 @@ LANES = [f"lane-{i:02d}" for i in range(4)]
 SKIP = {".venv", ".git", "build", "dist", "__pycache__", ".pytest_cache", ".sandbox"}
 # The guide's stage commands here are about the document, not the gates (tests/integration/
 # test_gates.py covers those): no metric gates, and a passing preflight on record.
-NO_METRIC_GATES = {"gates": {"stages": {"1": [], "2": [], "3": []}}}
 
 
 def _run(argv: list[str], *, timeout: float, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -114,25 +109,11 @@ def test_the_wheel_ships_runbooks_completions_and_man_page(installed: Installed)
     assert not pkg.is_relative_to(ROOT)
 
 
-def _record_passing_preflight(cfg: Path) -> None:
-    ctx = load_config(cfg).context()
-
-    async def put() -> None:
-        coord = make_coordinator(ctx)
-        await coord.connect()
-        try:
-            await coord.put(keys.preflight_last(ctx.cluster), json.dumps({"time": time.time(), "ok": True, "failed": []}).encode())
-        finally:
-            await coord.close()
-
-    asyncio.run(put())
-
-
 def test_operator_guide_end_to_end_with_the_installed_wheel(installed: Installed, tmp_path: Path, shared_etcd,
                                                               prometheus, unique_cluster: str) -> None:
     cfg = write_config(tmp_path / "config.toml", cluster=unique_cluster, etcd=shared_etcd.client_url,
                        prometheus=prometheus.url, lanes=LANES, extra=NO_METRIC_GATES)
-    _record_passing_preflight(cfg)
+    record_passing_preflight(cfg)
     env = _clean_env(CBCTL_CONFIG=str(cfg))
     pkg = installed.package
 

@@ -109,7 +109,8 @@ async def generate(
 
 
 async def lifecycle_handler(task: Task) -> Mapping[str, Any] | None:
-    """The default task handler: the workflow state update for one lifecycle transition.
+    """The demo task handler (``--handler demo``): the workflow state update for one lifecycle
+    transition.
 
     Unknown message types are still applied (as ``state = <type>``): the agent's job is to apply
     what the service enqueued, not to second-guess it.
