@@ -22,3 +22,13 @@ def test_import_contracts_are_kept() -> None:
     result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "3 kept, 0 broken" in result.stdout, result.stdout[-2000:]
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    """Shared test code lives in tests/helpers.py, tests/support/ and the conftests (docs/testing.md)."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+tests\.(unit|integration|chaos)\.test_\w+", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("*.py"))
+                 if pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
