@@ -1,4 +1,4 @@
-"""`cbctl flags get|set|diff`."""
+"""`cbctl flags get|set|unset|diff`."""
 
 from __future__ import annotations
 
@@ -72,11 +72,14 @@ def get(
 
 
 def _source(doc: Any, name: str) -> str:
-    """Where a flag's effective value comes from: a rollback override, a manual pin or the plan."""
-    for cap, overrides in sorted(doc.rollbacks.items()):
-        if name in overrides:
-            return f"rollback {cap}"
-    return "manual" if name in doc.manual else f"stage {doc.stage}"
+    """Where a flag's effective value comes from: a rollback override, a manual pin or the plan
+    (judged once, by cbctl.core.operator.overrides)."""
+    from cbctl.core.operator.overrides import SOURCE_MANUAL, SOURCE_ROLLBACK, flag_sources
+
+    src = next(s for s in flag_sources(doc) if s.name == name)
+    if src.source == SOURCE_ROLLBACK:
+        return f"rollback {src.capability}"
+    return "manual" if src.source == SOURCE_MANUAL else f"stage {doc.stage}"
 
 
 @app.command("set")
@@ -107,6 +110,44 @@ def set_(
             plan = await cp.plan_flags(parsed, command=command_line(ctx))
             return await apply_plan(cp, plan, output=fmt, reason=reason, yes=yes, dry_run=dry_run, wait=wait,
                                     timeout=timeout, question="Set these flags?", ignore_missing=ignore_missing)
+
+        return await with_coordinator(st, inner)
+
+    raise typer.Exit(run(body))
+
+
+@app.command("unset")
+def unset(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Flags whose manual override to drop.",
+                                               shell_complete=cv.flag_names)],
+    reason: ReasonOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = 30.0,
+    ignore_missing: IgnoreMissingOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Drop manual overrides (`flags set`): the flags return to the stage plan. Validated,
+    audited and written by compare-and-swap like `flags set`; a flag without a manual override
+    changes nothing (exit 0, nothing written). A rollback's flags are lifted with
+    `cbctl rollback CAP --clear`, not here."""
+    from cbctl.cli.mutate import apply_plan
+    from cbctl.core.operator.controlplane import ControlPlane
+
+    st = state(ctx)
+    fmt = output_format(ctx, output)
+
+    async def body() -> int:
+        async def inner(c: Any, coord: Any) -> int:
+            cp = ControlPlane(c, coord)
+            plan = await cp.plan_unset(names, command=command_line(ctx))
+            if plan.is_noop:
+                without = [n for n in names if n not in plan.old.manual]
+                err(f"no manual override of {', '.join(without)} (see `cbctl stage status`)")
+            return await apply_plan(cp, plan, output=fmt, reason=reason, yes=yes, dry_run=dry_run, wait=wait,
+                                    timeout=timeout, question="Drop these overrides?", ignore_missing=ignore_missing)
 
         return await with_coordinator(st, inner)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -146,21 +145,17 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
     import contextlib
     import signal
 
-    from rich.console import Console
+    from cbctl.cli.progress import ProgressLine
 
-    console = Console(stderr=True, markup=False, highlight=False)
-    live = sys.stderr.isatty()
-    status = console.status(f"waiting for agents to apply revision {revision}") if live else None
-    if status:
-        status.start()
+    # "2/3 applied; waiting for node-3": a live line on a terminal, one line per change elsewhere.
+    status: ProgressLine | None = ProgressLine()
     last: WaitResult | None = None
 
     def progress(res: WaitResult) -> None:
         nonlocal last
         last = res
-        total = len(res.applied) + len(res.pending) + len(res.missing)
         if status:
-            status.update(f"revision {revision}: {len(res.applied)}/{total} agents applied")
+            status.update(res.progress_line())
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -185,7 +180,7 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
         res = await cp.wait_applied(revision, timeout=timeout, progress=progress, ignore_missing=ignore_missing or ())
     except (asyncio.CancelledError, KeyboardInterrupt):
         if status:
-            status.stop()
+            status.close()
             status = None
         why = "terminated (SIGTERM)" if terminated else "interrupted"
         if last is None:
@@ -204,7 +199,7 @@ async def wait_for_agents(cp: ControlPlane, revision: int, timeout: float, *,
         raise
     finally:
         if status:
-            status.stop()
+            status.close()
         if handler:
             loop.remove_signal_handler(signal.SIGTERM)
             with contextlib.suppress(ValueError, TypeError):  # not the main thread / None

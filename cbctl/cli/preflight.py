@@ -59,8 +59,16 @@ def preflight(
         )
         c = st.context()
         coord = make_coordinator(c)
+        from cbctl.cli.progress import ProgressLine
+
+        def told(name: str, rows: list[Any], done: int, total: int) -> None:
+            # One line per finished check off a terminal, a live line on one; results on stdout.
+            worst = next((s for s in ("fail", "warn") if any(r.status == s for r in rows)), "pass")
+            line.update(f"preflight: {name} {worst} ({done}/{total})")
+
         try:
-            report = await run_preflight(c, coord, opts)
+            with ProgressLine() as line:
+                report = await run_preflight(c, coord, opts, progress=told)
             recorded = False
             if opts.only is None and report.store_unreachable is None:
                 try:

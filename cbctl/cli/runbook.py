@@ -216,7 +216,16 @@ def run_(
     # Given by path: the resume line names that file (absolute: it may be run from elsewhere).
     by_path = name.endswith(".yaml") or os.sep in name or "/" in name
     target = str(Path(name).resolve()) if by_path else None
-    with interrupt_guard() as guard:
+    from cbctl.cli.progress import ProgressLine
+
+    # A check's polls: a live countdown on a terminal, one line per new observation elsewhere.
+    checks = ProgressLine()
+
+    def announce(message: str) -> None:
+        checks.close()
+        err(message)
+
+    with interrupt_guard() as guard, checks:
         executor = RunbookExecutor(
             rb,
             values,
@@ -224,7 +233,8 @@ def run_(
             query=guard.step(_call(lambda: steps.prom_query(st))) if any(s.check for s in rb.steps) else None,
             run_external=guard.step(steps.run_external),
             confirm=None if yes else guard.step(ask),
-            announce=err,
+            announce=announce,
+            check_progress=lambda poll: checks.update(poll.line(), key=(poll.step, poll.state)),
             record=record,
             interrupted=guard.reason,
             overrides=steps.overrides_reader(st),

@@ -29,55 +29,95 @@ from cbctl.cli.common import (
     with_coordinator,
 )
 from cbctl.cli.mutate import IgnoreMissingOpt
+from cbctl.cli.watching import CountOpt, ForOpt, IntervalOpt, WatchOpt
 
 app = new_app("Show and move the rollout stage (0 preflight, 1 observe-only, 2 partial, 3 full).")
 
 
 def status_json(doc: Any, revision: int) -> dict[str, Any]:
-    """The `stage status -o json` shape (a contract for scripts)."""
+    """The `stage status -o json` shape (a contract for scripts). ``overrides``: every flag not
+    from the stage plan (manual overrides, pins, rollbacks) with the plan's value and its source."""
+    from cbctl.core.operator.overrides import overridden
+
     return {
         "stage": doc.stage,
         "revision": revision,
         "flags": dict(doc.flags),
         "rollbacks": {k: dict(v) for k, v in doc.rollbacks.items()},
+        "overrides": [o.public() for o in overridden(doc)],
         "canary": {"lanes": list(doc.canary_lanes), "subscribers": list(doc.canary_subscribers)},
     }
 
 
-@app.command("status")
-def status(ctx: typer.Context, output: OutputOpt = None, no_headers: NoHeadersOpt = False) -> None:
-    """Stage, document revision, every flag, active rollback overrides, canary sets."""
-    from cbctl.core.operator.controlplane import ControlPlane
+def _print_status(c: Any, doc: Any, revision: int) -> None:
+    """The table view of `stage status`: each flag marked against the stage plan."""
     from cbctl.core.model.stages import STAGES
+    from cbctl.core.operator.overrides import flag_sources
+
+    print(f"context: {c.name}   cluster: {c.cluster}")
+    print(f"stage:   {doc.stage} ({STAGES[doc.stage].name})   revision: {revision}")
+    rows = []
+    for src in sorted(flag_sources(doc), key=lambda s: s.name):
+        mark = src.marker
+        if mark and src.differs:
+            mark += f" (plan: {fmt_value(src.plan)})"
+        rows.append((src.name, fmt_value(src.value), mark or "-"))
+    print_table("flags", ["flag", "value", "override"], rows)
+    if doc.rollbacks:
+        print_table(
+            "rollback overrides",
+            ["capability", "flags"],
+            [(cap, ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(ov.items()))) for cap, ov in sorted(doc.rollbacks.items())],
+        )
+    else:
+        print("rollback overrides: none")
+    print(f"canary lanes: {fmt_value(list(doc.canary_lanes))}")
+    print(f"canary subscribers: {fmt_value(list(doc.canary_subscribers))}")
+
+
+@app.command("status")
+def status(
+    ctx: typer.Context,
+    output: OutputOpt = None,
+    no_headers: NoHeadersOpt = False,
+    watch: WatchOpt = False,
+    interval: IntervalOpt = 2.0,
+    for_: ForOpt = None,
+    count: CountOpt = None,
+) -> None:
+    """Stage, document revision, every flag (marked `manual`, `pinned` or `rollback:CAP` with the
+    stage plan's value where it differs from the plan), active rollback overrides, canary sets.
+
+    --watch: redraw on a terminal; elsewhere print the status again only when it changed (one
+    JSON object per line with -o json). Stops on Ctrl-C, after --for or after --count snapshots.
+    """
+    from cbctl.cli.watching import Snapshot, watch_snapshots
+    from cbctl.core.operator.controlplane import ControlPlane
 
     st = state(ctx)
     fmt = output_format(ctx, output, no_headers)
 
-    async def body() -> None:
-        async def inner(c: Any, coord: Any) -> None:
-            doc, revision = await ControlPlane(c, coord).read()
-            data = status_json(doc, revision)
+    async def body() -> int:
+        async def inner(c: Any, coord: Any) -> int:
+            cp = ControlPlane(c, coord)
+
+            async def take() -> Snapshot:
+                doc, revision = await cp.read()
+                data = status_json(doc, revision)
+                return Snapshot(data, data, lambda: _print_status(c, doc, revision))
+
+            if watch:
+                return await watch_snapshots(take, fmt=fmt, interval=interval, for_=for_, count=count)
+            snap = await take()
             if fmt.structured:
-                emit(fmt, data)
-                return
-            print(f"context: {c.name}   cluster: {c.cluster}")
-            print(f"stage:   {doc.stage} ({STAGES[doc.stage].name})   revision: {revision}")
-            rows = [(name, fmt_value(value)) for name, value in sorted(doc.flags.items())]
-            print_table("flags", ["flag", "value"], rows)
-            if doc.rollbacks:
-                print_table(
-                    "rollback overrides",
-                    ["capability", "flags"],
-                    [(cap, ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(ov.items()))) for cap, ov in sorted(doc.rollbacks.items())],
-                )
+                emit(fmt, snap.data)
             else:
-                print("rollback overrides: none")
-            print(f"canary lanes: {fmt_value(list(doc.canary_lanes))}")
-            print(f"canary subscribers: {fmt_value(list(doc.canary_subscribers))}")
+                snap.render()
+            return 0
 
-        await with_coordinator(st, inner, read_only=True)
+        return await with_coordinator(st, inner, read_only=True)
 
-    run(body)
+    raise typer.Exit(run(body))
 
 
 @app.command("advance")

@@ -22,6 +22,11 @@ from cbctl.cli.common import (
 app = new_app("Wait for a condition of the cluster (converged).")
 
 
+@app.callback()
+def group() -> None:
+    """Wait for a condition of the cluster: `cbctl wait converged`."""
+
+
 @app.command("converged")
 def converged(
     ctx: typer.Context,

@@ -9,7 +9,6 @@ change. ``count`` stops after that many snapshots printed; ``for_`` after that m
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from cbctl.cli.common import OutputFormat, duration_option, emit_line
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="Keep watching: redraw on a terminal, else print each change.")]
 IntervalOpt = Annotated[float, duration_option("--interval", help="With --watch: how often to look, e.g. 2s.")]
 ForOpt = Annotated[float | None, duration_option("--for", help="With --watch: stop after this long, e.g. 10m.")]
-CountOpt = Annotated[int | None, typer.Option("--count", min=1, help="With --watch: stop after this many snapshots.")]
+CountOpt = Annotated[int | None, typer.Option("--count", min=1, metavar="N", help="With --watch: stop after this many snapshots.")]
 
 
 @dataclass
@@ -39,6 +38,7 @@ class Snapshot:
 async def watch_snapshots(take: Callable[[], Awaitable[Snapshot]], *, fmt: OutputFormat, interval: float,
                           for_: float | None = None, count: int | None = None) -> int:
     """Print snapshots from ``take`` (see the module contract); returns the exit code (0)."""
+    import asyncio  # not at module level: the command modules that import this stay light
     live = not fmt.structured and sys.stdout.isatty()
     deadline = None if for_ is None else time.monotonic() + for_
     printed = 0
