@@ -40,6 +40,7 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.backends.coord.base import Coordinator
 from cbctl.core.model import keys
 from cbctl.core.model.config import Context, load_config
+from cbctl.core.model.errors import BackendUnavailable
 from cbctl.core.operator.controlplane import ControlPlane
 from cbctl.sandbox import EtcdServer, RedisServer
 
@@ -114,6 +115,17 @@ async def snapshot(coord: Coordinator, ctx: Context) -> tuple[dict[str, str | No
     return owners, records
 
 
+async def retry_snapshot(coord: Coordinator, ctx: Context) -> tuple[dict[str, str | None], dict[str, list[str]]]:
+    """:func:`snapshot`, retried while the store does not answer in time (a saturated machine)."""
+    for _ in range(20):
+        try:
+            return await snapshot(coord, ctx)
+        except BackendUnavailable as exc:
+            print(f"  (poll failed: {exc}; retrying)", flush=True)
+            await asyncio.sleep(0.5)
+    return await snapshot(coord, ctx)
+
+
 def owned_once(ctx: Context, owners: dict[str, str | None], records: dict[str, list[str]], live: set[str]) -> bool:
     """Every lane has a live owner key, and exactly one record (its owner's) lists it."""
     listed = Counter(lane for node in live for lane in records.get(node, ()))
@@ -127,8 +139,11 @@ def owned_once(ctx: Context, owners: dict[str, str | None], records: dict[str, l
 async def wait_for(cond_desc: str, deadline: float, check) -> float:  # type: ignore[no-untyped-def]
     start = time.monotonic()
     while True:
-        if await check():
-            return time.monotonic() - start
+        try:
+            if await check():
+                return time.monotonic() - start
+        except BackendUnavailable as exc:  # a saturated machine: our own poll may time out
+            print(f"  (poll failed: {exc}; retrying)", flush=True)
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {cond_desc}")
         await asyncio.sleep(0.1)
@@ -152,10 +167,15 @@ async def run_idle(ctx: Context, cfg: Path, base: Path, agents: int, seconds: fl
         await coord.close()  # our own polling must not be part of the measurement
         ps = {n: psutil.Process(p.pid) for n, p in fleet.procs.items()}
         before = {n: sum(p.cpu_times()[:2]) for n, p in ps.items()}
+        threads0 = {t.id: t.user_time + t.system_time for t in ps[names[0]].threads()}
         t0 = time.monotonic()
         await asyncio.sleep(seconds)
         wall = time.monotonic() - t0
         used = {n: sum(p.cpu_times()[:2]) - before[n] for n, p in ps.items()}
+        threads1 = {t.id: t.user_time + t.system_time for t in ps[names[0]].threads()}
+        split = sorted(((threads1[t] - threads0.get(t, 0.0), t) for t in threads1), reverse=True)
+        print(f"  {names[0]} by thread (CPU-s; the first is the event loop's): "
+              + ", ".join(f"{tid}={cpu:.2f}" for cpu, tid in split[:6]))
         per = {n: 100 * u / wall for n, u in used.items()}
         for n in names:
             print(f"  {n}: {used[n]:.2f} CPU-s in {wall:.1f} s = {per[n]:.2f} % of a core")
@@ -191,13 +211,13 @@ async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int
 
         await wait_for("every lane owned exactly once", time.monotonic() + 180, settled)
         t_set = time.monotonic() - t0
-        owners, _ = await snapshot(coord, ctx)
+        owners, _ = await retry_snapshot(coord, ctx)
         share = Counter(o for o in owners.values() if o)
         print(f"every lane owned exactly once after {t_set:.1f} s from start "
               f"({t_set - t_reg:.1f} s after the last registration); max share {max(share.values())} "
               f"against fair {fair:.1f}", flush=True)
         await asyncio.sleep(10)
-        owners, records = await snapshot(coord, ctx)
+        owners, records = await retry_snapshot(coord, ctx)
         share = Counter(o for o in owners.values() if o)
         unowned = sum(1 for lane in ctx.lanes if owners.get(lane) is None)
         once = owned_once(ctx, owners, records, live)

@@ -36,11 +36,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LaneFeed", "LaneRun", "LaneWorkers"]
 
-#: Tasks one read takes per lane at most.  A lane is read only when its inbox is empty (its
-#: last task applied and acked): like a consumer reading for itself, an agent busy with a lane
-#: leaves that lane's new tasks to the other competing consumers (cluster.enabled = false), and
-#: what an owner holds unacked when it loses a lane stays small.
+#: Tasks one read takes per lane at most, and the most an owned lane's inbox may hold before
+#: it is left out of the read.  An owned lane is read ahead (nobody else reads it; a blocked read
+#: always covers it).  A competing-consumer lane (cluster.enabled = false) is read only when its
+#: inbox is empty, like a consumer reading for itself: an agent busy with a lane leaves that
+#: lane's new tasks to the other consumers.
 BATCH = 64
+
+
+def _room(run: LaneRun) -> int:
+    """How many tasks ``run``'s inbox may hold and the lane still be read."""
+    return 1 if run.local else BATCH
 #: Lane set-ups (group, fence, takeover claim) running at once: a takeover of many lanes must
 #: not open a Redis connection per lane.
 SETUP_SLOTS = 8
@@ -51,8 +57,7 @@ class LaneRun:
     """One lane being worked on. ``active`` is the "still owner" flag checked before writes.
 
     ``inbox`` holds the tasks the feed read (or a claim took over) for this lane, in the order
-    they are to be applied; the lane's task removes one only once it is applied and acked, so
-    the lane is read again only when everything read before is done.
+    they are to be applied; the lane's task removes one only once it is applied and acked.
     """
 
     lane: str
@@ -70,21 +75,21 @@ class LaneRun:
 class LaneFeed:
     """ONE blocking XREADGROUP over the streams of every attached lane, feeding their inboxes.
 
-    Idle, it costs one Redis call per ``block_ms`` whatever the number of lanes, on one
-    connection (a :class:`~cbctl.core.backends.redis.queue.StreamReader`).  Only lanes with an
-    empty inbox are read.  Attaching or detaching a lane, or a lane's inbox emptying, changes
-    the set read:
+    Idle, it costs one Redis call per block (up to
+    :data:`~cbctl.core.backends.redis.queue.LONGEST_BLOCK_MS`, and never past the next
+    maintenance) whatever the number of lanes, on one connection (a :class:`~cbctl.core.backends.redis.queue.StreamReader`).  A lane is read while
+    its inbox has room (:func:`_room`).  Attaching or detaching a lane, or a lane's inbox
+    getting room again, changes the set read:
     the read in progress is woken (``CLIENT UNBLOCK``) and started again with the new set.
     Every ``period`` seconds ``maintain(runs)`` runs between two reads (fence check, claim of
     stuck entries).  The feed's task runs while at least one lane is attached and ends when
     the last one detaches.
     """
 
-    def __init__(self, queue: LaneQueue, consumer: str, block_ms: int, period: float,
+    def __init__(self, queue: LaneQueue, consumer: str, period: float,
                  maintain: Callable[[list[LaneRun]], Awaitable[None]]) -> None:
         self.queue = queue
         self.consumer = consumer
-        self.block_ms = max(1, int(block_ms))
         self.period = period
         self.maintain = maintain
         self.runs: dict[str, LaneRun] = {}
@@ -194,7 +199,7 @@ class LaneFeed:
                         delay = backoff.next_delay()
                         log.warning("agent %s: lane maintenance failed (%s); retrying in %.1fs", self.consumer, exc, delay)
                         next_maintenance = loop.time() + delay
-                lanes = [lane for lane, run in self.runs.items() if run.active and not run.inbox]
+                lanes = [lane for lane, run in self.runs.items() if run.active and len(run.inbox) < _room(run)]
                 self._changed.clear()
                 self._read_gen = self._gen
                 wait = max(0.001, next_maintenance - loop.time())
@@ -206,7 +211,8 @@ class LaneFeed:
                 self._reading = frozenset(lanes)
                 try:
                     self.reads += 1
-                    got = await reader.read(lanes, self.consumer, BATCH, min(self.block_ms, max(1, int(wait * 1000))))
+                    block = min(reader.longest_block_ms, max(1, int(wait * 1000)))
+                    got = await reader.read(lanes, self.consumer, BATCH, block)
                     backoff.reset()
                 except BackendUnavailable as exc:
                     delay = backoff.next_delay()
@@ -246,7 +252,6 @@ class LaneWorkers:
     _applied_hooks: list[AppliedHook]
     _wake: asyncio.Event
     _stopping: bool
-    _block_ms: int
     _reclaim_idle_ms: int
     _reclaim_period: float
     _feed: LaneFeed | None = None
@@ -254,7 +259,7 @@ class LaneWorkers:
     def _lane_feed(self) -> LaneFeed:
         assert self.queue is not None
         if self._feed is None or self._feed.queue is not self.queue:
-            self._feed = LaneFeed(self.queue, self.node_id, self._block_ms, self._reclaim_period, self._maintain)
+            self._feed = LaneFeed(self.queue, self.node_id, self._reclaim_period, self._maintain)
         return self._feed
 
     def _start_worker(self, run: LaneRun) -> None:
@@ -347,48 +352,9 @@ class LaneWorkers:
                 return
             if run.inbox:
                 run.inbox.popleft()
-                if not run.inbox:
-                    feed.wake()  # done with what was read: the lane is read again
+                if len(run.inbox) == _room(run) - 1:
+                    feed.wake()  # room again: the feed reads this lane again
             backoff.reset()
-
-    async def _maintain(self, runs: list[LaneRun]) -> None:
-        """Every reclaim period, for all worked lanes at once (three Redis round trips):
-
-        * the fences (one MGET): one below our token means Redis forgot it (restarted without
-          persistence; the client may reconnect without us seeing an error), so it is raised
-          again; one above means a newer owner exists, so that lane stops (fenced off);
-        * the claim (one pipelined XAUTOCLAIM) of entries pending on any consumer for longer
-          than the reclaim idle time (a paused ex-owner's blocked read can receive entries after
-          our takeover), appended to their lane's inbox.
-        """
-        assert self.queue is not None
-        feed = self._feed
-        owned = [r for r in runs if r.active and r.token > 0]
-        if owned:
-            fences = await self.queue.fences([r.lane for r in owned])
-            for run in owned:
-                fence = fences.get(run.lane, 0)
-                if fence == run.token or not run.active:
-                    continue
-                try:
-                    if fence > run.token:
-                        raise StaleFencingToken(
-                            f"lane {run.lane!r}: our token {run.token} is below the fence {fence}",
-                            lane=run.lane, token=run.token, current_token=fence,
-                        )
-                    log.warning("agent %s lane %s: redis lost the fence (%d < our %d); raising it again",
-                                self.node_id, run.lane, fence, run.token)
-                    await self._raise_fence(run)
-                except StaleFencingToken as exc:
-                    self._fenced_off(run, exc)
-        active = [r for r in runs if r.active]
-        claimed = await self.queue.claim_pending_many([r.lane for r in active], self.node_id, self._reclaim_idle_ms)
-        for run in active:
-            tasks = claimed.get(run.lane)
-            if tasks and run.active and feed is not None:
-                n = feed.deliver(run, tasks, dedupe=True)
-                if n:
-                    log.info("agent %s lane %s: claimed %d tasks stuck on another consumer", self.node_id, run.lane, n)
 
     async def _raise_fence(self, run: LaneRun) -> None:
         """Fence the previous owners off at Redis (no-op for token 0, i.e. local mode).
@@ -452,3 +418,48 @@ class LaneWorkers:
             await self.guard.ack(lane, token, mode, task.entry_id, canary_lanes=canary)
         self.metrics.tasks.labels(result="duplicate" if result.already_applied else "applied").inc()
         self.tasks_processed += 1
+
+    async def _maintain(self, runs: list[LaneRun]) -> None:
+        """Every reclaim period, for all worked lanes at once: one script call
+        (:meth:`~cbctl.core.backends.redis.queue.LaneQueue.sweep`) reads the fences and finds the
+        lanes with an entry pending for longer than the reclaim idle time.
+
+        * A fence below our token means Redis forgot it (restarted without persistence; the
+          client may reconnect without us seeing an error): raised again.  One above means a
+          newer owner exists: that lane stops (fenced off) once the tasks already read for it
+          went to the guard.
+        * Stuck entries (a paused ex-owner's blocked read can receive entries after our
+          takeover; a competing consumer died) are claimed and appended to their lane's inbox.
+        """
+        assert self.queue is not None
+        feed = self._feed
+        active = [r for r in runs if r.active]
+        fences, stuck = await self.queue.sweep([r.lane for r in active], self._reclaim_idle_ms)
+        for run in active:
+            fence = fences.get(run.lane, 0)
+            if run.token <= 0 or fence == run.token or not run.active:
+                continue
+            if fence > run.token and run.inbox:
+                # Its tasks first, as they were read, like a worker that checks between batches:
+                # the guard decides on each (denied with enforce, counted with observe).
+                continue
+            try:
+                if fence > run.token:
+                    raise StaleFencingToken(
+                        f"lane {run.lane!r}: our token {run.token} is below the fence {fence}",
+                        lane=run.lane, token=run.token, current_token=fence,
+                    )
+                log.warning("agent %s lane %s: redis lost the fence (%d < our %d); raising it again",
+                            self.node_id, run.lane, fence, run.token)
+                await self._raise_fence(run)
+            except StaleFencingToken as exc:
+                self._fenced_off(run, exc)
+        if not stuck:
+            return
+        claimed = await self.queue.claim_pending_many(stuck, self.node_id, self._reclaim_idle_ms)
+        for run in active:
+            tasks = claimed.get(run.lane)
+            if tasks and run.active and feed is not None:
+                n = feed.deliver(run, tasks, dedupe=True)
+                if n:
+                    log.info("agent %s lane %s: claimed %d tasks stuck on another consumer", self.node_id, run.lane, n)

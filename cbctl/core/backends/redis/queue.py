@@ -101,6 +101,7 @@ class LaneQueue:
         self.lanes = list(lanes)
         self.group = group
         self.maxlen = maxlen
+        self._sweep: Any = None  # the registered sweep script (redis-py Script), on first use
 
     def lane_of(self, workflow_id: str) -> str:
         """The lane of ``workflow_id`` in this queue's inventory (:func:`lane_for`)."""
@@ -256,17 +257,23 @@ class LaneQueue:
                 out.setdefault(lane, []).extend(rest)
         return out
 
-    async def fences(self, lanes: Sequence[str]) -> dict[str, int]:
-        """The fence of each lane as the guard keeps it (0 where Redis has none): one MGET.
+    async def sweep(self, lanes: Sequence[str], min_idle_ms: int) -> tuple[dict[str, int], list[str]]:
+        """One script call over many lanes: ``({lane: fence}, [lanes with a stuck entry])``.
 
-        Read-only; the agent compares them with its tokens (a fence below our token means Redis
-        forgot it, above means someone newer owns the lane).
+        The fence is the guard's (0 where Redis has none); a lane is stuck when some entry has
+        been pending on any consumer for at least ``min_idle_ms`` (lanes without a stream or a
+        group are not).  Read-only: the agent's periodic check costs one round trip whatever the
+        number of lanes, and claims (:meth:`claim_pending_many`) only where something is stuck.
         """
         if not lanes:
-            return {}
-        with redis_errors(f"read the fences of {len(lanes)} lanes"):
-            values = await self.redis.mget([self.keys.fence(lane) for lane in lanes])
-        return {lane: int(v) if v is not None else 0 for lane, v in zip(lanes, values)}
+            return {}, []
+        keys = [self.keys.tasks(lane) for lane in lanes] + [self.keys.fence(lane) for lane in lanes]
+        if self._sweep is None:
+            self._sweep = self.redis.register_script(_SWEEP_LUA)  # EVALSHA, reloaded after NOSCRIPT
+        with redis_errors(f"check {len(lanes)} lanes"):
+            fences, stuck = await self._sweep(keys=keys, args=[self.group, int(min_idle_ms)])
+        return ({lane: int(as_str(f)) for lane, f in zip(lanes, fences)},
+                [lanes[int(i) - 1] for i in stuck])
 
     async def pending_count(self, lane: str) -> int:
         """Tasks read but not yet acked on ``lane`` (0 if the lane has no group)."""
@@ -283,6 +290,23 @@ class LaneQueue:
         """Entries in the lane stream (acked entries are deleted by the guard by default)."""
         with redis_errors(f"measure lane {lane!r}"):
             return int(await self.redis.xlen(self.keys.tasks(lane)))
+
+
+_SWEEP_LUA = """
+-- KEYS: n lane streams, then the same n lanes' fence keys.  ARGV: group, min idle (ms).
+-- Returns {fences, stuck}: fences[i] is lane i's fence ('0' if none); stuck lists the i whose
+-- stream has an entry pending for at least the min idle time.
+local n = #KEYS / 2
+local fences, stuck = {}, {}
+for i = 1, n do
+  fences[i] = redis.call('GET', KEYS[n + i]) or '0'
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local p = redis.pcall('XPENDING', KEYS[i], ARGV[1], 'IDLE', ARGV[2], '-', '+', 1)
+    if type(p) == 'table' and p.err == nil and #p > 0 then stuck[#stuck + 1] = i end
+  end
+end
+return {fences, stuck}
+"""
 
 
 def _tasks_by_lane(reply: Any, by_key: Mapping[str, str]) -> dict[str, list[Task]]:
@@ -303,6 +327,12 @@ def _tasks_by_lane(reply: Any, by_key: Mapping[str, str]) -> dict[str, list[Task
     return out
 
 
+#: A blocked read is woken when its set of lanes changes (:meth:`StreamReader.wake`), so it may
+#: block long: what bounds it is the delay a lost wake-up may cost, and the idle cost (one call
+#: per block).
+LONGEST_BLOCK_MS = 5000
+
+
 class StreamReader:
     """One blocking XREADGROUP at a time over many lanes, on a connection of its own.
 
@@ -317,6 +347,10 @@ class StreamReader:
     def __init__(self, queue: LaneQueue) -> None:
         self.queue = queue
         self._client: Redis = queue.redis.client()
+        timeout = queue.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        #: The longest block a read may ask for: half the client's socket timeout (a blocked read
+        #: must never look like a dead server), at most :data:`LONGEST_BLOCK_MS`.
+        self.longest_block_ms = LONGEST_BLOCK_MS if not timeout else max(1, min(LONGEST_BLOCK_MS, int(timeout * 500)))
         self._client_id: int | None = None
         self.reading = False
         self.closed = False
