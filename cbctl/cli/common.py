@@ -209,19 +209,6 @@ def emit_line(fmt: OutputFormat, data: Any) -> None:
         sys.stdout.flush()
 
 
-def rfc3339(ts: float | int | None) -> str | None:
-    """Unix seconds -> RFC 3339 UTC (``2026-01-31T12:00:00.250Z``; whole seconds without the
-    fraction). The one spelling of a time in cbctl's JSON; None stays None."""
-    if ts is None or isinstance(ts, bool):
-        return None
-    import datetime as _dt
-
-    moment = _dt.datetime.fromtimestamp(float(ts), tz=_dt.timezone.utc)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def snake_keys(data: Any) -> Any:
     """Mapping keys ``kebab-case`` -> ``snake_case``, recursively (JSON keys are snake_case)."""
     if isinstance(data, dict):

@@ -14,11 +14,11 @@ from cbctl.cli.common import (
     err,
     output_format,
     print_table,
-    rfc3339,
     run,
     state,
     with_coordinator,
 )
+from cbctl.core.model.times import rfc3339
 from cbctl.cli import complete_values as cv
 from cbctl.cli.lazy import single
 from cbctl.cli.watching import CountOpt, ForOpt, IntervalOpt, WatchOpt

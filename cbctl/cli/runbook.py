@@ -27,11 +27,11 @@ from cbctl.cli.common import (
     err,
     new_app,
     output_format,
-    rfc3339,
     run,
     state,
     with_coordinator,
 )
+from cbctl.core.model.times import rfc3339
 from cbctl.cli.runbook_steps import runbooks_dir
 
 if TYPE_CHECKING:

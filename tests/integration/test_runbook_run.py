@@ -18,7 +18,7 @@ from cbctl.core.backends.coord import make_coordinator
 from cbctl.core.operator.drills import drill_verdicts
 from cbctl.core.operator.runbook.store import list_runs
 from cbctl.sandbox import free_port
-from cbctl.cli.common import rfc3339
+from cbctl.core.model.times import rfc3339
 from tests.helpers import cbctl_proc, cbctl_run, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

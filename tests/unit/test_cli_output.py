@@ -20,7 +20,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cbctl.cli import common
-from cbctl.cli.common import OutputFormat, duration_option, emit, print_table, rfc3339, snake_keys
+from cbctl.cli.common import OutputFormat, duration_option, emit, print_table, snake_keys
+from cbctl.core.model.times import rfc3339
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +82,8 @@ def test_yaml_carries_the_json_data(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_times_and_keys() -> None:
-    assert rfc3339(0) == "1970-01-01T00:00:00Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(0.9996) == "1970-01-01T00:00:01.000Z"
     assert rfc3339(1.25) == "1970-01-01T00:00:01.250Z"
     assert rfc3339(None) is None
     assert snake_keys({"current-context": "x", "contexts": {"a": {"lane-count": 2, "l": [{"k-v": 1}]}}}) == {

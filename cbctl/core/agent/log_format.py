@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Final
 
 from cbctl.core.model.redaction import redact_url
+from cbctl.core.model.times import rfc3339
 
 LOG_FORMATS: Final = ("text", "json")
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_NAME: Final = "cbctl-agent-log"
-
-
-def _rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 def _clean(text: str) -> str:
@@ -34,7 +30,7 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data = {
-            "time": _rfc3339(record.created),
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": _clean(record.getMessage()),

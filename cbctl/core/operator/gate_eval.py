@@ -24,7 +24,8 @@ from cbctl.core.model.gate_settings import (
     gate_config,
     grace_of,
 )
-from cbctl.core.operator.instant import Instant, evaluation_instant, rfc3339, stage_entry
+from cbctl.core.model.times import rfc3339
+from cbctl.core.operator.instant import Instant, evaluation_instant, stage_entry
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator

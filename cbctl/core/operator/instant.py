@@ -12,6 +12,7 @@ from cbctl.core.backends.prometheus import PromClient, parse_duration, scope_sel
 from cbctl.core.model import metric_names as mn
 from cbctl.core.model.errors import BackendUnavailable, BadInput
 from cbctl.core.model.labels import CLUSTER_LABEL
+from cbctl.core.model.times import rfc3339
 from cbctl.core.model.gate_settings import DEFAULT_SCRAPE_INTERVAL, configured_scrape_interval
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ class Instant:
     def public(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "at": rfc3339(self.at), "lag_seconds": round(self.now - self.at, 3),
                 "stage": self.stage, "stage_entered_at": None if self.since is None else rfc3339(self.since)}
-
-
-def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 async def scrape_interval_of(ctx: Context, prom: PromClient) -> float:

@@ -24,7 +24,7 @@ from cbctl.core.model.records import (
     NodeRecord,
     RefusalRecord,
 )
-from cbctl.core.operator.instant import rfc3339
+from cbctl.core.model.times import rfc3339
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
