@@ -2,8 +2,12 @@
 
 Every agent is a real ``cbctl agent run --handler demo`` process (one process per agent, not
 many ``NodeAgent``s in one process: the CPU of each agent is measured by its process), on its
-own etcd + redis-server started here on loopback (cbctl.sandbox), at stage 1 (``cluster.enabled``,
-so the lanes are owned by rendezvous hashing and worked by their owners).
+own etcd + redis-server + nats-server started here on loopback (cbctl.sandbox; ``--no-nats``
+leaves NATS out, and the agents' bus and signal router then retry connecting), at stage 1
+(``cluster.enabled``, so the lanes are owned by rendezvous hashing and worked by their owners).
+Agents are started ``--stagger`` s apart, and one that exits (``agent run`` gives up when the
+store does not answer at start, which happens when 30 start at once on 2 cores) is started
+again a second later, as a service manager would; the restarts are counted.
 
 * ``idle``: N agents (default 5) over L lanes (default 256), no load.  Once the lanes are spread,
   the CPU time (user + system, psutil) of each agent process is measured over ``--seconds``
@@ -42,7 +46,7 @@ from cbctl.core.model import keys
 from cbctl.core.model.config import Context, load_config
 from cbctl.core.model.errors import BackendUnavailable
 from cbctl.core.operator.controlplane import ControlPlane
-from cbctl.sandbox import EtcdServer, RedisServer
+from cbctl.sandbox import EtcdServer, NatsServer, RedisServer
 
 try:
     from bench.report import target
@@ -53,34 +57,55 @@ CBCTL = str(Path(sys.executable).parent / "cbctl")
 
 
 def write_cfg(path: Path, cluster: str, etcd_url: str, redis_url: str, lanes: int, ttl: float,
-              keepalive: float) -> None:
-    path.write_text(tomli_w.dumps({
-        "current-context": "bench",
-        "contexts": {"bench": {
-            "cluster": cluster, "lane-count": lanes,
-            "coordination": {"endpoints": [etcd_url], "lease-ttl": ttl, "keepalive-interval": keepalive,
-                             "timeout": 2.0},
-            "redis": {"url": redis_url},
-        }},
-    }))
+              keepalive: float, nats_url: str | None = None) -> None:
+    ctx: dict[str, object] = {
+        "cluster": cluster, "lane-count": lanes,
+        "coordination": {"endpoints": [etcd_url], "lease-ttl": ttl, "keepalive-interval": keepalive,
+                         "timeout": 2.0},
+        "redis": {"url": redis_url},
+    }
+    if nats_url:
+        ctx["nats"] = {"servers": [nats_url]}
+    path.write_text(tomli_w.dumps({"current-context": "bench", "contexts": {"bench": ctx}}))
 
 
 class Fleet:
-    """N ``cbctl agent run`` processes, each in its own process group."""
+    """N ``cbctl agent run`` processes, each in its own process group, restarted when they exit
+    (until killed or stopped here)."""
 
-    def __init__(self, cfg: Path, base: Path, names: list[str]) -> None:
+    def __init__(self, cfg: Path, base: Path) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        env = {**os.environ, "CBCTL_CONFIG": str(cfg), "NO_COLOR": "1"}
-        env.pop("CBCTL_CONTEXT", None)
+        self.restarts = 0
+        self._base = base
+        self._gone: set[str] = set()
+        self._env = {**os.environ, "CBCTL_CONFIG": str(cfg), "NO_COLOR": "1"}
+        self._env.pop("CBCTL_CONTEXT", None)
+
+    def start(self, n: str) -> None:
+        log = (self._base / f"agent-{n}.log").open("ab")
+        self.procs[n] = subprocess.Popen(
+            [CBCTL, "agent", "run", "--handler", "demo", "--node-id", n, "--state-dir", str(self._base / f"state-{n}"),
+             "--log-level", "warning"],
+            env=self._env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    async def start_all(self, names: list[str], stagger: float) -> None:
         for n in names:
-            log = (base / f"agent-{n}.log").open("wb")
-            self.procs[n] = subprocess.Popen(
-                [CBCTL, "agent", "run", "--handler", "demo", "--node-id", n, "--state-dir", str(base / f"state-{n}"),
-                 "--log-level", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+            self.start(n)
+            await asyncio.sleep(stagger)
+
+    async def supervise(self) -> None:
+        """Start again, a second later, every agent that exited without being killed here."""
+        while True:
+            await asyncio.sleep(1.0)
+            for n, p in list(self.procs.items()):
+                if n not in self._gone and p.poll() is not None:
+                    self.restarts += 1
+                    print(f"  (agent {n} exited with {p.returncode}; starting it again)", flush=True)
+                    self.start(n)
 
     def kill(self, name: str) -> None:
+        self._gone.add(name)
         try:
             os.killpg(self.procs[name].pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -88,6 +113,7 @@ class Fleet:
         self.procs[name].wait(timeout=10)
 
     def stop(self) -> None:
+        self._gone.update(self.procs)
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -149,11 +175,12 @@ async def wait_for(cond_desc: str, deadline: float, check) -> float:  # type: ig
         await asyncio.sleep(0.1)
 
 
-async def run_idle(ctx: Context, cfg: Path, base: Path, agents: int, seconds: float) -> None:
+async def run_idle(ctx: Context, cfg: Path, base: Path, agents: int, seconds: float, stagger: float) -> None:
     coord = make_coordinator(ctx)
     await coord.connect()
     names = [f"idle-{i:02d}" for i in range(agents)]
-    fleet = Fleet(cfg, base, names)
+    fleet = Fleet(cfg, base)
+    await fleet.start_all(names, stagger)
     try:
         live = set(names)
 
@@ -187,14 +214,18 @@ async def run_idle(ctx: Context, cfg: Path, base: Path, agents: int, seconds: fl
         fleet.stop()
 
 
-async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int, ttl: float) -> None:
+async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int, ttl: float,
+                     stagger: float) -> None:
     coord = make_coordinator(ctx)
     await coord.connect()
     names = [f"n{i:03d}" for i in range(agents)]
     t0 = time.monotonic()
-    fleet = Fleet(cfg, base, names)
+    fleet = Fleet(cfg, base)
+    supervisor = asyncio.get_running_loop().create_task(fleet.supervise())
     fair = len(ctx.lanes) / agents
     try:
+        await fleet.start_all(names, stagger)
+        print(f"{agents} agents started in {time.monotonic() - t0:.1f} s ({stagger:g} s apart)", flush=True)
         live = set(names)
 
         async def registered() -> bool:
@@ -203,7 +234,8 @@ async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int
 
         await wait_for("every agent to register", time.monotonic() + 180, registered)
         t_reg = time.monotonic() - t0
-        print(f"all {agents} registered after {t_reg:.1f} s", flush=True)
+        print(f"all {agents} registered after {t_reg:.1f} s from the first start ({fleet.restarts} restarts)",
+              flush=True)
 
         async def settled() -> bool:
             owners, records = await snapshot(coord, ctx)
@@ -244,7 +276,9 @@ async def run_settle(ctx: Context, cfg: Path, base: Path, agents: int, kill: int
         settle_after = await wait_for("every lane owned exactly once after the kill", killed + ttl + 60, settled)
         print(f"  every lane owned exactly once again after {settle_after:.1f} s", flush=True)
         target("scale", f"{agents} agents, SIGKILL of {kill}: lanes re-owned", took, "<=", ttl + 3, unit=" s")
+        print(f"agent restarts by the supervisor: {fleet.restarts}")
     finally:
+        supervisor.cancel()
         await coord.close()
         fleet.stop()
 
@@ -258,15 +292,19 @@ def main() -> None:
     ap.add_argument("--kill", type=int, default=5, help="settle: agents SIGKILLed after settling")
     ap.add_argument("--ttl", type=float, default=5.0)
     ap.add_argument("--keepalive", type=float, default=1.0)
+    ap.add_argument("--stagger", type=float, default=0.3, help="seconds between two agent starts")
+    ap.add_argument("--no-nats", action="store_true", help="no nats-server (the agents' bus keeps retrying)")
     args = ap.parse_args()
     agents = args.agents or (5 if args.mode == "idle" else 30)
     with tempfile.TemporaryDirectory(prefix="cbctl-bench-scale-") as tmp:
         base = Path(tmp)
         etcd = EtcdServer(base).start()
         redis = RedisServer(base).start()
+        nats = None if args.no_nats else NatsServer(base).start()
         try:
             cfg = base / "cbctl.toml"
-            write_cfg(cfg, f"scale{os.getpid()}", etcd.client_url, redis.url, args.lanes, args.ttl, args.keepalive)
+            write_cfg(cfg, f"scale{os.getpid()}", etcd.client_url, redis.url, args.lanes, args.ttl, args.keepalive,
+                      nats.url if nats else None)
             ctx = load_config(cfg).context()
 
             async def go() -> None:
@@ -278,12 +316,14 @@ def main() -> None:
                 finally:
                     await coord.close()
                 if args.mode == "idle":
-                    await run_idle(ctx, cfg, base, agents, args.seconds)
+                    await run_idle(ctx, cfg, base, agents, args.seconds, args.stagger)
                 else:
-                    await run_settle(ctx, cfg, base, agents, args.kill, args.ttl)
+                    await run_settle(ctx, cfg, base, agents, args.kill, args.ttl, args.stagger)
 
             asyncio.run(go())
         finally:
+            if nats is not None:
+                nats.stop()
             redis.stop()
             etcd.stop()
 

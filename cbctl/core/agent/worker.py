@@ -49,7 +49,7 @@ def _room(run: LaneRun) -> int:
     return 1 if run.local else BATCH
 #: Lane set-ups (group, fence, takeover claim) running at once: a takeover of many lanes must
 #: not open a Redis connection per lane.
-SETUP_SLOTS = 8
+SETUP_SLOTS = 4
 
 
 @dataclass(eq=False)
