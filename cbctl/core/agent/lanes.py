@@ -27,7 +27,7 @@ from cbctl.core.model.assignment import lanes_of
 from cbctl.core.model.config import Context
 from cbctl.core.model.errors import BackendUnavailable, CbctlError
 from cbctl.core.model.metrics import AgentMetrics
-from cbctl.core.model.records import NodeRecord
+from cbctl.core.model.records import LaneOwnerRecord, NodeRecord
 
 if TYPE_CHECKING:
     from cbctl.core.backends.coord.base import Coordinator
@@ -154,6 +154,7 @@ class LaneReconciler:
                 leaving = [run for lane, run in self._owned.items() if lane not in mine_set or not run.active]
                 changed = bool(leaving)
                 await self._release(leaving)
+                await self._settle_strays(session, mine_set)
                 wanted = [lane for lane in mine if lane not in self._owned]
                 if wanted:
                     results = await asyncio.gather(
@@ -162,10 +163,14 @@ class LaneReconciler:
                         return_exceptions=True,
                     )
                     failure: BaseException | None = None
+                    strays = self._strays(session)
                     for lane, result in zip(wanted, results):
                         if isinstance(result, BaseException):
+                            if isinstance(result, BackendUnavailable):
+                                strays.add(lane)  # the create may have been applied all the same
                             failure = failure or result
                             continue
+                        strays.discard(lane)  # the retry found out (acquire_lane adopts our own key)
                         if result is None:
                             continue  # held by someone else: its delete event wakes us
                         if session.lost:
@@ -181,6 +186,45 @@ class LaneReconciler:
             self.metrics.owned_lanes.set(sum(1 for r in self._owned.values() if r.active))
         if changed:
             await self._write_record(session)
+
+    def _strays(self, session: Session) -> set[str]:
+        """Lanes whose owner key an acquire of ``session`` may have created without knowing
+        (the create timed out): kept until the key is known to be gone, someone else's, ours
+        and released, or ours and adopted by a later acquire."""
+        holder = self.__dict__.setdefault("_stray_lanes", {})  # per agent, set on first use
+        if holder.get("session") is not session:
+            holder.clear()
+            holder["session"] = session
+            holder["lanes"] = set()
+        lanes: set[str] = holder["lanes"]
+        return lanes
+
+    async def _settle_strays(self, session: Session, mine: set[str]) -> None:
+        """Delete owner keys our lease may hold for lanes no longer ours (caller holds the lock).
+
+        Without this, a create that timed out but was applied leaves a key on our live lease that
+        nobody works: the lane's rightful owner waits for a delete that never comes until our
+        lease ends (seen with 30 agents starting at once on 2 cores: one node held 109 keys and
+        worked 10 of them).  Lanes still ours are left to the next acquire, which adopts the key.
+        """
+        strays = self._strays(session)
+        for lane in [lane for lane in strays if lane not in mine and lane not in self._owned]:
+            key = keys.lane(self.ctx.cluster, lane)
+            try:
+                kv = await self.coordinator.get(key)
+                rec = LaneOwnerRecord.from_json(kv.value) if kv is not None else None
+                if (kv is not None and rec is not None and rec.instance_id == self.instance_id
+                        and str(kv.lease) == str(session.lease.id)):
+                    await release_lane(self.coordinator, self.ctx.cluster,
+                                       LaneClaim(lane=lane, token=kv.create_revision, since=float(rec.since or 0.0)))
+                    log.warning("agent %s released lane %s: its owner key was created by an acquire that "
+                                "timed out, and the lane is not ours any more", self.node_id, lane)
+            except BackendUnavailable as exc:
+                log.warning("agent %s: cannot check the owner key of lane %s yet: %s", self.node_id, lane, exc)
+                continue
+            except ValueError:
+                pass  # not a record of ours
+            strays.discard(lane)
 
     def _my_lanes(self, members: set[str]) -> list[str]:
         """``lanes_of`` this node among ``members``, computed again only when they change: the
