@@ -86,3 +86,28 @@ async def test_many_agents_own_every_lane_once_and_reown_a_crashed_agents_lanes_
     fair = LANES / len(live)
     assert max(share.values()) <= 2 * fair, f"after the crash: max share {max(share.values())}, fair {fair:.1f}"
     assert took <= TTL + 3
+
+
+async def test_an_owner_key_created_by_a_timed_out_acquire_is_released_when_the_lane_is_not_ours(
+    ctx: Context, coord: Coordinator, agents: Any
+) -> None:
+    """A create that timed out may have been applied: the key sits on our live lease and nobody
+    works the lane.  The reconciler remembers such lanes and deletes the key once the lane is
+    not ours (a lane still ours is adopted by the next acquire instead)."""
+    from cbctl.core.model import keys
+    from cbctl.core.model.records import LaneOwnerRecord
+
+    agent = await agents("stray", probes=False, http_port=None)  # stage 0: no lane keys at all
+    session = agent._session
+    assert session is not None
+    ours, theirs = ctx.lanes[0], ctx.lanes[1]
+    await coord.create(keys.lane(ctx.cluster, ours), LaneOwnerRecord(
+        lane=ours, owner="stray", instance_id=agent.instance_id, since=time.time()).to_json(), lease=session.lease)
+    await coord.create(keys.lane(ctx.cluster, theirs), LaneOwnerRecord(
+        lane=theirs, owner="stray", instance_id="another-instance", since=time.time()).to_json(), lease=session.lease)
+    agent._strays(session).update({ours, theirs})
+    async with agent._lanes_lock:
+        await agent._settle_strays(session, set())
+    assert await coord.get(keys.lane(ctx.cluster, ours)) is None  # ours, not wanted: released
+    assert await coord.get(keys.lane(ctx.cluster, theirs)) is not None  # not this instance's: left alone
+    assert not agent._strays(session)
