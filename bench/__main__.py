@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[list[str], float]] = {
     "preflight": ([], 300),
     "e2e": (["--rate", "1000", "--seconds", "10"], 300),
     "soak": (["--duration", "2m", "--interval", "20s"], 420),
+    "scale": (["idle", "--agents", "5", "--seconds", "20"], 300),
 }
 
 

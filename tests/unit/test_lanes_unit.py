@@ -1,5 +1,4 @@
-"""Pure logic of cbctl.core.backends.redis (queue, guard, keys): lane hashing, mode resolution, key layout, validation;
-and the agent's one read over all its lanes (LaneFeed) against a stand-in reader.
+"""Pure logic of cbctl.core.backends.redis (queue, guard, keys): lane hashing, mode resolution, key layout, validation.
 
 Nothing here talks to Redis: validation happens before any I/O, so a client pointed at a
 closed port is enough to construct the guard.
@@ -7,9 +6,7 @@ closed port is enough to construct the guard.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import os
 import subprocess
 import sys
@@ -174,138 +171,3 @@ def test_one_script_does_fence_apply_and_ack() -> None:
     # The design's "one Lua script": every guarded operation goes through GUARD_LUA.
     for needle in ("'GET', KEYS[1]", "HINCRBY", "XADD", "XACK", "'deny ", "'would_deny'"):
         assert needle in GUARD_LUA
-
-
-# -- the agent's one read over all lanes (cbctl.core.agent.worker.LaneFeed) -------------------
-
-
-def test_read_reply_shapes_are_split_by_lane() -> None:
-    from cbctl.core.backends.redis.queue import _tasks_by_lane
-
-    by_key = {"k1": "lane-1", "k2": "lane-2"}
-    entry = ("1-0", {"workflow_id": "wf", "task_id": "t", "type": "x", "payload": "{}"})
-    resp2 = [["k1", [entry]], ["k2", []]]
-    resp3 = {"k1": [[entry]], "k2": [[]]}
-    for reply in (resp2, resp3):
-        got = _tasks_by_lane(reply, by_key)
-        assert list(got) == ["lane-1"] and got["lane-1"][0].entry_id == "1-0" and got["lane-1"][0].lane == "lane-1"
-    assert _tasks_by_lane(None, by_key) == {} and _tasks_by_lane([], by_key) == {}
-
-
-@pytest.mark.parametrize(("socket_timeout", "longest"), [(None, 5000), (10.5, 5000), (4.0, 2000), (0.5, 250)])
-def test_the_lane_read_blocks_at_most_half_the_socket_timeout(socket_timeout: float | None, longest: int) -> None:
-    from cbctl.core.backends.redis.queue import StreamReader
-
-    q = LaneQueue(aredis.Redis(port=1, socket_timeout=socket_timeout), "c", ["a"])
-    assert StreamReader(q).longest_block_ms == longest
-
-
-def test_the_sweep_script_reads_fences_and_only_long_pending_entries() -> None:
-    from cbctl.core.backends.redis.queue import _SWEEP_LUA
-
-    assert "'XPENDING', KEYS[i], ARGV[1], 'IDLE', ARGV[2]" in _SWEEP_LUA and "'GET', KEYS[n + i]" in _SWEEP_LUA
-
-
-class _FakeReader:
-    """A StreamReader stand-in: a read blocks until woken (or its block time), recording the
-    lanes each read covered; tasks put into ``arrive`` are returned by the next read."""
-
-    def __init__(self) -> None:
-        self.reading = False
-        self.reads: list[list[str]] = []
-        self.arrive: dict[str, list] = {}
-        self._woken = asyncio.Event()
-        self.longest_block_ms = 5000
-        self.closed = False
-
-    async def read(self, lanes, consumer, count, block_ms):  # type: ignore[no-untyped-def]
-        self.reads.append(sorted(lanes))
-        self.reading = True
-        try:
-            if not any(lane in self.arrive for lane in lanes):
-                self._woken.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(block_ms / 1000):
-                        await self._woken.wait()
-            return {lane: self.arrive.pop(lane) for lane in list(self.arrive) if lane in lanes}
-        finally:
-            self.reading = False
-
-    async def wake(self) -> bool:
-        self._woken.set()
-        return True
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-    def deliver(self, lane: str, tasks: list) -> None:
-        self.arrive[lane] = tasks
-        self._woken.set()
-
-
-class _FakeQueue:
-    def __init__(self) -> None:
-        self.r = _FakeReader()
-
-    def reader(self) -> _FakeReader:
-        return self.r
-
-
-async def _until(cond, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
-
-
-async def test_lane_feed_rereads_at_once_when_lanes_change_and_stops_with_the_last() -> None:
-    from cbctl.core.agent.worker import LaneFeed, LaneRun
-    from cbctl.core.backends.redis.queue import Task
-
-    q = _FakeQueue()
-
-    async def maintain(runs):  # type: ignore[no-untyped-def]
-        return None
-
-    feed = LaneFeed(q, "n1", 3600.0, maintain)  # type: ignore[arg-type]
-    a, b = LaneRun("a", 1, False), LaneRun("b", 2, False)
-    feed.attach(a)
-    await _until(lambda: q.r.reading)
-    feed.attach(b)  # must not wait for the 5 s block: the read is woken and started again
-    await _until(lambda: q.r.reads and q.r.reads[-1] == ["a", "b"] and q.r.reading, 1.0)
-    tasks = [Task(f"{i}-0", "b", "wf", f"t{i}", "x") for i in range(3)]
-    q.r.deliver("b", tasks)
-    await _until(lambda: len(b.inbox) == 3 and b.ready.is_set())
-    assert [t.entry_id for t in b.inbox] == ["0-0", "1-0", "2-0"]  # in stream order
-    feed.detach(a)
-    await _until(lambda: q.r.reads[-1] == ["b"] and q.r.reading, 1.0)
-    feed.detach(LaneRun("b", 3, False))  # not the attached run of b: no-op
-    assert "b" in feed.runs
-    feed.detach(b)
-    await _until(lambda: q.r.closed, 1.0)  # the last lane gone: the feed ends, its connection goes
-
-
-async def test_lane_feed_reads_a_competing_consumer_lane_only_when_its_inbox_is_empty() -> None:
-    from cbctl.core.agent.worker import BATCH, LaneFeed, LaneRun
-    from cbctl.core.backends.redis.queue import Task
-
-    q = _FakeQueue()
-
-    async def maintain(runs):  # type: ignore[no-untyped-def]
-        return None
-
-    feed = LaneFeed(q, "n1", 3600.0, maintain)  # type: ignore[arg-type]
-    local, owned = LaneRun("l", 0, True), LaneRun("o", 5, False)
-    feed.attach(local)
-    feed.attach(owned)
-    await _until(lambda: q.r.reading and q.r.reads[-1] == ["l", "o"])
-    q.r.deliver("l", [Task("1-0", "l", "wf", "t", "x")])
-    q.r.deliver("o", [Task(f"{i}-0", "o", "wf2", f"t{i}", "x") for i in range(BATCH - 1)])
-    await _until(lambda: len(local.inbox) == 1 and len(owned.inbox) == BATCH - 1)
-    # A busy competing-consumer lane is left to the other consumers; an owned one is read ahead.
-    await _until(lambda: q.r.reading and q.r.reads[-1] == ["o"])
-    local.inbox.clear()
-    feed.wake()
-    await _until(lambda: q.r.reading and q.r.reads[-1] == ["l", "o"], 1.0)
-    feed.detach(local)
-    feed.detach(owned)
-    await _until(lambda: q.r.closed, 1.0)

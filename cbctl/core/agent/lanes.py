@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from cbctl.core.agent.ownership import LaneClaim, acquire_lane, release_lane
@@ -57,7 +56,6 @@ class LaneReconciler:
     _lanes_lock: asyncio.Lock
     _wake: asyncio.Event
     _session: Session | None
-    _unfeed: Callable[[list[str]], Awaitable[None]]
     _assignment: tuple[frozenset[str], list[str]] | None = None  # (members, my lanes), see _my_lanes
 
     async def _enter_mode(self, enabled: bool) -> None:
@@ -263,11 +261,9 @@ class LaneReconciler:
                 raise result
 
     async def _stop_runs(self, runs: list[LaneRun]) -> None:
-        """Stop the lanes' tasks, then make sure the agent's one read no longer covers them."""
         for run in runs:
             run.active = False
         await cancel_all([r.task for r in runs])
-        await self._unfeed([r.lane for r in runs])
 
 
 def _enabled(value: bytes) -> bool:
