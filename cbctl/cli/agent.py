@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cbctl.cli import complete_values as cv
-from cbctl.cli.common import OutputFormat, OutputOpt, emit_json, err, new_app, output_format, run, state
+from cbctl.cli.common import (
+    OutputFormat,
+    OutputOpt,
+    duration_option,
+    emit_json,
+    err,
+    new_app,
+    output_format,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cbctl.core.agent.hooks import TaskHandler
@@ -32,10 +42,10 @@ def run_agent(
         Path | None, typer.Option("--state-dir", shell_complete=cv.dirs, help="Where the machine identity is kept (default ~/.local/state/cbctl).")
     ] = None,
     lease_ttl: Annotated[
-        float | None, typer.Option("--lease-ttl", help="Lease TTL in seconds (default: coordination.lease-ttl).")
+        float | None, duration_option("--lease-ttl", help="Lease TTL, e.g. 10s, 1m (a number is seconds; default: coordination.lease-ttl).")
     ] = None,
     keepalive: Annotated[
-        float | None, typer.Option("--keepalive", help="Keep-alive interval in seconds; * 3 must be <= TTL.")
+        float | None, duration_option("--keepalive", help="Keep-alive interval, e.g. 2s, 500ms (a number is seconds); * 3 must be <= TTL.")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     log_format: Annotated[

@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 from typer._click import types as click_types
@@ -87,12 +87,16 @@ class Duration(click_types.ParamType):
     """A time option: ``30s``, ``500ms``, ``2m``, ``1h``, ``1h30m`` or a plain number of seconds
     (:func:`cbctl.core.model.durations.parse_duration`, the one parser). Converts to seconds
     (float). Zero or negative is a usage error (exit 2, naming the option) unless ``allow_zero``
-    (then ``0``/``0s`` means "off")."""
+    (then ``0``/``0s`` means "off").
+
+    ``unit="ms"``: for options named in milliseconds (``--skew-warn-ms``), a plain number means
+    milliseconds and the value converts to milliseconds (``50`` -> 50.0, ``0.1s`` -> 100.0)."""
 
     name = "duration"
 
-    def __init__(self, *, allow_zero: bool = False) -> None:
+    def __init__(self, *, allow_zero: bool = False, unit: Literal["s", "ms"] = "s") -> None:
         self.allow_zero = allow_zero
+        self.unit = unit
 
     def get_metavar(self, param: Any, ctx: Any = None) -> str:
         return "DURATION"
@@ -106,15 +110,29 @@ class Duration(click_types.ParamType):
         if self.allow_zero and (value == 0 or str(value).strip().lower() in ("0", "0s", "0ms", "0.0")):
             return 0.0
         try:
-            return parse_duration(value, what=what)
+            seconds_or_number = parse_duration(value, what=what)
+            if self.unit == "s" or _is_number(value):
+                return seconds_or_number  # a plain number is already in the option's unit
+            return seconds_or_number * 1000.0
         except BadInput as exc:
             message = str(exc)
             self.fail(message[len(what) + 2:] if message.startswith(what + ": ") else message, param, ctx)
 
 
-def duration_option(*names: str, help: str, allow_zero: bool = False, **kwargs: Any) -> Any:
-    """``typer.Option`` for a time option (see :class:`Duration`); use with ``float`` defaults."""
-    return typer.Option(*names, click_type=Duration(allow_zero=allow_zero), metavar="DURATION", help=help, **kwargs)
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def duration_option(*names: str, help: str, allow_zero: bool = False, unit: Literal["s", "ms"] = "s",
+                    **kwargs: Any) -> Any:
+    """``typer.Option`` for a time option (see :class:`Duration`); use with ``float`` defaults
+    (in ``unit``)."""
+    return typer.Option(*names, click_type=Duration(allow_zero=allow_zero, unit=unit), metavar="DURATION", help=help,
+                        **kwargs)
 
 
 TimeoutOpt = Annotated[

@@ -30,8 +30,10 @@ def preflight(
         typer.Option("--only", help="Run only this check (repeatable): etcd, nats, redis, prometheus, credentials, "
                                     "nodes, node-ids, clock, lease-timing. A partial run is not recorded."),
     ] = None,
-    skew_warn_ms: Annotated[float, typer.Option("--skew-warn-ms", help="Warn at this clock offset/spread (ms).")] = 50.0,
-    skew_fail_ms: Annotated[float, typer.Option("--skew-fail-ms", help="Fail at this clock offset/spread (ms).")] = 250.0,
+    skew_warn_ms: Annotated[float, duration_option("--skew-warn-ms", unit="ms", allow_zero=True,
+                                                   help="Warn at this clock offset/spread, e.g. 50ms, 0.1s (a number is milliseconds).")] = 50.0,
+    skew_fail_ms: Annotated[float, duration_option("--skew-fail-ms", unit="ms", allow_zero=True,
+                                                   help="Fail at this clock offset/spread, e.g. 250ms, 1s (a number is milliseconds).")] = 250.0,
     check_timeout: Annotated[float, duration_option("--check-timeout", help="Deadline of each check, e.g. 5s, 500ms (a number is seconds).")] = 5.0,
     output: OutputOpt = None,
     no_headers: NoHeadersOpt = False,
