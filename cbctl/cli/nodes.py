@@ -85,7 +85,7 @@ def nodes(
     node in full."""
     if ctx.invoked_subcommand is not None:
         return
-    from cbctl.cli.watching import Snapshot, watch_snapshots
+    from cbctl.cli.watching import Snapshot, show_snapshots
     from cbctl.core.agent.registration import read_nodes
 
     st = state(ctx)
@@ -100,14 +100,7 @@ def nodes(
                 key = {**data, "nodes": [{k: v for k, v in n.items() if k != "heartbeat"} for n in data["nodes"]]}
                 return Snapshot(key, data, render)
 
-            if watch:
-                return await watch_snapshots(take, fmt=fmt, interval=interval, for_=for_, count=count)
-            snap = await take()
-            if fmt.structured:
-                emit(fmt, snap.data)
-            else:
-                snap.render()
-            return 0
+            return await show_snapshots(take, watch=watch, fmt=fmt, interval=interval, for_=for_, count=count)
 
         return await with_coordinator(st, inner, read_only=True)
 

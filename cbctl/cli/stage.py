@@ -91,7 +91,7 @@ def status(
     --watch: redraw on a terminal; elsewhere print the status again only when it changed (one
     JSON object per line with -o json). Stops on Ctrl-C, after --for or after --count snapshots.
     """
-    from cbctl.cli.watching import Snapshot, watch_snapshots
+    from cbctl.cli.watching import Snapshot, show_snapshots
     from cbctl.core.operator.controlplane import ControlPlane
 
     st = state(ctx)
@@ -106,14 +106,7 @@ def status(
                 data = status_json(doc, revision)
                 return Snapshot(data, data, lambda: _print_status(c, doc, revision))
 
-            if watch:
-                return await watch_snapshots(take, fmt=fmt, interval=interval, for_=for_, count=count)
-            snap = await take()
-            if fmt.structured:
-                emit(fmt, snap.data)
-            else:
-                snap.render()
-            return 0
+            return await show_snapshots(take, watch=watch, fmt=fmt, interval=interval, for_=for_, count=count)
 
         return await with_coordinator(st, inner, read_only=True)
 

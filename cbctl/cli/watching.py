@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cbctl.cli.common import OutputFormat, duration_option, emit_line
+from cbctl.cli.common import OutputFormat, duration_option, emit, emit_line
 
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="Keep watching: redraw on a terminal, else print each change.")]
 IntervalOpt = Annotated[float, duration_option("--interval", help="With --watch: how often to look, e.g. 2s.")]
@@ -65,3 +65,17 @@ async def watch_snapshots(take: Callable[[], Awaitable[Snapshot]], *, fmt: Outpu
             if pause <= 0:
                 return 0
         await asyncio.sleep(pause)
+
+
+async def show_snapshots(take: Callable[[], Awaitable[Snapshot]], *, watch: bool, fmt: OutputFormat,
+                         interval: float, for_: float | None = None, count: int | None = None) -> int:
+    """One snapshot (``emit`` in a structured format, else its table), or with ``watch`` the
+    stream of :func:`watch_snapshots`; returns the exit code (0)."""
+    if watch:
+        return await watch_snapshots(take, fmt=fmt, interval=interval, for_=for_, count=count)
+    snap = await take()
+    if fmt.structured:
+        emit(fmt, snap.data)
+    else:
+        snap.render()
+    return 0

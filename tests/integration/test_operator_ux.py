@@ -111,7 +111,6 @@ class Lines:
 
     def finish(self, timeout: float = 30.0) -> int:
         code = self.proc.wait(timeout=timeout)
-        time.sleep(0)  # let the reader threads drain what the process wrote before it exited
         for q, seen in ((self.out, self.out_lines), (self.err, self.err_lines)):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:

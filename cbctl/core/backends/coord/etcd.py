@@ -23,6 +23,9 @@ from aetcd import rpc, transactions, watcher
 from aetcd.utils import prefix_range_end
 
 from cbctl.core.backends.coord.base import KV, Lease, WatchEvent
+# The error-detail marker tables are shared with the JSON-gateway client, which must stay free of
+# aetcd and grpc (cbctl/core/backends/coord/etcd_gateway.py): one table, two transports.
+from cbctl.core.backends.coord.etcd_gateway import _AUTH_MARKERS, _REAUTH_MARKERS, _TLS_HINT, _TLS_MARKERS
 from cbctl.core.backends.coord.failover import (
     WATCH_RESUME,
     ErrorEdge,
@@ -60,21 +63,6 @@ _CHANNEL_OPTIONS: dict[str, int] = {
     "grpc.http2.max_pings_without_data": 0,
 }
 
-# Substrings of etcd error details that mean "your credentials/permissions", whatever the gRPC
-# code (etcd 3.4 reports a wrong password as INVALID_ARGUMENT, a denied key as PERMISSION_DENIED).
-_AUTH_MARKERS = (
-    "authentication failed",
-    "user name is empty",
-    "invalid auth token",
-    "permission denied",
-    "authentication is not enabled",
-    "auth: revision in header is old",
-    "root user does not have root role",
-)
-# ... and those that only need a fresh token.
-_REAUTH_MARKERS = ("invalid auth token", "auth: revision in header is old")
-# Details of a failed TLS handshake (gRPC C-core: "Tls handshake failed", "Unwrap failed (TSI_...)").
-_TLS_MARKERS = ("handshake failed", "tsi_", "ssl_error", "certificate_verify_failed")
 # Details proving the request never reached a server, so even a write may be sent elsewhere.
 _NOT_SENT_MARKERS = ("failed to connect to all addresses", "connection refused", "etcdserver: no leader")
 
@@ -132,8 +120,7 @@ def _convert(exc: BaseException, what: str) -> CbctlError:
     if isinstance(exc, grpc.aio.UsageError):  # e.g. RPC on a channel closed under us
         return _unreachable(f"etcd {what}: {exc}", maybe_applied=False)
     if any(m in low for m in _TLS_MARKERS):  # gRPC's words say little about the likely cause
-        details += (" (TLS handshake failed: check coordination.tls ca-file, cert-file and key-file;"
-                    " the server may require a client certificate)")
+        details += _TLS_HINT
     not_sent = code == grpc.StatusCode.UNAVAILABLE and any(m in low for m in _NOT_SENT_MARKERS)
     return _unreachable(f"etcd {what}: {details or type(exc).__name__}", maybe_applied=not not_sent)
 

@@ -67,8 +67,9 @@ BACKEND = "etcd"
 # gRPC status codes (grpc.StatusCode values), as the gateway reports them in "code".
 _INVALID_ARGUMENT, _NOT_FOUND, _PERMISSION_DENIED, _OUT_OF_RANGE, _UNAUTHENTICATED = 3, 5, 7, 11, 16
 
-# The same marker tables as cbctl/core/backends/coord/etcd.py (not imported from there: that
-# module imports aetcd and grpc).  tests/unit/test_etcd_gateway.py checks they stay equal.
+# Substrings of etcd error details that mean "your credentials/permissions", whatever the gRPC
+# code (etcd 3.4 reports a wrong password as INVALID_ARGUMENT, a denied key as PERMISSION_DENIED);
+# the gRPC backend (cbctl/core/backends/coord/etcd.py) reads the same tables from here.
 _AUTH_MARKERS = (
     "authentication failed",
     "user name is empty",
@@ -78,7 +79,9 @@ _AUTH_MARKERS = (
     "auth: revision in header is old",
     "root user does not have root role",
 )
+# ... and those that only need a fresh token.
 _REAUTH_MARKERS = ("invalid auth token", "auth: revision in header is old")
+# Details of a failed TLS handshake (gRPC C-core: "Tls handshake failed", "Unwrap failed (TSI_...)").
 _TLS_MARKERS = ("handshake failed", "tsi_", "ssl_error", "certificate_verify_failed")
 _TLS_HINT = (" (TLS handshake failed: check coordination.tls ca-file, cert-file and key-file;"
              " the server may require a client certificate)")
